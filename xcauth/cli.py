@@ -1,0 +1,156 @@
+"""
+The C{xcauth} command.
+
+- C{xcauth -c FILE -A USER DOMAIN PASSWORD}: check a password once; prints
+  C{True}/C{False}, exit status 0/1 (2 on error).
+- C{xcauth -c FILE -I USER DOMAIN}: does the user exist; prints C{True}/C{False},
+  or C{None} when the backend is unavailable; exit status 0/1/2.
+- C{xcauth -c FILE -R USER DOMAIN}: print the shared roster JSON.
+- C{xcauth -c FILE [-t TYPE]}: serve one client on standard input and output in
+  the configured framing (as C{extauth_program} of ejabberd, or spawned by
+  Prosody, inetd or systemd with C{Accept=yes}); logs go to standard error.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+from twisted.python import usage
+
+from xcauth.config import ConfigOptions
+
+
+class Options(ConfigOptions):
+    """
+    Options of the C{xcauth} command.
+    """
+
+    synopsis = (
+        "[-c FILE] [-A USER DOMAIN PASSWORD | -I USER DOMAIN | -R USER DOMAIN]\n"
+        "Without -A/-I/-R: serve the configured framing on stdin/stdout."
+    )
+    optFlags = ConfigOptions.optFlags + [
+        ["auth-test", "A", "Check USER DOMAIN PASSWORD once and print True/False."],
+        ["isuser-test", "I", "Check whether USER DOMAIN exists: True/False/None."],
+        ["roster-test", "R", "Print the shared roster of USER DOMAIN."],
+    ]
+
+    def parseArgs(self, *args: str) -> None:
+        self["args"] = list(args)
+
+    def postOptions(self) -> None:
+        modes = [m for m in ("auth-test", "isuser-test", "roster-test") if self[m]]
+        if len(modes) > 1:
+            raise usage.UsageError("give only one of -A, -I and -R")
+        self["mode"] = modes[0] if modes else "stdio"
+        wanted = {"auth-test": 3, "isuser-test": 2, "roster-test": 2, "stdio": 0}[
+            self["mode"]
+        ]
+        if len(self["args"]) != wanted:
+            what = {
+                "auth-test": "-A needs USER DOMAIN PASSWORD",
+                "isuser-test": "-I needs USER DOMAIN",
+                "roster-test": "-R needs USER DOMAIN",
+                "stdio": "unexpected arguments (did you mean -A or -I?)",
+            }[self["mode"]]
+            raise usage.UsageError(what)
+        super().postOptions()
+
+
+def _startLogging(debug: bool) -> None:
+    level = LogLevel.debug if debug else LogLevel.info
+    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+    globalLogBeginner.beginLoggingTo(
+        [FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])],
+        redirectStandardIO=False,
+    )
+
+
+async def _oneShot(reactor: Any, options: Options) -> int:
+    from xcauth.service import Backend
+
+    backend = Backend(options.config, reactor)
+    auth = backend.authenticator
+    args = options["args"]
+    try:
+        if options["mode"] == "auth-test":
+            result: Any = await auth.authenticate(args[0], args[1], args[2])
+        elif options["mode"] == "isuser-test":
+            result = await auth.isUser(args[0], args[1])
+        else:
+            roster = await auth.roster(args[0], args[1])
+            result = None if roster is None else roster.decode("utf-8")
+    finally:
+        await backend.stopService()
+    print(result)
+    if result is True or (isinstance(result, str)):
+        return 0
+    return 1 if result is False else 2
+
+
+def _serveStdio(reactor: Any, options: Options) -> Deferred[None]:
+    from twisted.internet.stdio import StandardIO
+
+    from xcauth.framing.base import XcauthFactory
+    from xcauth.framing.registry import STDIO_FRAMINGS
+    from xcauth.service import Backend
+
+    backend = Backend(options.config, reactor)
+    factory = XcauthFactory(STDIO_FRAMINGS[options.config.type], backend.context)
+    protocol = factory.buildProtocol(None)
+    done: Deferred[None] = Deferred()
+    lost = protocol.connectionLost
+
+    def connectionLost(reason: Any = None) -> None:
+        lost(reason)
+        backend.stopService().addBoth(lambda _: done.callback(None))
+
+    protocol.connectionLost = connectionLost
+    StandardIO(protocol, reactor=reactor)
+    return done
+
+
+def main(argv: list[str] | None = None) -> None:
+    """
+    Entry point of the C{xcauth} console script.
+    """
+    options = Options()
+    try:
+        options.parseOptions(sys.argv[1:] if argv is None else argv)
+    except usage.UsageError as e:
+        print(f"xcauth: {e}", file=sys.stderr)
+        print("Run 'xcauth --help' for the options.", file=sys.stderr)
+        raise SystemExit(2)
+    _startLogging(options.config.debug)
+    from twisted.internet import reactor
+    from twisted.internet.task import react
+
+    if options["mode"] == "stdio":
+        react(lambda r: _serveStdio(r, options), [])
+    else:
+        status: list[int] = []
+
+        def run(r: Any) -> Deferred[None]:
+            d = ensureDeferred(_oneShot(r, options))
+            return d.addCallback(status.append)
+
+        try:
+            react(run, [])
+        except SystemExit as e:
+            if e.code not in (0, None):
+                raise SystemExit(2)
+            raise SystemExit(status[0] if status else 2)
+    del reactor
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""
+Options shared by the twistd plugin and the C{xcauth} command, and the existing
+C{/etc/xcauth.conf} format: C{key=value} lines, C{#} comments, bare flags such as
+C{debug}, and repeatable keys such as C{listen}.  The command line overrides the
+file; a C{listen} on the command line replaces those of the file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Iterable
+
+import attr
+from twisted.logger import Logger
+from twisted.python import usage
+
+from xcauth.nextcloud import validateURL
+
+log = Logger()
+
+DEFAULT_CONFIG_FILE = "/etc/xcauth.conf"
+
+#: Parameters with their defaults, applied after the file and the command line.
+DEFAULTS: dict[str, Any] = {
+    "type": "generic",
+    "timeout": "5,10",
+    "deadline": "4",
+    "max-in-flight": "64",
+}
+
+#: Keys of existing configuration files this version does not act on: accepted
+#: with a warning so an existing /etc/xcauth.conf keeps working.
+IGNORED_KEYS = frozenset(
+    {
+        "db",
+        "cache-db",
+        "cache-storage",
+        "cache-query-ttl",
+        "cache-verification-ttl",
+        "cache-unreachable-ttl",
+        "cache-bcrypt-rounds",
+        "ejabberdctl",
+        "log",
+        "shared-roster-db",
+        "per-domain-config",
+    }
+)
+
+#: Keys that may appear several times in a file.
+REPEATABLE_KEYS = frozenset({"listen"})
+
+#: Bare flags allowed in a file.
+FLAG_KEYS = frozenset({"debug"})
+
+
+class ConfigError(Exception):
+    """
+    The configuration is wrong; the message says what to fix.
+    """
+
+
+def readConfigFile(path: str) -> list[tuple[str, str | None, int]]:
+    """
+    Read C{key=value} entries from C{path} as C{(key, value, lineNumber)};
+    a bare key (a flag) has the value C{None}.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not valid UTF-8") from None
+    entries: list[tuple[str, str | None, int]] = []
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "=" in line:
+            key, value = line.split("=", 1)
+            entries.append((key.strip().lstrip("-"), value.strip(), number))
+        else:
+            entries.append((line.lstrip("-"), None, number))
+    return entries
+
+
+def parseTimeout(text: str) -> tuple[float, float]:
+    """
+    Parse C{N} or C{connect,total} seconds.
+    """
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or not all(0 < v <= 3600 for v in values):
+        raise ConfigError(
+            f"timeout {text!r} is not valid: give seconds as N or CONNECT,TOTAL "
+            "(for example 5,10)"
+        )
+    connect = values[0]
+    total = values[-1]
+    return connect, max(connect, total)
+
+
+def parsePositive(name: str, text: str, integer: bool = False) -> float:
+    """
+    Parse a positive number for option C{name}.
+    """
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        value = 0
+    if not value > 0:
+        kind = "a positive whole number" if integer else "a positive number of seconds"
+        raise ConfigError(f"{name} {text!r} is not valid: give {kind}")
+    return value
+
+
+@attr.s(auto_attribs=True)
+class Config:
+    """
+    The validated settings.
+    """
+
+    type: str
+    url: str
+    secrets: tuple[bytes, ...]
+    connectTimeout: float
+    totalTimeout: float
+    deadline: float
+    maxInFlight: int
+    debug: bool
+    listen: list[str]
+    configFile: str | None
+
+
+class ConfigOptions(usage.Options):
+    """
+    The options every xcauth entry point shares, merged with the config file.
+    """
+
+    optFlags = [["debug", "d", "Log every request's details at debug level."]]
+    optParameters = [
+        [
+            "config-file",
+            "c",
+            None,
+            f"Read options from this file (default: {DEFAULT_CONFIG_FILE} when it "
+            "exists). Command-line options override it.",
+        ],
+        [
+            "type",
+            "t",
+            None,
+            "Framing of listeners that do not name one: prosody, generic, ejabberd, "
+            "ejabberd-line. [default: generic]",
+        ],
+        [
+            "url",
+            "u",
+            None,
+            "URL of the JSXC external API, e.g. "
+            "https://cloud.example.org/index.php/apps/ojsxc/ajax/externalApi.php",
+        ],
+        [
+            "secret",
+            "s",
+            None,
+            "The JSXC API secret. Several comma-separated secrets are allowed while "
+            "rotating: tokens made with any are accepted, requests are signed with "
+            "the first.",
+        ],
+        [
+            "timeout",
+            None,
+            None,
+            "Backend timeouts in seconds: N, or CONNECT,TOTAL. [default: 5,10]",
+        ],
+        [
+            "deadline",
+            None,
+            None,
+            "Seconds within which every request is answered, even if the backend "
+            "hangs (false, or 400 for Postfix). Keep it below the client's own "
+            "timeout (Prosody waits 5 s). [default: 4]",
+        ],
+        [
+            "max-in-flight",
+            None,
+            None,
+            "Requests worked on at once per connection; past it the connection is "
+            "not read until answers leave. [default: 64]",
+        ],
+    ]
+
+    config: Config
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fileListen: list[str] = []
+        self["listen"] = []
+
+    def framingNames(self) -> Iterable[str]:
+        """
+        The framing names C{--type} accepts.
+        """
+        from xcauth.framing.registry import framingNames
+
+        return framingNames()
+
+    def _mergeFile(self) -> None:
+        path = self["config-file"]
+        if path is None:
+            if not os.path.exists(DEFAULT_CONFIG_FILE):
+                return
+            path = DEFAULT_CONFIG_FILE
+        self["config-file"] = path
+        known = {p[0] for p in self.optParameters} | {f[0] for f in self.optFlags}
+        for key, value, number in readConfigFile(path):
+            where = f"{path} line {number}"
+            if key in IGNORED_KEYS:
+                self.ignoredKey(key, value, where)
+            elif key in REPEATABLE_KEYS and value is not None:
+                self.fileListen.append(value)
+            elif key in FLAG_KEYS:
+                if value is None or value.lower() in ("1", "true", "yes", "on"):
+                    self[key] = self[key] or True
+                elif value.lower() not in ("0", "false", "no", "off"):
+                    raise ConfigError(f"{where}: {key} takes no value, or true/false")
+            elif key in known and key != "config-file":
+                if value is None:
+                    raise ConfigError(f"{where}: {key} needs a value ({key}=...)")
+                if self[key] is None:
+                    self[key] = value
+            else:
+                raise ConfigError(
+                    f"{where}: unknown option {key!r}; see --help for the options"
+                )
+
+    def ignoredKey(self, key: str, value: str | None, where: str) -> None:
+        """
+        A key of older configuration files that this version does not act on.
+        """
+        print(
+            f"xcauth: warning: {where}: option {key!r} is not supported by this "
+            "version and is ignored",
+            file=sys.stderr,
+        )
+
+    def postOptions(self) -> None:
+        try:
+            self._mergeFile()
+            for key, value in DEFAULTS.items():
+                if self[key] is None:
+                    self[key] = value
+            self.config = self.validate()
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def validate(self) -> Config:
+        """
+        Check the merged options and build the L{Config}.
+        """
+        if self["type"] not in self.framingNames():
+            raise ConfigError(
+                f"unknown type {self['type']!r}: use one of "
+                + ", ".join(self.framingNames())
+            )
+        if not self["url"]:
+            raise ConfigError(
+                "no backend url: set url=... in the config file or give --url"
+            )
+        try:
+            validateURL(self["url"])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not self["secret"]:
+            raise ConfigError(
+                "no API secret: set secret=... in the config file or give --secret"
+            )
+        secrets = tuple(
+            s.strip().encode("utf-8") for s in self["secret"].split(",") if s.strip()
+        )
+        if not secrets:
+            raise ConfigError("the secret setting holds no secret")
+        connect, total = parseTimeout(self["timeout"])
+        return Config(
+            type=self["type"],
+            url=self["url"],
+            secrets=secrets,
+            connectTimeout=connect,
+            totalTimeout=total,
+            deadline=parsePositive("deadline", self["deadline"]),
+            maxInFlight=int(parsePositive("max-in-flight", self["max-in-flight"], True)),
+            debug=bool(self["debug"]),
+            listen=list(self["listen"] or self.fileListen),
+            configFile=self["config-file"],
+        )

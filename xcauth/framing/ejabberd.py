@@ -1,0 +1,119 @@
+"""
+ejabberd's extauth framing: a 2-byte unsigned big-endian length, then the request
+text; every answer is the 4 bytes C{00 02 00 01} (true) or C{00 02 00 00} (false).
+A zero length ends the session.
+
+On an C{ejabberd} listener, a connection whose first byte is a lowercase ASCII
+letter is a person typing (telnet): it is served line-based instead
+(L{EjabberdAutoProtocol}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.logger import Logger
+from twisted.protocols.basic import Int16StringReceiver
+
+from zope.interface import implementer
+
+from xcauth.framing.base import OrderedAnswers
+from xcauth.framing.lines import EjabberdLineProtocol
+from xcauth.framing.xmpp import Close, Invalid, answerRequest, logInvalid, parseRequest
+
+log = Logger()
+
+TRUE = b"\x00\x02\x00\x01"
+FALSE = b"\x00\x02\x00\x00"
+
+
+def encodeBinaryAnswer(result: Any) -> bytes:
+    """
+    The 4-byte answer for a result (C{None}, backend unavailable, is false).
+    """
+    return TRUE if result is True else FALSE
+
+
+@implementer(IHalfCloseableProtocol)
+class EjabberdProtocol(OrderedAnswers, Int16StringReceiver):
+    """
+    ejabberd's binary extauth framing.
+    """
+
+    framing = "ejabberd"
+    # A 16-bit prefix allows 65535 bytes, but a real request (user, domain and a
+    # password or token) is far below 4 KiB.  A longer frame is not a request: log
+    # it and close rather than buffer it.
+    MAX_LENGTH = 4096
+
+    def connectionMade(self) -> None:
+        self._initAnswers()
+
+    def stringReceived(self, data: bytes) -> None:
+        if not data:
+            self.closeWhenAnswered()
+            return
+        parsed = parseRequest(data)
+        if isinstance(parsed, Close):
+            self.closeWhenAnswered()
+        elif isinstance(parsed, Invalid):
+            logInvalid(self.framing, parsed)
+            self.startAnswered(FALSE)
+        else:
+            d = answerRequest(self.context, self.framing, parsed)
+            self.startRequest(d, encodeBinaryAnswer, FALSE)
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        log.warn(
+            "ejabberd client announced a {length}-byte frame (limit {limit}); "
+            "closing the connection",
+            length=length,
+            limit=self.MAX_LENGTH,
+        )
+        self.closeWhenAnswered()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.cancelPending()
+
+
+@implementer(IHalfCloseableProtocol)
+class EjabberdAutoProtocol(Protocol):
+    """
+    Serve a connection on an C{ejabberd} listener in the framing its first byte
+    shows: a lowercase ASCII letter means a person typing lines, anything else a
+    binary ejabberd client (whose first byte is the high byte of a length).
+    """
+
+    inner: Any = None
+    factory: Any
+    context: Any
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.inner is None:
+            if not data:
+                return
+            line = b"a"[0] <= data[0] <= b"z"[0]
+            inner = EjabberdLineProtocol() if line else EjabberdProtocol()
+            inner.factory = self.factory
+            inner.context = self.context
+            self.inner = inner
+            inner.makeConnection(self.transport)
+        self.inner.dataReceived(data)
+
+    def readConnectionLost(self) -> None:
+        if self.inner is None:
+            self.transport.loseConnection()
+        else:
+            self.inner.readConnectionLost()
+
+    def writeConnectionLost(self) -> None:
+        if self.inner is None:
+            self.transport.loseConnection()
+        else:
+            self.inner.writeConnectionLost()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.inner is not None:
+            self.inner.connectionLost(reason)

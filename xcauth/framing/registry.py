@@ -1,0 +1,30 @@
+"""
+The framing names accepted by C{--type}, C{--listen FRAMING=...} and systemd
+file descriptor names, and the protocol each one serves.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from xcauth.framing.ejabberd import EjabberdAutoProtocol, EjabberdProtocol
+from xcauth.framing.lines import EjabberdLineProtocol, XMPPLineProtocol
+
+#: Protocol classes for network listeners, by framing name.
+FRAMINGS: dict[str, Callable[[], Any]] = {
+    "prosody": XMPPLineProtocol,
+    "generic": XMPPLineProtocol,
+    "ejabberd": EjabberdAutoProtocol,
+    "ejabberd-line": EjabberdLineProtocol,
+}
+
+#: Protocol classes for stdin/stdout, where the framing is known: an ejabberd
+#: program spawned by ejabberd always speaks binary.
+STDIO_FRAMINGS: dict[str, Callable[[], Any]] = dict(FRAMINGS, ejabberd=EjabberdProtocol)
+
+
+def framingNames() -> list[str]:
+    """
+    The framing names, for messages and help texts.
+    """
+    return sorted(FRAMINGS)
