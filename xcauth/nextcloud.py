@@ -162,8 +162,10 @@ class NextcloudClient:
                 # A pooled connection the server closed while idle fails before
                 # any response; these requests only read state, so one retry on a
                 # fresh connection is safe.
-                def again(f: Failure) -> Deferred[IResponse]:
+                def again(f: Failure) -> Deferred[IResponse] | Failure:
                     f.trap(ResponseNeverReceived)
+                    if _cancelled(f):
+                        return f
                     return send(False)
 
                 d.addErrback(again)
@@ -175,7 +177,13 @@ class NextcloudClient:
                 raise BackendUnavailable(f"answer of {response.length} bytes")
             return readBody(response).addCallback(lambda b: (response.code, b))
 
-        d = send(True).addCallback(read)
+        def normalizeCancel(f: Failure) -> Failure:
+            # The HTTP client reports a cancelled request as a connection
+            # failure; make it a plain cancellation so that addTimeout (and
+            # callers) see what it is.
+            return Failure(CancelledError()) if _cancelled(f) else f
+
+        d = send(True).addCallback(read).addErrback(normalizeCancel)
         return d.addTimeout(self._timeout, self._clock)
 
     def call(
@@ -313,6 +321,15 @@ class _Discard:
 
     def connectionLost(self, reason: Failure) -> None:
         pass
+
+
+def _cancelled(f: Failure) -> bool:
+    """
+    Whether C{f} is the HTTP client's way of saying "cancelled by the caller".
+    """
+    if f.check(CancelledError):
+        return True
+    return any(r.check(CancelledError) for r in getattr(f.value, "reasons", None) or [])
 
 
 def _parseJSON(body: bytes) -> Any:

@@ -1,0 +1,280 @@
+"""
+End-to-end test harness: the fake Nextcloud and the real C{twistd xcauth} daemon
+as child processes on loopback, and small blocking clients for the framings.
+
+Everything started here is bounded: waits time out, and L{Process.stop} kills
+what does not stop by itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from typing import Iterable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+TWISTD = os.path.join(BIN, "twistd")
+XCAUTH = os.path.join(BIN, "xcauth")
+SECRET = "e2e-secret-0123456789"
+START_TIMEOUT = 30.0
+
+
+def freePort(host: str = "127.0.0.1") -> int:
+    """
+    A TCP port that is free on C{host} right now.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def childEnv(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """
+    The environment for child processes: this interpreter's, with the repository
+    importable.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def waitFor(check, what: str, timeout: float = START_TIMEOUT, process=None) -> None:
+    """
+    Poll C{check()} until it is true, for at most C{timeout} seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {process.returncode}")
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out after {timeout} s waiting for {what}")
+
+
+def canConnect(address: tuple[str, int] | str) -> bool:
+    """
+    Whether a TCP C{(host, port)} or a UNIX socket path accepts connections.
+    """
+    try:
+        if isinstance(address, str):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(1)
+                s.connect(address)
+        else:
+            family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+            with socket.socket(family) as s:
+                s.settimeout(1)
+                s.connect(address)
+        return True
+    except OSError:
+        return False
+
+
+class Process:
+    """
+    A child process with its output in a file.
+    """
+
+    def __init__(self, argv: list[str], logPath: str, env: dict[str, str] | None = None,
+                 **kw):
+        self.argv = argv
+        self.logPath = logPath
+        self.env = childEnv(env)
+        self.kw = kw
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.logPath, "ab") as log:
+            self.process = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self.env, cwd=REPO, **self.kw
+            )
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """
+        SIGTERM, then SIGKILL after C{timeout} seconds; returns the exit status.
+        """
+        p = self.process
+        if p is None:
+            return None
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout)
+        return p.returncode
+
+    def kill(self) -> None:
+        """
+        SIGKILL, no goodbye.
+        """
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def output(self) -> str:
+        """
+        Everything the process wrote so far.
+        """
+        try:
+            with open(self.logPath, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+
+class FakeNextcloud(Process):
+    """
+    The fake JSXC API (L{xcauth.testing.fakenextcloud}) on a free loopback port.
+    """
+
+    def __init__(self, directory: str, secret: str = SECRET, latencyMs: float = 0,
+                 port: int = 0):
+        os.makedirs(directory, exist_ok=True)
+        self.portFile = os.path.join(directory, "nextcloud.port")
+        self.requestedPort = port
+        super().__init__(
+            [sys.executable, "-m", "xcauth.testing.fakenextcloud", "--port", str(port),
+             "--secret", secret, "--latency", str(latencyMs), "--port-file", self.portFile],
+            os.path.join(directory, "nextcloud.log"),
+        )
+        self.port = 0
+
+    def start(self) -> None:
+        if os.path.exists(self.portFile):
+            os.unlink(self.portFile)
+        super().start()
+        waitFor(lambda: os.path.exists(self.portFile), "fake Nextcloud port file",
+                process=self.process)
+        with open(self.portFile) as f:
+            self.port = int(f.read())
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/index.php/apps/ojsxc/ajax/externalApi.php"
+
+
+def writeConfig(path: str, url: str, secret: str = SECRET, **options: str) -> str:
+    """
+    Write an xcauth config file; C{options} with C{_} for C{-} in their keys.
+    """
+    lines = [f"url={url}", f"secret={secret}"]
+    for key, value in options.items():
+        key = key.replace("_", "-")
+        if isinstance(value, (list, tuple)):
+            lines.extend(f"{key}={v}" for v in value)
+        elif value is True:
+            lines.append(key)
+        else:
+            lines.append(f"{key}={value}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+class Daemon(Process):
+    """
+    The real C{twistd -n xcauth} with C{args}; L{start} waits until every address
+    in C{waitOn} accepts connections.
+    """
+
+    def __init__(self, directory: str, args: list[str],
+                 waitOn: Iterable[tuple[str, int] | str] = (),
+                 env: dict[str, str] | None = None, **kw):
+        os.makedirs(directory, exist_ok=True)
+        self.waitOn = list(waitOn)
+        self.daemonLog = os.path.join(directory, "xcauth.log")
+        super().__init__(
+            [TWISTD, "-n", "--pidfile=", f"--logfile={self.daemonLog}", "xcauth", *args],
+            os.path.join(directory, "twistd.out"), env, **kw
+        )
+
+    def start(self) -> None:
+        super().start()
+        for address in self.waitOn:
+            waitFor(lambda: canConnect(address), f"xcauth listening on {address}",
+                    process=self.process)
+
+    def output(self) -> str:
+        """
+        The daemon's log plus anything printed before logging started.
+        """
+        text = super().output()
+        try:
+            with open(self.daemonLog, encoding="utf-8", errors="replace") as f:
+                text += f.read()
+        except FileNotFoundError:
+            pass
+        return text
+
+
+def connect(address: tuple[str, int] | str, timeout: float = 10.0) -> socket.socket:
+    """
+    A blocking client socket with a timeout.
+    """
+    if isinstance(address, str):
+        s = socket.socket(socket.AF_UNIX)
+    else:
+        s = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+    s.settimeout(timeout)
+    s.connect(address)
+    return s
+
+
+def recvExactly(s: socket.socket, n: int) -> bytes:
+    """
+    Read exactly C{n} bytes (fewer only at EOF).
+    """
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def recvLine(s: socket.socket) -> bytes:
+    """
+    Read one C{\\n}-terminated line (without it), or what came before EOF.
+    """
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = s.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data.rstrip(b"\n")
+
+
+def recvAll(s: socket.socket) -> bytes:
+    """
+    Read until the peer closes.
+    """
+    chunks = []
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def ejabberdFrame(text: str | bytes) -> bytes:
+    """
+    A request in ejabberd's binary framing.
+    """
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    return struct.pack(">H", len(data)) + data
