@@ -11,7 +11,7 @@ from collections import deque
 from typing import Any, Callable, Generic, TypeVar
 
 import attr
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -117,7 +117,7 @@ class OrderedAnswers:
             self._flush()
 
         def failed(f: Failure) -> bytes:
-            if f.check(CancelledError):
+            if f.check(CancelledError, TimeoutError):
                 if not self._lost:
                     log.warn(
                         "{framing} request got no answer within {deadline} s",
