@@ -89,7 +89,7 @@ class Process:
     def __init__(self, argv: list[str], logPath: str, env: dict[str, str] | None = None,
                  **kw):
         self.argv = argv
-        self.logPath = logPath
+        self.logPath = os.path.abspath(logPath)
         self.env = childEnv(env)
         self.kw = kw
         self.process: subprocess.Popen | None = None
@@ -143,6 +143,7 @@ class FakeNextcloud(Process):
 
     def __init__(self, directory: str, secret: str = SECRET, latencyMs: float = 0,
                  port: int = 0):
+        directory = os.path.abspath(directory)
         os.makedirs(directory, exist_ok=True)
         self.portFile = os.path.join(directory, "nextcloud.port")
         self.requestedPort = port
@@ -180,6 +181,7 @@ def writeConfig(path: str, url: str, secret: str = SECRET, **options: str) -> st
             lines.append(key)
         else:
             lines.append(f"{key}={value}")
+    path = os.path.abspath(path)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
@@ -194,6 +196,7 @@ class Daemon(Process):
     def __init__(self, directory: str, args: list[str],
                  waitOn: Iterable[tuple[str, int] | str] = (),
                  env: dict[str, str] | None = None, **kw):
+        directory = os.path.abspath(directory)
         os.makedirs(directory, exist_ok=True)
         self.waitOn = list(waitOn)
         self.daemonLog = os.path.join(directory, "xcauth.log")
