@@ -1,0 +1,159 @@
+"""
+Tests for option and config-file handling (L{xcauth.config}, L{xcauth.tap}).
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from xcauth.config import ConfigError, parseTimeout, readConfigFile
+from xcauth.tap import Options, framingFromSystemdName, splitListen
+
+
+class ConfigFileTests(SynchronousTestCase):
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def test_format(self) -> None:
+        path = self.write(
+            "# comment\n\n  url = https://x/y \ntype=ejabberd\ndebug\n"
+            "listen=tcp:1\nlisten=prosody=unix:/tmp/s\nsecret=a=b#c\n"
+        )
+        self.assertEqual(
+            readConfigFile(path),
+            [("url", "https://x/y", 3), ("type", "ejabberd", 4), ("debug", None, 5),
+             ("listen", "tcp:1", 6), ("listen", "prosody=unix:/tmp/s", 7),
+             ("secret", "a=b#c", 8)],
+        )
+
+    def test_missingFile(self) -> None:
+        with self.assertRaises(ConfigError) as e:
+            readConfigFile("/nonexistent/xcauth.conf")
+        self.assertIn("/nonexistent/xcauth.conf", str(e.exception))
+
+    def parse(self, text: str, *args: str) -> Options:
+        options = Options()
+        options.parseOptions(["-c", self.write(text), *args])
+        return options
+
+    def test_commandLineOverridesFile(self) -> None:
+        options = self.parse(
+            "url=http://file/x\nsecret=filesecret\ntype=prosody\nlisten=tcp:1\nlisten=tcp:2\n",
+            "--url", "http://cli/x", "--listen", "ejabberd=tcp:3",
+        )
+        config = options.config
+        self.assertEqual(config.url, "http://cli/x")
+        self.assertEqual(config.secrets, (b"filesecret",))
+        self.assertEqual(config.type, "prosody")
+        # A --listen on the command line replaces those of the file.
+        self.assertEqual(options.listeners, [("ejabberd", "tcp:3")])
+
+    def test_fileListens(self) -> None:
+        options = self.parse("url=http://f/x\nsecret=s\nlisten=tcp:1\nlisten=ejabberd-line=tcp:2\n")
+        self.assertEqual(options.listeners, [("generic", "tcp:1"), ("ejabberd-line", "tcp:2")])
+
+    def test_defaults(self) -> None:
+        config = self.parse("url=http://f/x\nsecret=s\nlisten=tcp:1\n").config
+        self.assertEqual((config.connectTimeout, config.totalTimeout), (5.0, 10.0))
+        self.assertEqual(config.deadline, 4.0)
+        self.assertFalse(config.debug)
+
+    def test_debugFlag(self) -> None:
+        self.assertTrue(self.parse("url=http://f/x\nsecret=s\nlisten=tcp:1\ndebug\n").config.debug)
+
+    def test_rotatedSecrets(self) -> None:
+        config = self.parse("url=http://f/x\nsecret= new , old \nlisten=tcp:1\n").config
+        self.assertEqual(config.secrets, (b"new", b"old"))
+
+    def test_errors(self) -> None:
+        cases = [
+            ("url=http://f/x\nsecret=s\nlisten=tcp:1\nfrobnicate=1\n", "unknown option 'frobnicate'"),
+            ("secret=s\nlisten=tcp:1\n", "no backend url"),
+            ("url=http://f/x\nlisten=tcp:1\n", "no API secret"),
+            ("url=ftp://f/x\nsecret=s\nlisten=tcp:1\n", "http:// or https://"),
+            ("url=http://f/x\nsecret=s\nlisten=tcp:1\ntimeout=0\n", "timeout '0' is not valid"),
+            ("url=http://f/x\nsecret=s\nlisten=tcp:1\ndeadline=-1\n", "deadline '-1' is not valid"),
+            ("url=http://f/x\nsecret=s\nlisten=tcp:1\ntype=xmpp\n", "unknown type 'xmpp'"),
+            ("url=http://f/x\nsecret=s\nlisten=bogus=tcp:1\n", "unknown framing 'bogus'"),
+            ("url=http://f/x\nsecret=s\nlisten=tcp:port\n", "not a valid endpoint"),
+            ("url=http://f/x\nsecret=s\n", "nothing to listen on"),
+            ("url\nsecret=s\nlisten=tcp:1\n", "url needs a value"),
+        ]
+        for text, message in cases:
+            with self.assertRaises(usage.UsageError, msg=text) as e:
+                self.parse(text)
+            self.assertIn(message, str(e.exception), text)
+
+
+class TimeoutTests(SynchronousTestCase):
+    def test_forms(self) -> None:
+        self.assertEqual(parseTimeout("5,10"), (5.0, 10.0))
+        self.assertEqual(parseTimeout("3"), (3.0, 3.0))
+        self.assertEqual(parseTimeout("0.5, 2"), (0.5, 2.0))
+        # The total is never shorter than the connect timeout.
+        self.assertEqual(parseTimeout("5,1"), (5.0, 5.0))
+
+    def test_invalid(self) -> None:
+        for text in ("", "x", "1,2,3", "0", "-1", "nan", "inf", "5,", ",5"):
+            self.assertRaises(ConfigError, parseTimeout, text)
+
+    @given(st.text(max_size=20))
+    def test_neverCrashes(self, text: str) -> None:
+        try:
+            connect, total = parseTimeout(text)
+        except ConfigError:
+            return
+        self.assertTrue(0 < connect <= total)
+
+
+class ListenTests(SynchronousTestCase):
+    def test_split(self) -> None:
+        self.assertEqual(splitListen("tcp:23664:interface=127.0.0.1", "ejabberd"),
+                         ("ejabberd", "tcp:23664:interface=127.0.0.1"))
+        self.assertEqual(splitListen("prosody=unix:/run/x.sock:mode=660", "ejabberd"),
+                         ("prosody", "unix:/run/x.sock:mode=660"))
+        self.assertEqual(splitListen("ejabberd-line=tcp6:1:interface=\\:\\:1", "prosody"),
+                         ("ejabberd-line", "tcp6:1:interface=\\:\\:1"))
+
+    def test_splitErrors(self) -> None:
+        self.assertRaises(ConfigError, splitListen, "nope=tcp:1", "prosody")
+        self.assertRaises(ConfigError, splitListen, "prosody=", "prosody")
+
+    def test_systemdNames(self) -> None:
+        cases = {
+            "systemd:domain=INET:name=ejabberd": "ejabberd",
+            "systemd:domain=INET6:name=ejabberd-v6": "ejabberd",
+            "systemd:domain=INET:name=ejabberd-line": "ejabberd-line",
+            "systemd:domain=INET6:name=ejabberd-line-v6": "ejabberd-line",
+            "systemd:domain=UNIX:name=prosody-unix": "prosody",
+            "systemd:domain=INET:name=generic": "generic",
+            "systemd:domain=INET:name=prosodyx": None,
+            "systemd:domain=INET:name=other": None,
+            "systemd:domain=INET:index=0": None,
+            "tcp:1": None,
+        }
+        for endpoint, framing in cases.items():
+            self.assertEqual(framingFromSystemdName(endpoint), framing, endpoint)
+        self.assertEqual(splitListen("systemd:domain=INET:name=ejabberd-v6", "prosody"),
+                         ("ejabberd", "systemd:domain=INET:name=ejabberd-v6"))
+        # An explicit framing wins over the name.
+        self.assertEqual(splitListen("prosody=systemd:domain=INET:name=ejabberd", "generic"),
+                         ("prosody", "systemd:domain=INET:name=ejabberd"))
+
+    def test_sampleConfigIsValid(self) -> None:
+        """
+        The shipped sample configuration parses, with type=ejabberd.
+        """
+        sample = os.path.join(os.path.dirname(os.path.dirname(__file__)), "xcauth.conf")
+        options = Options()
+        options.parseOptions(["-c", sample, "--listen", "tcp:23664:interface=127.0.0.1"])
+        self.assertEqual(options.config.type, "ejabberd")
+        self.assertEqual(options.listeners, [("ejabberd", "tcp:23664:interface=127.0.0.1")])
