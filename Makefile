@@ -41,7 +41,7 @@ system-packages:
 test: system-packages venv test-only
 
 test-only:
-	HYPOTHESIS_PROFILE=ci $(BIN)/trial --jobs=2 tests
+	BIN=$(BIN) scripts/run-tests tests
 
 lint: venv
 	$(BIN)/ruff check xcauth tests twisted
