@@ -6,7 +6,12 @@ DEMO_NEXTCLOUD_PORT ?= 23680
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
 SYSTEMD_UNIT_DIR ?= /etc/systemd/system
-PROSODY_MODULE_DIR ?= /usr/local/lib/xcauth/prosody
+# make install: xcauth and its dependencies go to a virtualenv of their own
+# (Debian's system Python is externally managed, PEP 668); $(PREFIX)/bin/xcauth
+# links to its script and xcauth.service runs its twistd.
+XCAUTH_LIBDIR ?= $(PREFIX)/lib/xcauth
+INSTALL_VENV ?= $(XCAUTH_LIBDIR)/venv
+PROSODY_MODULE_DIR ?= $(XCAUTH_LIBDIR)/prosody
 
 .PHONY: all venv demo test test-only system-packages lint typecheck bench clean install
 
@@ -56,10 +61,31 @@ clean:
 	rm -rf $(VENV) _trial_temp* build *.egg-info results .mypy_cache .ruff_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
+# With DESTDIR (staging for a package), the virtualenv is built under DESTDIR and
+# its scripts' #! lines and activate files are rewritten to the final path.
 install:
-	$(PYTHON) -m pip install .
+	$(PYTHON) -m venv $(DESTDIR)$(INSTALL_VENV)
+	$(DESTDIR)$(INSTALL_VENV)/bin/pip install --quiet --upgrade pip
+	$(DESTDIR)$(INSTALL_VENV)/bin/pip install --quiet --upgrade .
+	$(DESTDIR)$(INSTALL_VENV)/bin/python -c \
+	    "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	@if [ -n "$(DESTDIR)" ]; then \
+	    grep -rlF '$(DESTDIR)$(INSTALL_VENV)' $(DESTDIR)$(INSTALL_VENV)/bin \
+	        $(DESTDIR)$(INSTALL_VENV)/pyvenv.cfg 2>/dev/null | \
+	    while read -r f; do \
+	        sed -i 's|$(DESTDIR)$(INSTALL_VENV)|$(INSTALL_VENV)|g' "$$f"; done; \
+	    $(DESTDIR)$(INSTALL_VENV)/bin/python -m compileall -q -f \
+	        -s $(DESTDIR) -p / $(DESTDIR)$(INSTALL_VENV)/lib >/dev/null; \
+	fi
+	rm -rf build
+	install -d $(DESTDIR)$(PREFIX)/bin
+	ln -sfn $(INSTALL_VENV)/bin/xcauth $(DESTDIR)$(PREFIX)/bin/xcauth
 	install -d $(DESTDIR)$(SYSTEMD_UNIT_DIR)
-	install -m 644 systemd/*.service systemd/*.socket $(DESTDIR)$(SYSTEMD_UNIT_DIR)/
+	install -m 644 systemd/*.socket $(DESTDIR)$(SYSTEMD_UNIT_DIR)/
+	for f in systemd/*.service; do \
+	    sed 's|/usr/local/lib/xcauth/venv/|$(INSTALL_VENV)/|g' "$$f" \
+	        > $(DESTDIR)$(SYSTEMD_UNIT_DIR)/$${f##*/} && \
+	    chmod 644 $(DESTDIR)$(SYSTEMD_UNIT_DIR)/$${f##*/} || exit 1; done
 	test -e $(DESTDIR)$(SYSCONFDIR)/xcauth.conf || \
 	    install -m 640 -D xcauth.conf $(DESTDIR)$(SYSCONFDIR)/xcauth.conf
 	install -d $(DESTDIR)$(PROSODY_MODULE_DIR)

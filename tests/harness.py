@@ -15,7 +15,7 @@ import struct
 import subprocess
 import sys
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -208,7 +208,7 @@ class Daemon(Process):
     def start(self) -> None:
         super().start()
         for address in self.waitOn:
-            waitFor(lambda: canConnect(address), f"xcauth listening on {address}",
+            waitFor(lambda a=address: canConnect(a), f"xcauth listening on {address}",
                     process=self.process)
 
     def output(self) -> str:

@@ -3,8 +3,10 @@ The authentication backend every framing shares.
 
 L{Authenticator} answers "is this password right?" and "does this user exist?" for
 a user and domain.  It checks time-limited tokens locally first, then asks the
-Nextcloud backend configured for the domain.  Its contract is all the framings
-know about::
+Nextcloud backend configured for the domain, with an optional credential cache
+(L{xcauth.cache}) around the backend call.  Concurrent logins of one user with
+one password share one piece of work (one backend request, one bcrypt hash).
+Its contract is all the framings know about::
 
     authenticate(user, domain, password) -> Deferred[bool]
     isUser(user, domain) -> Deferred[bool | None]     # None: backend unavailable
@@ -13,17 +15,27 @@ know about::
 
 from __future__ import annotations
 
-from typing import Callable
+import hashlib
+import hmac
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attr
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from xcauth.nextcloud import NextcloudClient, Outcome
 from xcauth.token import verifyToken
 
+if TYPE_CHECKING:
+    from xcauth.cache import CredentialCache
+
 log = Logger()
+
+T = TypeVar("T")
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -44,18 +56,35 @@ class DomainSettings:
 
 class Authenticator:
     """
-    Tokens first, then the backend.
+    Tokens first, then the credential cache and the backend.
 
     @param settingsFor: returns the L{DomainSettings} for an XMPP domain, without
         blocking (a warm in-memory lookup).
     @param clock: the clock tokens are checked against; read on every request.
+    @param cache: the credential cache, or C{None} for none.
+    @param ready: returns C{None} once C{settingsFor} knows every domain, or
+        until then a L{Deferred} that fires when it does (requests wait for it).
     """
 
     def __init__(
-        self, settingsFor: Callable[[str], DomainSettings], clock: IReactorTime
+        self,
+        settingsFor: Callable[[str], DomainSettings],
+        clock: IReactorTime,
+        cache: CredentialCache | None = None,
+        ready: Callable[[], Deferred[None] | None] | None = None,
     ) -> None:
         self._settingsFor = settingsFor
         self._clock = clock
+        self.cache = cache
+        self._ready = ready
+        self._key = os.urandom(32)
+        self._inflight: dict[tuple[str, str, bytes], _Shared] = {}
+
+    def _whenReady(self, f: Callable[..., Deferred[T]], *args: Any) -> Deferred[T]:
+        waiting = self._ready() if self._ready is not None else None
+        if waiting is None:
+            return f(*args)
+        return waiting.addCallback(lambda _: f(*args))
 
     def checkToken(self, user: str, domain: str, password: str) -> bool:
         """
@@ -67,31 +96,140 @@ class Authenticator:
     def authenticate(self, user: str, domain: str, password: str) -> Deferred[bool]:
         """
         Whether C{password} (or a token) is right for C{user@domain}.  A backend
-        that is unavailable gives C{False}.
+        that is unavailable gives C{False}, unless the cache vouches for the
+        password.
         """
+        return self._whenReady(self._authenticate, user, domain, password)
+
+    def _authenticate(self, user: str, domain: str, password: str) -> Deferred[bool]:
         settings = self._settingsFor(domain)
         if verifyToken(password, user, domain, settings.secrets, self._clock.seconds()):
             log.debug("token accepted for {user}@{domain}", user=user, domain=domain)
             return succeed(True)
-        d = settings.client.auth(user, settings.authDomain or domain, password)
-        d.addCallback(lambda outcome: outcome is Outcome.YES)
-        return d
+        key = (user, domain, self._passwordKey(password))
+        shared = self._inflight.get(key)
+        if shared is None:
+            shared = _Shared(self._checkPassword(settings, user, domain, password))
+            self._inflight[key] = shared
+            shared.whenDone(lambda: self._inflight.pop(key, None))
+        return shared.follow()
+
+    def _checkPassword(
+        self, settings: DomainSettings, user: str, domain: str, password: str
+    ) -> Deferred[bool]:
+        def askBackend() -> Deferred[Outcome]:
+            return settings.client.auth(user, settings.authDomain or domain, password)
+
+        if self.cache is None:
+            return askBackend().addCallback(lambda outcome: outcome is Outcome.YES)
+        return self.cache.authenticate(f"{user}@{domain}", password, askBackend)
+
+    def _passwordKey(self, password: str) -> bytes:
+        return hmac.new(self._key, password.encode("utf-8"), hashlib.sha256).digest()
 
     def isUser(self, user: str, domain: str) -> Deferred[bool | None]:
         """
-        Whether C{user@domain} exists; C{None} when the backend is unavailable.
+        Whether C{user@domain} exists; C{None} when the backend is unavailable
+        and the user was not seen to exist within the cache's verification TTL.
         """
+        return self._whenReady(self._isUser, user, domain)
+
+    def _isUser(self, user: str, domain: str) -> Deferred[bool | None]:
         settings = self._settingsFor(domain)
-        d = settings.client.isUser(user, settings.authDomain or domain)
-        d.addCallback(_toOptionalBool)
-        return d
+        d = settings.client.isUser(user, settings.authDomain or domain).addCallback(
+            _toOptionalBool
+        )
+        cache = self.cache
+        if cache is None:
+            return d
+        jid = f"{user}@{domain}"
+
+        def fromState(answer: bool | None) -> bool | None | Deferred[bool | None]:
+            if answer is not None:
+                cache.seen(jid, answer)
+                return answer
+
+            def known(exists: bool) -> bool | None:
+                if exists:
+                    log.info(
+                        "backend unavailable: {jid} known to exist from the cache",
+                        jid=jid,
+                    )
+                    return True
+                return None
+
+            return cache.knownUser(jid).addCallback(known)
+
+        result: Deferred[bool | None] = d.addCallback(fromState)
+        return result
 
     def roster(self, user: str, domain: str) -> Deferred[bytes | None]:
         """
         The backend's shared roster answer for C{user@domain} as one JSON line.
         """
+        return self._whenReady(self._roster, user, domain)
+
+    def _roster(self, user: str, domain: str) -> Deferred[bytes | None]:
         settings = self._settingsFor(domain)
         return settings.client.sharedRoster(user, settings.authDomain or domain)
+
+
+class _Shared:
+    """
+    One piece of work several callers wait for.  Each caller gets its own
+    L{Deferred} (L{follow}); cancelling it only detaches that caller.  The work
+    itself is cancelled when the last caller has gone.
+    """
+
+    def __init__(self, work: Deferred[Any]) -> None:
+        self._work = work
+        self._followers: list[Deferred[Any]] = []
+        self._done = False
+        self._result: Any = None
+        self._onDone: list[Callable[[], Any]] = []
+        work.addBoth(self._fire)
+
+    def whenDone(self, f: Callable[[], Any]) -> None:
+        """
+        Call C{f} when the work is over.
+        """
+        if self._done:
+            f()
+        else:
+            self._onDone.append(f)
+
+    def _fire(self, result: Any) -> None:
+        self._done = True
+        self._result = result
+        for f in self._onDone:
+            f()
+        followers, self._followers = self._followers, []
+        for d in followers:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+        if isinstance(result, Failure) and not followers:
+            if not result.check(CancelledError):
+                log.failure("shared authentication work failed", result)
+
+    def follow(self) -> Deferred[Any]:
+        """
+        A new L{Deferred} with the work's result.
+        """
+        if self._done:
+            if isinstance(self._result, Failure):
+                return fail(self._result)
+            return succeed(self._result)
+        d: Deferred[Any] = Deferred(self._leave)
+        self._followers.append(d)
+        return d
+
+    def _leave(self, d: Deferred[Any]) -> None:
+        if d in self._followers:
+            self._followers.remove(d)
+            if not self._followers and not self._done:
+                self._work.cancel()
 
 
 def _toOptionalBool(outcome: Outcome) -> bool | None:

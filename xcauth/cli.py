@@ -9,6 +9,8 @@ The C{xcauth} command.
 - C{xcauth -c FILE [-t TYPE]}: serve one client on standard input and output in
   the configured framing (as C{extauth_program} of ejabberd, or spawned by
   Prosody, inetd or systemd with C{Accept=yes}); logs go to standard error.
+- C{xcauth [-c FILE] [--db PATH] domains ...|cache ...}: administer the state
+  database (see L{xcauth.admin}).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ async def _oneShot(reactor: Any, options: Options) -> int:
     from xcauth.service import Backend
 
     backend = Backend(options.config, reactor)
+    backend.startService()
     auth = backend.authenticator
     args = options["args"]
     try:
@@ -105,6 +108,7 @@ def _serveStdio(reactor: Any, options: Options) -> Deferred[None]:
     from xcauth.service import Backend
 
     backend = Backend(options.config, reactor)
+    backend.startService()
     factory = XcauthFactory(STDIO_FRAMINGS[options.config.type], backend.context)
     protocol = factory.buildProtocol(None)
     done: Deferred[None] = Deferred()
@@ -123,9 +127,15 @@ def main(argv: list[str] | None = None) -> None:
     """
     Entry point of the C{xcauth} console script.
     """
+    args = sys.argv[1:] if argv is None else argv
+    from xcauth.admin import adminCommandIndex
+    from xcauth.admin import main as adminMain
+
+    if adminCommandIndex(args) is not None:
+        raise SystemExit(adminMain(args))
     options = Options()
     try:
-        options.parseOptions(sys.argv[1:] if argv is None else argv)
+        options.parseOptions(args)
     except usage.UsageError as e:
         print(f"xcauth: {e}", file=sys.stderr)
         print("Run 'xcauth --help' for the options.", file=sys.stderr)

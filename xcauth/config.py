@@ -27,19 +27,24 @@ DEFAULTS: dict[str, Any] = {
     "timeout": "5,10",
     "deadline": "4",
     "max-in-flight": "64",
+    "db": "/var/lib/xcauth/xcauth.sqlite3",
+    "cache-storage": "none",
+    "cache-query-ttl": "1h",
+    "cache-verification-ttl": "1d",
+    "cache-unreachable-ttl": "1w",
+    "cache-bcrypt-rounds": "12,4",
 }
+
+#: Where the credential cache may live.
+CACHE_STORAGES = ("none", "memory", "db")
+
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 #: Keys of existing configuration files this version does not act on: accepted
 #: with a warning so an existing /etc/xcauth.conf keeps working.
 IGNORED_KEYS = frozenset(
     {
-        "db",
         "cache-db",
-        "cache-storage",
-        "cache-query-ttl",
-        "cache-verification-ttl",
-        "cache-unreachable-ttl",
-        "cache-bcrypt-rounds",
         "ejabberdctl",
         "log",
         "shared-roster-db",
@@ -118,6 +123,38 @@ def parsePositive(name: str, text: str, integer: bool = False) -> float:
     return value
 
 
+def parseTTL(name: str, text: str) -> float:
+    """
+    Parse a TTL: integer seconds, or an integer with one suffix of C{s m h d w}
+    (C{90}, C{30m}, C{1d}).
+    """
+    value = text.strip().lower()
+    factor = 1
+    if value[-1:] in _TTL_UNITS:
+        factor = _TTL_UNITS[value[-1]]
+        value = value[:-1]
+    if not value.isdigit() or int(value) <= 0:
+        raise ConfigError(
+            f"{name} {text!r} is not valid: give whole seconds, or a whole number "
+            "with one of the suffixes s, m, h, d, w (for example 1h, 30m, 1w)"
+        )
+    return float(int(value) * factor)
+
+
+def parseRounds(text: str) -> tuple[int, int]:
+    """
+    Parse C{cache-bcrypt-rounds}: C{PERSISTENT,MEMORY} bcrypt costs, or one cost
+    for both; each 4 to 31.
+    """
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) in (1, 2) and all(p.isdigit() and 4 <= int(p) <= 31 for p in parts):
+        return int(parts[0]), int(parts[-1])
+    raise ConfigError(
+        f"cache-bcrypt-rounds {text!r} is not valid: give the bcrypt costs "
+        "PERSISTENT,MEMORY (each 4 to 31), for example 12,4"
+    )
+
+
 @attr.s(auto_attribs=True)
 class Config:
     """
@@ -134,6 +171,12 @@ class Config:
     debug: bool
     listen: list[str]
     configFile: str | None
+    db: str = "/var/lib/xcauth/xcauth.sqlite3"
+    cacheStorage: str = "none"
+    cacheQueryTTL: float = 3600.0
+    cacheVerificationTTL: float = 86400.0
+    cacheUnreachableTTL: float = 7 * 86400.0
+    bcryptRounds: tuple[int, int] = (12, 4)
 
 
 class ConfigOptions(usage.Options):
@@ -155,7 +198,7 @@ class ConfigOptions(usage.Options):
             "t",
             None,
             "Framing of listeners that do not name one: prosody, generic, ejabberd, "
-            "ejabberd-line. [default: generic]",
+            "ejabberd-line, saslauthd, postfix. [default: generic]",
         ],
         [
             "url",
@@ -192,6 +235,49 @@ class ConfigOptions(usage.Options):
             None,
             "Requests worked on at once per connection; past it the connection is "
             "not read until answers leave. [default: 64]",
+        ],
+        [
+            "db",
+            None,
+            None,
+            "The state database (SQLite): per-domain settings and the persistent "
+            "credential cache. [default: /var/lib/xcauth/xcauth.sqlite3]",
+        ],
+        [
+            "cache-storage",
+            None,
+            None,
+            "Credential cache: none, memory, or db (in the state database). "
+            "[default: none]",
+        ],
+        [
+            "cache-query-ttl",
+            None,
+            None,
+            "A cached password is used without asking the backend if it was last "
+            "used within this time (and verified within the verification TTL). "
+            "Seconds or N with s, m, h, d, w. [default: 1h]",
+        ],
+        [
+            "cache-verification-ttl",
+            None,
+            None,
+            "A cached password is used without asking the backend only if the "
+            "backend confirmed it within this time. [default: 1d]",
+        ],
+        [
+            "cache-unreachable-ttl",
+            None,
+            None,
+            "While the backend is unavailable, a cached password confirmed within "
+            "this time is accepted. [default: 1w]",
+        ],
+        [
+            "cache-bcrypt-rounds",
+            None,
+            None,
+            "bcrypt cost of cached passwords: PERSISTENT,MEMORY (for "
+            "cache-storage db and memory). [default: 12,4]",
         ],
     ]
 
@@ -286,6 +372,21 @@ class ConfigOptions(usage.Options):
         if not secrets:
             raise ConfigError("the secret setting holds no secret")
         connect, total = parseTimeout(self["timeout"])
+        if self["cache-storage"] not in CACHE_STORAGES:
+            raise ConfigError(
+                f"cache-storage {self['cache-storage']!r} is not valid: use one of "
+                + ", ".join(CACHE_STORAGES)
+            )
+        db = self["db"]
+        if not db:
+            raise ConfigError("db needs the path of the state database")
+        if self["cache-storage"] == "db":
+            directory = os.path.dirname(os.path.abspath(db))
+            if not os.path.isdir(directory):
+                raise ConfigError(
+                    f"db {db!r}: directory {directory} does not exist (create it, "
+                    "writable by the xcauth user, or set db=...)"
+                )
         return Config(
             type=self["type"],
             url=self["url"],
@@ -297,4 +398,14 @@ class ConfigOptions(usage.Options):
             debug=bool(self["debug"]),
             listen=list(self["listen"] or self.fileListen),
             configFile=self["config-file"],
+            db=db,
+            cacheStorage=self["cache-storage"],
+            cacheQueryTTL=parseTTL("cache-query-ttl", self["cache-query-ttl"]),
+            cacheVerificationTTL=parseTTL(
+                "cache-verification-ttl", self["cache-verification-ttl"]
+            ),
+            cacheUnreachableTTL=parseTTL(
+                "cache-unreachable-ttl", self["cache-unreachable-ttl"]
+            ),
+            bcryptRounds=parseRounds(self["cache-bcrypt-rounds"]),
         )

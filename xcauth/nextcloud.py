@@ -14,18 +14,21 @@ import enum
 import hashlib
 import hmac
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 from hyperlink import URL
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
+
+from xcauth.httpclient import AnswerTooLarge, HTTPClientPool
 
 log = Logger()
 
@@ -35,6 +38,9 @@ MAX_BODY = 4 * 1024 * 1024
 
 _CONTENT_TYPE = [b"application/x-www-form-urlencoded"]
 _USER_AGENT = [b"xcauth"]
+_FIXED_HEADERS = (
+    b"Content-Type: " + _CONTENT_TYPE[0] + b"\r\nUser-Agent: " + _USER_AGENT[0] + b"\r\n"
+)
 
 
 class Outcome(enum.Enum):
@@ -79,7 +85,7 @@ def validateURL(url: str) -> str:
             "https://cloud.example.org/index.php/apps/ojsxc/ajax/externalApi.php"
         )
     try:
-        parts.port
+        _ = parts.port
     except ValueError:
         raise ValueError(f"url {url!r} has an invalid port") from None
     return url
@@ -119,8 +125,8 @@ class NextcloudClient:
     """
     Signed requests to one JSXC external API endpoint.
 
-    @param agent: the L{IAgent} to send requests with (in production an
-        L{twisted.web.client.Agent} over a persistent connection pool, in tests
+    @param agent: what to send requests with: in production the daemon's
+        L{xcauth.httpclient.HTTPClientPool}; any L{IAgent} works too (in tests
         treq's L{treq.testing.RequestTraversalAgent}).
     @param url: the external API URL.
     @param secret: the API secret used to sign requests.
@@ -130,7 +136,7 @@ class NextcloudClient:
 
     def __init__(
         self,
-        agent: IAgent,
+        agent: IAgent | HTTPClientPool,
         url: str,
         secret: bytes,
         clock: IReactorTime,
@@ -141,11 +147,23 @@ class NextcloudClient:
         # Encode the URL once: parsing it on every request costs more than the
         # rest of the client together.
         self._urlBytes = URL.from_text(url).to_uri().to_text().encode("ascii")
+        self._origin = agent.origin(url) if isinstance(agent, HTTPClientPool) else None
         self._secret = secret
         self._clock = clock
         self._timeout = timeout
 
     def _post(self, body: bytes) -> Deferred[tuple[int, bytes]]:
+        if self._origin is not None:
+            d = self._origin.post(
+                _FIXED_HEADERS + b"X-JSXC-SIGNATURE: " + sign(self._secret, body) + b"\r\n",
+                body,
+                MAX_BODY,
+            )
+            d.addErrback(_tooLarge)
+            return d.addTimeout(self._timeout, self._clock)
+        return self._postWithAgent(body)
+
+    def _postWithAgent(self, body: bytes) -> Deferred[tuple[int, bytes]]:
         headers = Headers(
             {
                 b"content-type": _CONTENT_TYPE,
@@ -330,6 +348,12 @@ def _cancelled(f: Failure) -> bool:
     if f.check(CancelledError):
         return True
     return any(r.check(CancelledError) for r in getattr(f.value, "reasons", None) or [])
+
+
+def _tooLarge(f: Failure) -> Failure:
+    if f.check(AnswerTooLarge):
+        return Failure(BackendUnavailable(str(f.value)))
+    return f
 
 
 def _parseJSON(body: bytes) -> Any:

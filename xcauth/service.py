@@ -1,15 +1,17 @@
 """
-The daemon's services: L{Backend} owns the HTTP connection pool and the
-authenticator; L{XcauthService} runs it and one listener per C{--listen}.
+The daemon's services: L{Backend} owns the HTTP connection pool, the state
+database with its thread, the bcrypt threads, the domain table, the credential
+cache and the authenticator; L{XcauthService} runs it and one listener per C{--listen}.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.application.strports import service as strportsService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.web.client import (
     Agent,
@@ -19,10 +21,15 @@ from twisted.web.client import (
 )
 
 from xcauth.auth import Authenticator, DomainSettings
-from xcauth.config import Config
+from xcauth.cache import CachePolicy, CredentialCache, DatabaseStorage, MemoryStorage
+from xcauth.config import Config, ConfigError
+from xcauth.domains import DomainTable
 from xcauth.framing.base import ServerContext, XcauthFactory
 from xcauth.framing.registry import FRAMINGS
 from xcauth.nextcloud import NextcloudClient
+from xcauth.store import Store, ThreadWorker, whenFired
+from xcauth.systemdunix import keepSystemdUNIXSocket
+from xcauth.tap import groupID, splitUnixGroup, unixSocketPath
 
 log = Logger()
 
@@ -32,6 +39,10 @@ POOL_SIZE = 512
 #: Seconds an idle pooled connection is kept.  A server closing it first is
 #: handled by one retry of the request.
 POOL_IDLE_SECONDS = 55
+#: Threads hashing and checking passwords with bcrypt (CPU-bound: about the
+#: number of cores).  A burst of cache checks queues here; tokens and isuser
+#: never wait for these threads.
+BCRYPT_THREADS = 2
 
 
 class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
@@ -61,13 +72,39 @@ class Backend(Service):
             connectTimeout=config.connectTimeout,
             pool=self.pool,
         )
-        client = NextcloudClient(
-            self.agent, config.url, config.secrets[0], reactor, config.totalTimeout
-        )
         self.globalSettings = DomainSettings(
-            secrets=config.secrets, authDomain=None, client=client
+            secrets=config.secrets,
+            authDomain=None,
+            client=self.makeClient(config.url, config.secrets[0]),
         )
-        self.authenticator = Authenticator(self.settingsFor, reactor)
+        # SQLite: one connection, used from one thread.  The file is created
+        # when the cache lives in it; otherwise it is read if (once) it exists.
+        self.dbWorker = ThreadWorker(reactor, "xcauth-db", 1)
+        self.store = Store(
+            config.db, self.dbWorker, create=config.cacheStorage == "db"
+        )
+        self.domains = DomainTable(
+            self.store, self.globalSettings, self.makeClient, reactor
+        )
+        self.hashWorker = ThreadWorker(reactor, "xcauth-bcrypt", BCRYPT_THREADS)
+        self.cache: CredentialCache | None = None
+        if config.cacheStorage != "none":
+            persistent = config.cacheStorage == "db"
+            storage = DatabaseStorage(self.store) if persistent else MemoryStorage()
+            self.cache = CredentialCache(
+                storage,
+                self.hashWorker,
+                reactor,
+                CachePolicy(
+                    queryTTL=config.cacheQueryTTL,
+                    verificationTTL=config.cacheVerificationTTL,
+                    unreachableTTL=config.cacheUnreachableTTL,
+                ),
+                config.bcryptRounds[0 if persistent else 1],
+            )
+        self.authenticator = Authenticator(
+            self.settingsFor, reactor, cache=self.cache, ready=self.domains.whenReady
+        )
         self.context = ServerContext(
             authenticator=self.authenticator,
             clock=reactor,
@@ -76,18 +113,51 @@ class Backend(Service):
             debug=config.debug,
         )
 
+    def makeClient(self, url: str, secret: bytes) -> NextcloudClient:
+        """
+        A backend client for C{url} signing with C{secret}, sharing the pool.
+        """
+        return NextcloudClient(
+            self.agent, url, secret, self.reactor, self.config.totalTimeout
+        )
+
     def settingsFor(self, domain: str) -> DomainSettings:
         """
-        The settings for an XMPP domain: the global url and secret.
+        The settings for an XMPP domain: its row of the domains table, or the
+        global url and secret.
         """
-        return self.globalSettings
+        return self.domains.settingsFor(domain)
+
+    def startService(self) -> None:
+        """
+        Start the worker threads and the domain table refreshes.
+        """
+        super().startService()
+        self.dbWorker.start()
+        self.hashWorker.start()
+        self.domains.start()
 
     def stopService(self) -> Deferred[object]:
         """
-        Close the pooled backend connections.
+        Stop refreshing, finish pending bcrypt work and database writes, close
+        the database and the pooled backend connections.
         """
         super().stopService()
-        return self.pool.closeCachedConnections()
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        self.domains.stop()
+        await self.hashWorker.stop()
+        if self.cache is not None:
+            await _settled(list(self.cache.pending))
+        await self.store.close()
+        await self.dbWorker.stop()
+        await self.pool.closeCachedConnections()
+
+
+async def _settled(pending: list[Deferred[Any]]) -> None:
+    for d in pending:
+        await whenFired(d)
 
 
 class XcauthService(MultiService):
@@ -101,26 +171,53 @@ class XcauthService(MultiService):
         self.backend = Backend(config, reactor)
         self.backend.setServiceParent(self)
         self.listeners = []
+        #: UNIX sockets to give to a group once they listen: (path, listen
+        #: entry, group).
+        self.socketGroups: list[tuple[str, str, str]] = []
         for framing, endpoint in listeners:
             factory = XcauthFactory(FRAMINGS[framing], self.backend.context)
-            svc = strportsService(endpoint, factory, reactor=reactor)
+            bare, group = splitUnixGroup(endpoint)
+            svc = strportsService(bare, factory, reactor=reactor)
+            # A UNIX socket from systemd keeps the mode and path systemd gave it.
+            svc.endpoint = keepSystemdUNIXSocket(svc.endpoint)
             svc.setName(f"{framing}={endpoint}")
             svc.setServiceParent(self)
             self.listeners.append(svc)
+            if group is not None:
+                self.socketGroups.append((unixSocketPath(bare), endpoint, group))
 
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
         except Exception as e:
             self._cannotListen(e)
+        self._giveSocketsToGroups()
 
     def startService(self) -> None:
         try:
             super().startService()
         except Exception as e:
             self._cannotListen(e)
+        self._giveSocketsToGroups()
         for svc in self.listeners:
             log.info("listening: {listener}", listener=svc.name)
+
+    def _giveSocketsToGroups(self) -> None:
+        """
+        Give each listening UNIX socket with a C{group=} to its group, once and
+        as early as possible: twistd starts listening before it drops root
+        privileges (C{--uid}/C{--gid}), and only root may give a file to a
+        group it is not in.
+        """
+        pending, self.socketGroups = self.socketGroups, []
+        for path, endpoint, group in pending:
+            try:
+                os.chown(path, -1, groupID(endpoint, group))
+            except (ConfigError, OSError) as e:
+                raise SystemExit(
+                    f"xcauth: cannot give the socket {path} to group {group}: {e}"
+                ) from None
+            log.info("socket {path} given to group {group}", path=path, group=group)
 
     def _cannotListen(self, e: Exception) -> None:
         raise SystemExit(f"xcauth: cannot start a listener: {e}")

@@ -50,6 +50,97 @@ def framingFromSystemdName(endpoint: str) -> str | None:
     return None
 
 
+def _splitArgs(description: str) -> list[str]:
+    """
+    Split an endpoint description at the C{:} that separate its arguments
+    (not at C{\\:}), keeping the escapes.
+    """
+    parts = [""]
+    escaped = False
+    for char in description:
+        if escaped:
+            parts[-1] += char
+            escaped = False
+        elif char == "\\":
+            parts[-1] += char
+            escaped = True
+        elif char == ":":
+            parts.append("")
+        else:
+            parts[-1] += char
+    return parts
+
+
+def _unescape(arg: str) -> str:
+    out = []
+    escaped = False
+    for char in arg:
+        if not escaped and char == "\\":
+            escaped = True
+            continue
+        out.append(char)
+        escaped = False
+    return "".join(out)
+
+
+def splitUnixGroup(description: str) -> tuple[str, str | None]:
+    """
+    Take the C{group=NAME} argument xcauth adds to C{unix:} endpoints out of an
+    endpoint description: returns the description Twisted understands and the
+    group (C{None} without one).  The socket is given to that group once it
+    listens, so that with C{mode=660} only the group's members can connect.
+    """
+    parts = _splitArgs(description)
+    groups = [p for p in parts[1:] if p.startswith("group=")]
+    if not groups:
+        return description, None
+    if parts[0] != "unix":
+        raise ConfigError(
+            f"listen {description!r}: group= is for unix: endpoints only (for a "
+            "systemd socket, set SocketGroup= in the socket unit)"
+        )
+    if len(groups) > 1:
+        raise ConfigError(f"listen {description!r}: group= given more than once")
+    group = _unescape(groups[0][len("group=") :])
+    if not group:
+        raise ConfigError(f"listen {description!r}: group= needs a group name")
+    kept = [parts[0]] + [p for p in parts[1:] if not p.startswith("group=")]
+    return ":".join(kept), group
+
+
+def unixSocketPath(description: str) -> str:
+    """
+    The file system path of a C{unix:} endpoint description (C{unix:PATH:...}
+    or C{unix:address=PATH:...}).
+    """
+    args = _splitArgs(description)[1:]
+    for arg in args:
+        if arg.startswith("address="):
+            return _unescape(arg[len("address=") :])
+    for arg in args:
+        if "=" not in arg:
+            return _unescape(arg)
+    raise ConfigError(f"listen {description!r}: no socket path")
+
+
+def groupID(description: str, group: str) -> int:
+    """
+    The numeric id of C{group} (a name or a number), or a L{ConfigError}
+    naming the listener.
+    """
+    import grp
+
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(
+            f"listen {description!r}: there is no group named {group!r} on this "
+            "system"
+        ) from None
+
+
 def checkEndpoint(description: str) -> None:
     """
     Parse an endpoint description now, so that a typo stops the daemon at start.
@@ -91,10 +182,11 @@ class Options(ConfigOptions):
     def opt_listen(self, entry: str) -> None:
         """
         [FRAMING=]ENDPOINT to serve; repeatable. ENDPOINT is a Twisted server
-        endpoint (tcp:PORT:interface=127.0.0.1, tcp6:..., unix:/path:mode=660,
-        systemd:domain=INET:name=NAME, ssl:...). FRAMING is prosody, generic,
-        ejabberd, ejabberd-line; without it, --type (or a systemd descriptor
-        named after a framing). Replaces the config file's listen entries.
+        endpoint (tcp:PORT:interface=127.0.0.1, tcp6:...,
+        unix:/path:mode=660[:group=NAME], systemd:domain=INET:name=NAME,
+        ssl:...). FRAMING is prosody, generic, ejabberd, ejabberd-line,
+        saslauthd, postfix; without it, --type (or a systemd descriptor named
+        after a framing). Replaces the config file's listen entries.
         """
         self["listen"].append(entry)
 
@@ -110,7 +202,11 @@ class Options(ConfigOptions):
         try:
             self.listeners = [splitListen(e, config.type) for e in config.listen]
             for _, endpoint in self.listeners:
-                checkEndpoint(endpoint)
+                bare, group = splitUnixGroup(endpoint)
+                if group is not None:
+                    groupID(endpoint, group)
+                    unixSocketPath(bare)
+                checkEndpoint(bare)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 

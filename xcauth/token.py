@@ -18,7 +18,7 @@ import binascii
 import hashlib
 import hmac
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 TOKEN_VERSION = 0
 TOKEN_LENGTH = 23

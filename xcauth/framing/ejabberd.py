@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.protocol import Protocol
 from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
-
 from zope.interface import implementer
 
 from xcauth.framing.base import OrderedAnswers

@@ -13,7 +13,6 @@ from typing import Any
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
-
 from zope.interface import implementer
 
 from xcauth.framing.base import OrderedAnswers

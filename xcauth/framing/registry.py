@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 from xcauth.framing.ejabberd import EjabberdAutoProtocol, EjabberdProtocol
 from xcauth.framing.lines import EjabberdLineProtocol, XMPPLineProtocol
+from xcauth.framing.postfix import PostfixProtocol
+from xcauth.framing.saslauthd import SaslauthdProtocol
 
 #: Protocol classes for network listeners, by framing name.
 FRAMINGS: dict[str, Callable[[], Any]] = {
@@ -16,6 +18,8 @@ FRAMINGS: dict[str, Callable[[], Any]] = {
     "generic": XMPPLineProtocol,
     "ejabberd": EjabberdAutoProtocol,
     "ejabberd-line": EjabberdLineProtocol,
+    "saslauthd": SaslauthdProtocol,
+    "postfix": PostfixProtocol,
 }
 
 #: Protocol classes for stdin/stdout, where the framing is known: an ejabberd

@@ -35,6 +35,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -51,6 +52,9 @@ DEMO_USERS = {
 }
 
 _SLOW = re.compile(r"^slow(\d+)-")
+
+#: What C{fault-hangbody} sends of its 100-byte body before hanging.
+HANGBODY_START = b'{"result":'
 
 
 def _json(obj: Any) -> bytes:
@@ -69,6 +73,9 @@ class FakeJSXC(Resource):
     """
 
     isLeaf = True
+    #: Whether to keep every request in L{requests} (the stand-alone server
+    #: does not, so that it runs for long under load in constant memory).
+    recordRequests = True
 
     def __init__(
         self,
@@ -91,20 +98,15 @@ class FakeJSXC(Resource):
 
     def render_POST(self, request: Request) -> Any:
         body = request.content.read()
-        code, headers, answer, fault = self.answer(
+        delay, code, headers, answer, fault = self.respond(
             body, request.getHeader(b"x-jsxc-signature")
         )
-        delay = self.latency
-        slow = _SLOW.match(fault or "")
-        if slow:
-            delay += int(slow.group(1)) / 1000.0
-            fault = None
         if fault == "fault-hang":
             return NOT_DONE_YET
         if fault == "fault-hangbody":
             request.setHeader(b"content-type", b"application/json")
             request.setHeader(b"content-length", b"100")
-            request.write(b'{"result":')
+            request.write(HANGBODY_START)
             return NOT_DONE_YET
 
         def send() -> None:
@@ -124,6 +126,22 @@ class FakeJSXC(Resource):
             request.setHeader(k, v)
         return answer
 
+    def respond(
+        self, body: bytes, signature: bytes | None
+    ) -> tuple[float, int, dict[bytes, bytes], bytes, str | None]:
+        """
+        L{answer} plus the delay before answering (the added latency and a
+        C{slow<N>-} user's); the fault left is C{fault-hang}, C{fault-hangbody}
+        or C{None}.
+        """
+        code, headers, answer, fault = self.answer(body, signature)
+        delay = self.latency
+        slow = _SLOW.match(fault or "")
+        if slow:
+            delay += int(slow.group(1)) / 1000.0
+            fault = None
+        return delay, code, headers, answer, fault
+
     def answer(
         self, body: bytes, signature: bytes | None
     ) -> tuple[int, dict[bytes, bytes], bytes, str | None]:
@@ -141,7 +159,8 @@ class FakeJSXC(Resource):
             )
         except (ValueError, UnicodeDecodeError):
             return 500, jsonHeaders, _json(_error("Malformed request.")), None
-        self.requests.append(fields)
+        if self.recordRequests:
+            self.requests.append(fields)
         user = fields.get("username", "")
         operation = fields.get("operation")
         fault = user if user.startswith(("fault-", "slow")) else None
@@ -216,51 +235,249 @@ def makeSite(resource: FakeJSXC) -> Site:
     return site
 
 
+_REASONS = {200: b"OK", 302: b"Found", 404: b"Not Found", 405: b"Method Not Allowed",
+            411: b"Length Required", 500: b"Internal Server Error"}
+
+
+class FastJSXCProtocol(Protocol):
+    """
+    A minimal HTTP/1.1 server for the same API, for the benchmark: twisted.web
+    costs more CPU per request than the daemon under test, so at thousands of
+    requests per second it, not the daemon, would be measured.
+
+    Every answer comes from L{FakeJSXC.respond}, the one description of the
+    API's behaviour (faults and latency included).  It understands requests
+    with a C{Content-Length} body (what xcauth sends), keeps the connection
+    open unless asked not to, and answers one request at a time in order.
+    """
+
+    #: A request head longer than this is refused (and the connection closed).
+    MAX_HEAD = 16384
+
+    def __init__(self, resource: FakeJSXC) -> None:
+        self.resource = resource
+        self.buffer = b""
+        self.busy = False
+        self.gone = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        self._next()
+
+    def _next(self) -> None:
+        while not self.busy and not self.gone:
+            buffer = self.buffer
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > self.MAX_HEAD:
+                    self._reply(400, {}, b"", close=True)
+                return
+            lines = buffer[:end].split(b"\r\n")
+            try:
+                method, target, version = lines[0].split(b" ", 2)
+            except ValueError:
+                self._reply(400, {}, b"", close=True)
+                return
+            headers = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip()
+            if b"transfer-encoding" in headers:
+                self._reply(411, {}, b"", close=True)
+                return
+            try:
+                length = int(headers.get(b"content-length", b"0"))
+            except ValueError:
+                self._reply(400, {}, b"", close=True)
+                return
+            start = end + 4
+            if len(buffer) < start + length:
+                return
+            body = buffer[start : start + length]
+            self.buffer = buffer[start + length :]
+            close = (
+                version != b"HTTP/1.1"
+                or headers.get(b"connection", b"").lower() == b"close"
+            )
+            self._handle(method, target, headers, body, close)
+
+    def _handle(self, method: bytes, target: bytes, headers: dict[bytes, bytes],
+                body: bytes, close: bool) -> None:
+        path = target.split(b"?", 1)[0]
+        if path not in (API_PATH, b"/"):
+            self._reply(404, {}, b"Not found\n", close)
+            return
+        if method != b"POST":
+            self._reply(405, {}, b"POST only\n", close)
+            return
+        delay, code, answerHeaders, answer, fault = self.resource.respond(
+            body, headers.get(b"x-jsxc-signature")
+        )
+        if fault == "fault-hang":
+            self.busy = True
+            return
+        if fault == "fault-hangbody":
+            self.busy = True
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b"content-length: 100\r\n\r\n" + HANGBODY_START
+            )
+            return
+        if delay > 0:
+            self.busy = True
+            self.resource.clock.callLater(delay, self._reply, code, answerHeaders,
+                                          answer, close)
+        else:
+            self._reply(code, answerHeaders, answer, close)
+
+    def _reply(self, code: int, headers: dict[bytes, bytes], body: bytes,
+               close: bool) -> None:
+        if self.gone:
+            return
+        head = [b"HTTP/1.1 %d %s" % (code, _REASONS.get(code, b"Status")),
+                b"content-length: %d" % (len(body),)]
+        head.extend(k + b": " + v for k, v in headers.items())
+        if close:
+            head.append(b"connection: close")
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        if close:
+            self.gone = True
+            self.transport.loseConnection()
+            return
+        if self.busy:
+            self.busy = False
+            self._next()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.gone = True
+
+
+class FastJSXCFactory(Factory):
+    """
+    Serves L{FakeJSXC} with L{FastJSXCProtocol}.
+    """
+
+    noisy = False
+
+    def __init__(self, resource: FakeJSXC) -> None:
+        self.resource = resource
+
+    def buildProtocol(self, addr: Any) -> FastJSXCProtocol:
+        return FastJSXCProtocol(self.resource)
+
+
+def benchUsers(n: int) -> dict[str, str]:
+    """
+    C{n} users C{userI} with the password C{passwordI}, for the benchmark's
+    cache misses.
+    """
+    return {f"user{i}": f"password{i}" for i in range(n)}
+
+
 class Options(usage.Options):
     """
     Options of the stand-alone fake Nextcloud.
     """
 
+    optFlags = [
+        ["fast", None, "Serve with a minimal HTTP/1.1 server (FastJSXCProtocol, for "
+                       "the benchmark) instead of twisted.web."],
+    ]
     optParameters = [
         ["port", "p", "0", "TCP port on 127.0.0.1 (0: any free port)."],
         ["secret", "s", "demo-secret-change-me", "API secret."],
         ["latency", "l", "0", "Milliseconds added to every answer."],
         ["port-file", None, None, "Write the bound port number to this file."],
+        ["bench-users", None, "0",
+         "Also know N users userI with the password passwordI (0 <= I < N)."],
+        ["processes", None, "1", "Processes accepting on the same port."],
     ]
+
+
+#: Listen backlog: a daemon opening hundreds of pooled connections at once must
+#: not overflow it (the kernel would retry the handshakes a second later).
+BACKLOG = 1024
 
 
 def main(argv: list[str] | None = None) -> None:
     """
     Serve the fake API on loopback until killed.
     """
+    import os
+    import signal
+    import socket
+
     options = Options()
     try:
         options.parseOptions(argv)
     except usage.UsageError as e:
         raise SystemExit(f"{options}\n{e}")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", int(options["port"])))
+    sock.listen(BACKLOG)
+    sock.setblocking(False)
+    number = sock.getsockname()[1]
+    # Extra processes share the listening socket; they are forked before the
+    # reactor exists and end with the first process.
+    children = []
+    for _ in range(int(options["processes"]) - 1):
+        pid = os.fork()
+        if pid == 0:
+            children = []
+            _dieWithParent()
+            break
+        children.append(pid)
+
     from twisted.internet import reactor
 
+    users = dict(DEMO_USERS)
+    users.update(benchUsers(int(options["bench-users"])))
     resource = FakeJSXC(
         options["secret"].encode("utf-8"),
-        dict(DEMO_USERS),
+        users,
         reactor,
         latency=float(options["latency"]) / 1000.0,
     )
-    port = reactor.listenTCP(int(options["port"]), makeSite(resource), interface="127.0.0.1")  # type: ignore[attr-defined]
-    number = port.getHost().port
-    if options["port-file"]:
+    resource.recordRequests = False
+    factory = FastJSXCFactory(resource) if options["fast"] else makeSite(resource)
+    reactor.adoptStreamPort(sock.fileno(), socket.AF_INET, factory)  # type: ignore[attr-defined]
+    sock.close()
+
+    def stopChildren() -> None:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+
+    reactor.addSystemEventTrigger("before", "shutdown", stopChildren)  # type: ignore[attr-defined]
+    if options["port-file"] and (children or int(options["processes"]) == 1):
         with open(options["port-file"] + ".tmp", "w") as f:
             f.write(f"{number}\n")
-        import os
-
         os.replace(options["port-file"] + ".tmp", options["port-file"])
-    print(
-        f"fake Nextcloud JSXC API on http://127.0.0.1:{number}{API_PATH.decode()} "
-        f"users: {', '.join(sorted(DEMO_USERS))}",
-        file=sys.stderr,
-        flush=True,
-    )
+        print(
+            f"fake Nextcloud JSXC API on http://127.0.0.1:{number}{API_PATH.decode()} "
+            f"users: {', '.join(sorted(DEMO_USERS))}",
+            file=sys.stderr,
+            flush=True,
+        )
     reactor.run()  # type: ignore[attr-defined]
+
+
+def _dieWithParent() -> None:
+    """
+    Ask Linux to send this process SIGTERM when its parent ends.
+    """
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

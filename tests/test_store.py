@@ -1,0 +1,397 @@
+"""
+Tests for the state database (L{xcauth.store}) and the domain table
+(L{xcauth.domains}): a file written by an older installation with the schema of
+PROTOCOLS.md is opened unchanged and used; user-added columns survive; WAL and
+the schema version; several processes creating one new file at once; domains
+from the database with their own secrets, picked up without a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from typing import Any
+
+import bcrypt
+from treq.testing import RequestTraversalAgent
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.harness import childEnv
+from xcauth import store
+from xcauth.auth import Authenticator, DomainSettings
+from xcauth.cache import CachePolicy, CredentialCache, DatabaseStorage
+from xcauth.domains import DomainTable
+from xcauth.nextcloud import NextcloudClient
+from xcauth.testing.fakenextcloud import DEMO_USERS, FakeJSXC, makeSite
+from xcauth.testing.workers import SynchronousWorker
+from xcauth.token import makeToken
+
+#: The CREATE statements of PROTOCOLS.md, as older installations ran them.
+OLD_SCHEMA = """
+CREATE TABLE domains (xmppdomain TEXT PRIMARY KEY, authsecret TEXT, authurl TEXT,
+  authdomain TEXT, regcontact TEXT, regfirst TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+  reglatest TIMESTAMP DEFAULT CURRENT_TIMESTAMP);
+CREATE TABLE authcache (jid TEXT PRIMARY KEY, pwhash TEXT,
+  firstauth TIMESTAMP DEFAULT CURRENT_TIMESTAMP, remoteauth TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+  anyauth TIMESTAMP DEFAULT CURRENT_TIMESTAMP);
+CREATE TABLE rosterinfo (jid TEXT PRIMARY KEY, fullname TEXT, grouplist TEXT,
+  responsehash TEXT, last_update TIMESTAMP DEFAULT CURRENT_TIMESTAMP);
+CREATE TABLE rostergroups (groupname TEXT PRIMARY KEY, userlist TEXT);
+"""
+
+GLOBAL_SECRET = b"global-secret"
+GLOBAL_URL = "http://global.example/index.php/apps/ojsxc/ajax/externalApi.php"
+OTHER_SECRET = "other-secret"
+OTHER_URL = "http://other.example/index.php/apps/ojsxc/ajax/externalApi.php"
+
+
+def writeOldDatabase(path: str) -> None:
+    """
+    A database as an older installation left it: old schema, a column the
+    admin added, a domain, a cache entry and roster rows.
+    """
+    conn = sqlite3.connect(path)
+    conn.executescript(OLD_SCHEMA)
+    conn.execute("ALTER TABLE domains ADD COLUMN admin_note TEXT")
+    conn.execute(
+        "INSERT INTO domains (xmppdomain, authsecret, authurl, authdomain, "
+        "regcontact, admin_note) VALUES (?, ?, ?, ?, ?, ?)",
+        ("other.org", OTHER_SECRET, OTHER_URL, "cloud.other.org", "admin@other.org",
+         "keep me"),
+    )
+    pwhash = bcrypt.hashpw(DEMO_USERS["alice"].encode(), bcrypt.gensalt(4)).decode()
+    # Timestamps as CURRENT_TIMESTAMP wrote them: two hours ago.
+    conn.execute(
+        "INSERT INTO authcache (jid, pwhash, firstauth, remoteauth, anyauth) VALUES "
+        "(?, ?, datetime('now', '-30 days'), datetime('now', '-2 hours'), "
+        "datetime('now', '-2 hours'))",
+        ("alice@example.org", pwhash),
+    )
+    conn.execute(
+        "INSERT INTO rosterinfo (jid, fullname, grouplist) VALUES (?, ?, ?)",
+        ("alice@example.org", "Alice", "G1"),
+    )
+    conn.execute("INSERT INTO rostergroups VALUES (?, ?)", ("G1", "alice@example.org"))
+    conn.commit()
+    conn.close()
+
+
+def tableInfo(conn: sqlite3.Connection) -> dict[str, list[tuple[Any, ...]]]:
+    return {
+        t: conn.execute(f"PRAGMA table_info({t})").fetchall() for t in store.TABLES
+    }
+
+
+class SchemaTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "xcauth.sqlite3")
+
+    def test_oldDatabaseOpenedUnchanged(self) -> None:
+        """
+        Tables, rows and the user's own column stay as they were; WAL is on and
+        the schema version recorded.
+        """
+        writeOldDatabase(self.path)
+        before = sqlite3.connect(self.path)
+        info = tableInfo(before)
+        rows = {t: before.execute(f"SELECT * FROM {t}").fetchall() for t in store.TABLES}
+        before.close()
+        conn = store.connect(self.path)
+        try:
+            self.assertEqual(tableInfo(conn), info)
+            self.assertEqual(
+                {t: conn.execute(f"SELECT * FROM {t}").fetchall() for t in store.TABLES},
+                rows,
+            )
+            self.assertEqual(store.schemaVersion(conn), store.SCHEMA_VERSION)
+            self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+            self.assertEqual(conn.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+            # Writing through xcauth keeps the user's column.
+            store.updateDomain(conn, "other.org", authurl=OTHER_URL + "?x")
+            self.assertEqual(
+                conn.execute(
+                    "SELECT admin_note FROM domains WHERE xmppdomain = 'other.org'"
+                ).fetchone()[0],
+                "keep me",
+            )
+            entry = store.getCacheEntry(conn, "alice@example.org")
+            assert entry is not None
+            self.assertTrue(abs(entry.remoteAuth - (time.time() - 7200)) < 60)
+        finally:
+            conn.close()
+
+    def test_reopenIsNoOp(self) -> None:
+        """
+        Opening a current database again changes nothing.
+        """
+        store.connect(self.path).close()
+        conn = sqlite3.connect(self.path)
+        conn.execute("ALTER TABLE authcache ADD COLUMN mine INTEGER")
+        conn.commit()
+        info = tableInfo(conn)
+        conn.close()
+        conn = store.connect(self.path)
+        self.assertEqual(tableInfo(conn), info)
+        conn.close()
+
+    def test_missingTablesAndColumnsAdded(self) -> None:
+        """
+        A partial older database gets the missing tables and columns.
+        """
+        conn = sqlite3.connect(self.path)
+        conn.execute("CREATE TABLE domains (xmppdomain TEXT PRIMARY KEY, authsecret TEXT)")
+        conn.execute("INSERT INTO domains VALUES ('a.org', 's')")
+        conn.commit()
+        conn.close()
+        conn = store.connect(self.path)
+        try:
+            self.assertEqual(
+                store.listDomains(conn), [store.DomainRow("a.org", "s", None, None)]
+            )
+            self.assertIsNone(store.getCacheEntry(conn, "x@a.org"))
+            names = {r[1] for r in conn.execute("PRAGMA table_info(domains)")}
+            self.assertTrue({"authurl", "authdomain", "regfirst"} <= names)
+        finally:
+            conn.close()
+
+    def test_noCreate(self) -> None:
+        """
+        Without C{create}, a missing file is reported and not created.
+        """
+        self.assertRaises(store.NoDatabase, store.connect, self.path, False)
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_notADatabase(self) -> None:
+        with open(self.path, "wb") as f:
+            f.write(b"this is not sqlite" * 100)
+        self.assertRaises(store.DatabaseError, store.connect, self.path)
+
+    def test_concurrentCreation(self) -> None:
+        """
+        Several processes creating and writing the same new file at once all
+        succeed, and the result is one sound database.
+        """
+        script = (
+            "import sys, time\n"
+            "from xcauth import store\n"
+            "path, start, n = sys.argv[1], float(sys.argv[2]), sys.argv[3]\n"
+            "time.sleep(max(0, start - time.time()))\n"
+            "conn = store.connect(path)\n"
+            "for i in range(20):\n"
+            "    store.putCacheEntry(conn, f'u{n}-{i}@example.org', 'h', time.time())\n"
+            "store.addDomain(conn, f'd{n}.org', 'http://x.example/', 's', None)\n"
+            "conn.close()\n"
+        )
+        start = time.time() + 1.0
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", script, self.path, str(start), str(n)],
+                env=childEnv(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            for n in range(4)
+        ]
+        for p in procs:
+            out, _ = p.communicate(timeout=60)
+            self.assertEqual(p.returncode, 0, out.decode(errors="replace"))
+        conn = store.connect(self.path)
+        try:
+            self.assertEqual(conn.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+            self.assertEqual(len(store.listCache(conn)), 80)
+            self.assertEqual(len(store.listDomains(conn)), 4)
+            self.assertEqual(store.schemaVersion(conn), store.SCHEMA_VERSION)
+        finally:
+            conn.close()
+
+    def test_timestamps(self) -> None:
+        self.assertEqual(store.formatTimestamp(0), "1970-01-01 00:00:00")
+        for text in ("2024-05-06 07:08:09", "2024-05-06T07:08:09", "2024-05-06 07:08:09.5"):
+            self.assertTrue(abs(store.parseTimestamp(text) - 1714979289) <= 0.5, text)
+        self.assertEqual(store.parseTimestamp(12.5), 12.5)
+        self.assertEqual(store.parseTimestamp("garbage"), 0.0)
+        self.assertEqual(store.parseTimestamp(None), 0.0)
+
+
+class OldDatabaseInUseTests(SynchronousTestCase):
+    """
+    The old file driving a running authenticator: its domain and its cache.
+    """
+
+    def setUp(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.path = os.path.join(directory, "xcauth.sqlite3")
+        writeOldDatabase(self.path)
+        self.clock = Clock()
+        self.clock.advance(time.time())
+        self.db = store.Store(self.path, SynchronousWorker(), create=False)
+        self.addCleanup(lambda: self.successResultOf(self.db.close()))
+        # Two backends: the global one and other.org's, each with its secret.
+        self.globalNC = FakeJSXC(GLOBAL_SECRET, dict(DEMO_USERS), self.clock)
+        self.otherNC = FakeJSXC(OTHER_SECRET.encode(), {"olga": "o-pw"}, self.clock)
+        self.agents = {
+            GLOBAL_URL: RequestTraversalAgent(makeSite(self.globalNC).resource),
+            OTHER_URL: RequestTraversalAgent(makeSite(self.otherNC).resource),
+        }
+        self.down = False
+
+        test = self
+
+        class Router:
+            def request(self, method: bytes, uri: bytes, *a: Any, **kw: Any) -> Any:
+                if test.down:
+                    from twisted.internet.defer import fail
+
+                    return fail(ConnectionRefusedError())
+                for url, agent in test.agents.items():
+                    if uri.decode().startswith(url):
+                        return agent.request(method, uri, *a, **kw)
+                raise AssertionError(uri)
+
+        self.router = Router()
+        self.made: list[tuple[str, bytes]] = []
+
+        def makeClient(url: str, secret: bytes) -> NextcloudClient:
+            self.made.append((url, secret))
+            return NextcloudClient(self.router, url, secret, self.clock, 10)  # type: ignore[arg-type]
+
+        globalSettings = DomainSettings(
+            (GLOBAL_SECRET,), None, makeClient(GLOBAL_URL, GLOBAL_SECRET)
+        )
+        self.table = DomainTable(self.db, globalSettings, makeClient, self.clock, 5.0)
+        self.cache = CredentialCache(
+            DatabaseStorage(self.db),
+            SynchronousWorker(),
+            self.clock,
+            CachePolicy(3600, 86400, 7 * 86400),
+            4,
+        )
+        self.auth = Authenticator(
+            self.table.settingsFor, self.clock, self.cache, self.table.whenReady
+        )
+
+    def flush(self) -> None:
+        for agent in self.agents.values():
+            agent.flush()
+
+    def result(self, d: Any) -> Any:
+        self.flush()
+        return self.successResultOf(d)
+
+    def test_waitsForFirstLoad(self) -> None:
+        """
+        Requests before the first read of the table wait for it.
+        """
+        d = self.auth.authenticate("olga", "other.org", "o-pw")
+        self.assertNoResult(d)
+        self.table.start()
+        self.assertTrue(self.result(d))
+        self.table.stop()
+
+    def test_domainFromOldDatabase(self) -> None:
+        """
+        other.org uses its own URL, secret and backend domain name; other
+        domains the global ones.
+        """
+        self.table.start()
+        self.addCleanup(self.table.stop)
+        self.assertTrue(self.result(self.auth.authenticate("olga", "other.org", "o-pw")))
+        self.assertEqual(self.otherNC.requests[-1]["domain"], "cloud.other.org")
+        self.assertTrue(
+            self.result(self.auth.authenticate("alice", "example.org", DEMO_USERS["alice"]))
+        )
+        self.assertEqual(self.globalNC.requests[-1]["domain"], "example.org")
+        self.assertFalse(self.result(self.auth.authenticate("olga", "example.org", "o-pw")))
+        # Tokens: other.org's secret, not the global one.
+        expiry = int(self.clock.seconds() + 60)
+        good = makeToken(OTHER_SECRET.encode(), "olga", "other.org", expiry)
+        bad = makeToken(GLOBAL_SECRET, "olga", "other.org", expiry)
+        before = len(self.otherNC.requests)
+        self.assertTrue(self.result(self.auth.authenticate("olga", "other.org", good)))
+        self.assertEqual(len(self.otherNC.requests), before)
+        self.assertFalse(self.result(self.auth.authenticate("olga", "other.org", bad)))
+
+    def test_cacheFromOldDatabase(self) -> None:
+        """
+        The old cache entry (verified two hours ago) carries a login through an
+        outage, and its user counts as existing.
+        """
+        self.table.start()
+        self.addCleanup(self.table.stop)
+        self.down = True
+        d = self.auth.authenticate("alice", "example.org", DEMO_USERS["alice"])
+        self.assertTrue(self.result(d))
+        self.assertFalse(self.result(self.auth.authenticate("alice", "example.org", "x")))
+        self.assertIs(self.result(self.auth.isUser("alice", "example.org")), True)
+        self.assertIsNone(self.result(self.auth.isUser("bob", "example.org")))
+        # Back up, the query TTL over: a backend success refreshes the old row
+        # in place.
+        self.down = False
+        self.clock.advance(3600)
+        self.assertTrue(
+            self.result(self.auth.authenticate("alice", "example.org", DEMO_USERS["alice"]))
+        )
+        conn = sqlite3.connect(self.path)
+        row = conn.execute(
+            "SELECT remoteauth, firstauth FROM authcache WHERE jid = 'alice@example.org'"
+        ).fetchone()
+        conn.close()
+        self.assertEqual(row[0], store.formatTimestamp(self.clock.seconds()))
+        self.assertLess(store.parseTimestamp(row[1]), self.clock.seconds() - 20 * 86400)
+
+    def test_changesPickedUpWithoutRestart(self) -> None:
+        """
+        Domains added, changed and removed in the file (as the admin command
+        does) apply at the next refresh; lookups in between cost no database
+        call.
+        """
+        worker = SynchronousWorker()
+        self.db._worker = worker
+        self.table.start()
+        self.addCleanup(self.table.stop)
+        self.assertEqual(self.table.settingsFor("new.org").secrets, (GLOBAL_SECRET,))
+        conn = store.connect(self.path)
+        store.addDomain(conn, "new.org", OTHER_URL, "s1,s0", None)
+        self.assertEqual(self.table.settingsFor("new.org").secrets, (GLOBAL_SECRET,))
+        calls = len(worker.calls)
+        for _ in range(100):
+            self.table.settingsFor("new.org")
+        self.assertEqual(len(worker.calls), calls)
+        self.clock.advance(5.0)
+        settings = self.table.settingsFor("new.org")
+        self.assertEqual(settings.secrets, (b"s1", b"s0"))
+        self.assertEqual(settings.client.url, OTHER_URL)
+        # Same URL and secret: one client shared, not rebuilt on refresh.
+        made = len(self.made)
+        self.clock.advance(5.0)
+        self.assertIs(self.table.settingsFor("new.org").client, settings.client)
+        self.assertEqual(len(self.made), made)
+        store.updateDomain(conn, "new.org", authsecret="s2")
+        self.clock.advance(5.0)
+        self.assertEqual(self.table.settingsFor("new.org").secrets, (b"s2",))
+        store.removeDomain(conn, "new.org")
+        self.clock.advance(5.0)
+        self.assertEqual(self.table.settingsFor("new.org").secrets, (GLOBAL_SECRET,))
+        conn.close()
+
+    def test_databaseAppearsLater(self) -> None:
+        """
+        Without a file, every domain is global; a file created later is read.
+        """
+        os.rename(self.path, self.path + ".away")
+        self.table.start()
+        self.addCleanup(self.table.stop)
+        self.assertIsNone(self.table.whenReady())
+        self.assertEqual(self.table.settingsFor("other.org").secrets, (GLOBAL_SECRET,))
+        os.rename(self.path + ".away", self.path)
+        self.clock.advance(5.0)
+        self.assertEqual(
+            self.table.settingsFor("other.org").secrets, (OTHER_SECRET.encode(),)
+        )

@@ -1,0 +1,369 @@
+"""
+The credential cache: bcrypt hashes of passwords the backend confirmed, so that
+logins keep working quickly and through backend outages.
+
+Per JID it keeps the hash and three timestamps: first success, last backend
+verification (C{remoteAuth}) and last successful query (C{anyAuth}).  A cached
+password is accepted
+
+ - before asking the backend, if the last query is younger than the query TTL
+   and the last verification younger than the verification TTL;
+ - when the backend is unavailable, if the last verification is younger than
+   the unreachable TTL.
+
+A backend C{success} refreshes the entry, C{noauth} evicts it.  Storage is a
+dict (L{MemoryStorage}) or the C{authcache} table (L{DatabaseStorage}).  bcrypt
+runs in the hashing worker threads, never on the reactor thread, and at most
+one hash is made at a time for one user and password.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attr
+import bcrypt
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from xcauth import store
+from xcauth.nextcloud import Outcome
+
+log = Logger()
+
+#: bcrypt uses at most this many bytes of a password; longer ones are never
+#: cached (bcrypt would silently compare only their beginning).
+BCRYPT_MAX_PASSWORD = 72
+
+#: Users remembered as existing (for isuser during outages), at most.
+MAX_SEEN = 100_000
+
+
+class Worker(Protocol):
+    """
+    Runs blocking functions off the reactor thread.
+    """
+
+    def run(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """
+        Call C{f(*args)} in a worker thread.
+        """
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class CachePolicy:
+    """
+    The cache's time limits in seconds.
+    """
+
+    queryTTL: float = 3600.0
+    verificationTTL: float = 86400.0
+    unreachableTTL: float = 7 * 86400.0
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class CacheEntry:
+    """
+    What the cache knows about one JID.
+    """
+
+    pwhash: bytes | None
+    firstAuth: float
+    remoteAuth: float
+    anyAuth: float
+
+
+class MemoryStorage:
+    """
+    Cache entries in a dict, lost on restart.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[str, CacheEntry] = {}
+
+    def get(self, jid: str) -> Deferred[CacheEntry | None]:
+        """
+        The entry of C{jid}, or C{None}.
+        """
+        return succeed(self.entries.get(jid))
+
+    def put(self, jid: str, pwhash: bytes, now: float) -> Deferred[None]:
+        """
+        Store a verified hash, keeping the first-success time.
+        """
+        old = self.entries.get(jid)
+        first = old.firstAuth if old is not None else now
+        self.entries[jid] = CacheEntry(pwhash, first, now, now)
+        return succeed(None)
+
+    def touch(self, jid: str, now: float, verified: bool) -> Deferred[None]:
+        """
+        Record a successful query (and a backend verification if C{verified}).
+        """
+        old = self.entries.get(jid)
+        if old is not None:
+            self.entries[jid] = attr.evolve(
+                old, anyAuth=now, remoteAuth=now if verified else old.remoteAuth
+            )
+        return succeed(None)
+
+    def delete(self, jid: str) -> Deferred[None]:
+        """
+        Forget C{jid}.
+        """
+        self.entries.pop(jid, None)
+        return succeed(None)
+
+
+class DatabaseStorage:
+    """
+    Cache entries in the C{authcache} table of the state database.
+    """
+
+    def __init__(self, db: store.Store) -> None:
+        self._db = db
+
+    def get(self, jid: str) -> Deferred[CacheEntry | None]:
+        """
+        The entry of C{jid}, or C{None}.
+        """
+
+        def convert(row: store.CacheRow | None) -> CacheEntry | None:
+            if row is None:
+                return None
+            pwhash = row.pwhash.encode("ascii", "replace") if row.pwhash else None
+            return CacheEntry(pwhash, row.firstAuth, row.remoteAuth, row.anyAuth)
+
+        return self._db.run(store.getCacheEntry, jid).addCallback(convert)
+
+    def put(self, jid: str, pwhash: bytes, now: float) -> Deferred[None]:
+        """
+        Store a verified hash, keeping the first-success time.
+        """
+        return self._db.run(store.putCacheEntry, jid, pwhash.decode("ascii"), now)
+
+    def touch(self, jid: str, now: float, verified: bool) -> Deferred[None]:
+        """
+        Record a successful query (and a backend verification if C{verified}).
+        """
+        return self._db.run(store.touchCacheEntry, jid, now, verified)
+
+    def delete(self, jid: str) -> Deferred[None]:
+        """
+        Forget C{jid}.
+        """
+        return self._db.run(store.deleteCacheEntry, jid).addCallback(lambda _: None)
+
+
+def _checkpw(password: bytes, pwhash: bytes) -> bool:
+    try:
+        return bcrypt.checkpw(password, pwhash)
+    except ValueError:
+        # Not a bcrypt hash (a damaged or foreign row): no match.
+        return False
+
+
+def _hashpw(password: bytes, rounds: int) -> bytes:
+    return bcrypt.hashpw(password, bcrypt.gensalt(rounds))
+
+
+class CredentialCache:
+    """
+    The decision logic of the cache around one backend call.
+
+    @param storage: L{MemoryStorage} or L{DatabaseStorage}.
+    @param hasher: the bounded worker bcrypt runs in.
+    @param clock: read for every timestamp.
+    @param policy: the TTLs.
+    @param rounds: the bcrypt cost of new hashes.
+    """
+
+    def __init__(
+        self,
+        storage: Any,
+        hasher: Worker,
+        clock: IReactorTime,
+        policy: CachePolicy,
+        rounds: int,
+    ) -> None:
+        self.storage = storage
+        self._hasher = hasher
+        self._clock = clock
+        self.policy = policy
+        self._rounds = rounds
+        self._key = os.urandom(32)
+        # jid -> {password key: marker} for hashes being made; an eviction
+        # drops the jid, so a hash finishing later is not stored.
+        self._hashing: dict[str, dict[bytes, object]] = {}
+        # jid -> when the backend last said the user exists.
+        self._seen: dict[str, float] = {}
+        #: Background writes not finished yet (tests wait for them).
+        self.pending: set[Deferred[Any]] = set()
+
+    def passwordKey(self, password: str) -> bytes:
+        """
+        A keyed hash of C{password} to index in-memory state by (never the
+        password itself).
+        """
+        return hmac.new(self._key, password.encode("utf-8"), hashlib.sha256).digest()
+
+    def _fresh(self, entry: CacheEntry, now: float) -> bool:
+        return (
+            now - entry.anyAuth < self.policy.queryTTL
+            and now - entry.remoteAuth < self.policy.verificationTTL
+        )
+
+    def _matches(self, entry: CacheEntry, password: str) -> Deferred[bool]:
+        data = password.encode("utf-8")
+        if entry.pwhash is None or len(data) > BCRYPT_MAX_PASSWORD:
+            return succeed(False)
+        return self._hasher.run(_checkpw, data, entry.pwhash)
+
+    def authenticate(
+        self, jid: str, password: str, askBackend: Callable[[], Deferred[Outcome]]
+    ) -> Deferred[bool]:
+        """
+        Decide a login: a fresh cache entry, else the backend (which refreshes
+        or evicts the entry), else, if the backend is unavailable, an entry
+        verified within the unreachable TTL.
+        """
+        return ensureDeferred(self._authenticate(jid, password, askBackend))
+
+    async def _authenticate(
+        self, jid: str, password: str, askBackend: Callable[[], Deferred[Outcome]]
+    ) -> bool:
+        entry = await self._lookup(jid)
+        matched: bool | None = None
+        if entry is not None and self._fresh(entry, self._clock.seconds()):
+            matched = await self._matches(entry, password)
+            if matched:
+                log.debug("auth from cache for {jid}", jid=jid)
+                self._background(self.storage.touch(jid, self._clock.seconds(), False))
+                return True
+        outcome = await askBackend()
+        now = self._clock.seconds()
+        if outcome is Outcome.YES:
+            self._seen[jid] = now
+            self._remember(jid, password, now, entry if matched else None)
+            return True
+        if outcome is Outcome.NO:
+            if entry is not None or jid in self._hashing:
+                self.evict(jid)
+            return False
+        if entry is None or now - entry.remoteAuth >= self.policy.unreachableTTL:
+            return False
+        if matched is None:
+            matched = await self._matches(entry, password)
+        if matched:
+            log.info(
+                "backend unavailable: {jid} accepted from the cache", jid=jid
+            )
+            self._background(self.storage.touch(jid, self._clock.seconds(), False))
+        return bool(matched)
+
+    async def _lookup(self, jid: str) -> CacheEntry | None:
+        """
+        The entry of C{jid}; a storage that fails (a damaged or locked
+        database) is logged and treated as having no entry, so logins still
+        reach the backend.
+        """
+        try:
+            entry: CacheEntry | None = await self.storage.get(jid)
+        except Exception:
+            log.failure("credential cache lookup for {jid} failed", jid=jid)
+            return None
+        return entry
+
+    def _remember(
+        self, jid: str, password: str, now: float, matching: CacheEntry | None
+    ) -> None:
+        if matching is not None:
+            # The cached hash is this password: no new hash needed.
+            self._background(self.storage.touch(jid, now, True))
+            return
+        data = password.encode("utf-8")
+        if len(data) > BCRYPT_MAX_PASSWORD:
+            return
+        key = self.passwordKey(password)
+        hashing = self._hashing.setdefault(jid, {})
+        if key in hashing:
+            return
+        marker = object()
+        hashing[key] = marker
+
+        def store(pwhash: bytes) -> Deferred[None] | None:
+            current = self._hashing.get(jid)
+            if current is None or current.get(key) is not marker:
+                return None  # evicted while hashing
+            del current[key]
+            if not current:
+                del self._hashing[jid]
+            written: Deferred[None] = self.storage.put(jid, pwhash, now)
+            return written
+
+        def failed(f: Failure) -> None:
+            current = self._hashing.get(jid)
+            if current is not None and current.get(key) is marker:
+                del current[key]
+                if not current:
+                    del self._hashing[jid]
+            log.failure("cannot cache the password of {jid}", f, jid=jid)
+
+        d = self._hasher.run(_hashpw, data, self._rounds)
+        d.addCallback(store)
+        d.addErrback(failed)
+        self._background(d)
+
+    def evict(self, jid: str) -> None:
+        """
+        Forget the entry of C{jid} (and any hash of it still being made).
+        """
+        self._hashing.pop(jid, None)
+        log.info("evicting the cached password of {jid}", jid=jid)
+        self._background(self.storage.delete(jid))
+
+    def _background(self, d: Deferred[Any]) -> None:
+        self.pending.add(d)
+
+        def done(result: Any) -> None:
+            self.pending.discard(d)
+            if isinstance(result, Failure):
+                log.failure("credential cache write failed", result)
+
+        d.addBoth(done)
+
+    def seen(self, jid: str, exists: bool) -> None:
+        """
+        Record the backend's answer to "does C{jid} exist?".
+        """
+        if not exists:
+            self._seen.pop(jid, None)
+            return
+        self._seen.pop(jid, None)
+        self._seen[jid] = self._clock.seconds()
+        if len(self._seen) > MAX_SEEN:
+            del self._seen[next(iter(self._seen))]
+
+    def knownUser(self, jid: str) -> Deferred[bool]:
+        """
+        Whether C{jid} was seen to exist within the verification TTL: the
+        backend said so, or confirmed its password.
+        """
+        now = self._clock.seconds()
+        seenAt = self._seen.get(jid)
+        if seenAt is not None and now - seenAt < self.policy.verificationTTL:
+            return succeed(True)
+
+        def check(entry: CacheEntry | None) -> bool:
+            return (
+                entry is not None
+                and now - entry.remoteAuth < self.policy.verificationTTL
+            )
+
+        return ensureDeferred(self._lookup(jid)).addCallback(check)

@@ -1,0 +1,172 @@
+"""
+Per-domain settings from the C{domains} table of the state database.
+
+L{DomainTable} keeps the table in a dict, re-read in the database thread every
+L{REFRESH_SECONDS} seconds, so a lookup is a dict access and changes made with
+C{xcauth domains ...} take effect within seconds, without a restart.  A domain
+not listed uses the global url and secret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from xcauth import store
+from xcauth.auth import DomainSettings
+from xcauth.nextcloud import NextcloudClient, validateURL
+
+log = Logger()
+
+#: Seconds between two reads of the C{domains} table.
+REFRESH_SECONDS = 5.0
+
+
+def splitSecrets(text: str) -> tuple[bytes, ...]:
+    """
+    Comma-separated secrets (the first signs requests) as bytes.
+    """
+    return tuple(s.strip().encode("utf-8") for s in text.split(",") if s.strip())
+
+
+class DomainTable:
+    """
+    The domain settings, refreshed from the database.
+
+    @param db: the state database.
+    @param globalSettings: the settings of domains that are not listed.
+    @param makeClient: builds a backend client for C{(url, secret)}.
+    @param clock: schedules the refreshes.
+    @param interval: seconds between refreshes.
+    """
+
+    def __init__(
+        self,
+        db: store.Store,
+        globalSettings: DomainSettings,
+        makeClient: Callable[[str, bytes], NextcloudClient],
+        clock: IReactorTime,
+        interval: float = REFRESH_SECONDS,
+    ) -> None:
+        self._db = db
+        self.globalSettings = globalSettings
+        self._makeClient = makeClient
+        self._clock = clock
+        self._interval = interval
+        self._settings: dict[str, DomainSettings] = {}
+        self._rows: list[store.DomainRow] | None = None
+        self._clients: dict[tuple[str, bytes], NextcloudClient] = {}
+        self._loop: LoopingCall | None = None
+        self._loaded = False
+        self._waiting: list[Deferred[None]] = []
+        self._lastError: str | None = None
+
+    def settingsFor(self, domain: str) -> DomainSettings:
+        """
+        The settings of C{domain}: a dict lookup.
+        """
+        return self._settings.get(domain, self.globalSettings)
+
+    def whenReady(self) -> Deferred[None] | None:
+        """
+        C{None} once the table was read (or found missing) the first time;
+        before, a new L{Deferred} firing then.
+        """
+        if self._loaded:
+            return None
+        d: Deferred[None] = Deferred(lambda d: self._waiting.remove(d))
+        self._waiting.append(d)
+        return d
+
+    def start(self) -> None:
+        """
+        Read the table now and every C{interval} seconds.
+        """
+        if self._loop is None:
+            self._loop = LoopingCall(self.refresh)
+            self._loop.clock = self._clock
+            self._loop.start(self._interval, now=True)
+
+    def stop(self) -> None:
+        """
+        Stop refreshing.
+        """
+        if self._loop is not None:
+            if self._loop.running:
+                self._loop.stop()
+            self._loop = None
+
+    def refresh(self) -> Deferred[None]:
+        """
+        Read the table once and apply changes.
+        """
+        d = self._db.run(store.listDomains)
+        return d.addCallbacks(self.apply, self._failed).addBoth(self._markLoaded)
+
+    def _failed(self, f: Failure) -> None:
+        if f.check(store.NoDatabase):
+            # No state database (yet): every domain uses the global settings.
+            self.apply([])
+            return
+        message = str(f.value)
+        if message != self._lastError:
+            self._lastError = message
+            log.error(
+                "cannot read the domains table, keeping the previous settings: "
+                "{error}",
+                error=message,
+            )
+
+    def _markLoaded(self, result: Any) -> None:
+        if isinstance(result, Failure):
+            log.failure("applying the domains table failed", result)
+        if not self._loaded:
+            self._loaded = True
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(None)
+
+    def apply(self, rows: list[store.DomainRow]) -> None:
+        """
+        Make C{rows} the current domain settings (if they changed).
+        """
+        self._lastError = None
+        if rows == self._rows:
+            return
+        self._rows = rows
+        settings: dict[str, DomainSettings] = {}
+        clients: dict[tuple[str, bytes], NextcloudClient] = {}
+        g = self.globalSettings
+        for row in rows:
+            try:
+                url = row.authurl or g.client.url
+                validateURL(url)
+            except ValueError as e:
+                log.error(
+                    "domain {domain} in the database is ignored: {error}",
+                    domain=row.xmppdomain,
+                    error=str(e),
+                )
+                continue
+            secrets = splitSecrets(row.authsecret or "") or g.secrets
+            key = (url, secrets[0])
+            client = clients.get(key) or self._clients.get(key)
+            if client is None:
+                client = self._makeClient(url, secrets[0])
+            clients[key] = client
+            settings[row.xmppdomain] = DomainSettings(
+                secrets=secrets, authDomain=row.authdomain or None, client=client
+            )
+        self._clients = clients
+        self._settings = settings
+        log.info(
+            "domain settings loaded: {count} domain(s) with their own backend",
+            count=len(settings),
+        )
+

@@ -1,0 +1,101 @@
+"""
+UNIX sockets handed over by systemd (C{systemd:domain=UNIX:name=...}), such as
+the saslauthd socket C{/run/saslauthd/mux}.
+
+Twisted adopts a listening UNIX socket with the port class it uses for sockets
+it creates itself, which sets the file's mode to C{0666} when it starts and
+removes the file when it stops.  For a socket systemd owns that is wrong three
+times over: it would undo C{SocketMode=0660} (anyone on the host could then
+test passwords), it fails with C{EPERM} for an unprivileged service, and after a
+restart of the service the socket systemd still holds would have no path.
+L{keepSystemdUNIXSocket} swaps in an endpoint whose port leaves the file alone.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet import fdesc, unix
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint
+from zope.interface import implementer
+
+
+class SystemdUNIXPort(unix.Port):
+    """
+    A listening UNIX socket whose file belongs to someone else (systemd's
+    C{SocketMode=}, C{SocketGroup=}, C{RemoveOnStop=}): never chmod or unlink it.
+
+    Twisted's port skips both for sockets in the abstract namespace (a path
+    starting with NUL), so the path is shown to it in that form while it starts
+    and stops.
+    """
+
+    def _asAbstract(self) -> bytes:
+        path: bytes = self._bindPath
+        self._bindPath = b"\0" + path
+        return path
+
+    def startListening(self) -> None:
+        path = self._asAbstract()
+        try:
+            super().startListening()
+        finally:
+            self._bindPath = path
+
+    def connectionLost(self, reason: Any) -> None:
+        path = self._asAbstract()
+        try:
+            super().connectionLost(reason)
+        finally:
+            self._bindPath = path
+
+
+@implementer(IStreamServerEndpoint)
+class SystemdUNIXEndpoint:
+    """
+    Listen on an inherited, already listening UNIX socket (by descriptor)
+    without touching its file.
+    """
+
+    def __init__(self, reactor: Any, fileno: int) -> None:
+        self.reactor = reactor
+        self.fileno = fileno
+        self._used = False
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        """
+        Serve C{factory} on the socket; the descriptor itself is closed (the
+        port works on a duplicate), as Twisted's adopted endpoints do.
+        """
+        if self._used:
+            from twisted.internet.error import AlreadyListened
+
+            return fail(AlreadyListened())
+        self._used = True
+        try:
+            fdesc.setNonBlocking(self.fileno)
+            port = SystemdUNIXPort._fromListeningDescriptor(
+                self.reactor, self.fileno, factory
+            )
+            port.startListening()
+            os.close(self.fileno)
+        except BaseException:
+            return fail()
+        return succeed(port)
+
+
+def keepSystemdUNIXSocket(endpoint: Any) -> Any:
+    """
+    C{endpoint}, or for an adopted UNIX socket (what C{systemd:domain=UNIX:...}
+    parses to) a L{SystemdUNIXEndpoint} for the same descriptor.
+    """
+    if (
+        isinstance(endpoint, AdoptedStreamServerEndpoint)
+        and endpoint.addressFamily == socket.AF_UNIX
+    ):
+        return SystemdUNIXEndpoint(endpoint.reactor, endpoint.fileno)
+    return endpoint
