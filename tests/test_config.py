@@ -8,7 +8,6 @@ import os
 
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from xcauth.config import ConfigError, parseTimeout, readConfigFile
@@ -88,8 +87,10 @@ class ConfigFileTests(SynchronousTestCase):
             ("url\nsecret=s\nlisten=tcp:1\n", "url needs a value"),
         ]
         for text, message in cases:
-            with self.assertRaises(usage.UsageError, msg=text) as e:
+            # The twistd plugin turns usage errors into one line and exit status 1.
+            with self.assertRaises(SystemExit, msg=text) as e:
                 self.parse(text)
+            self.assertTrue(str(e.exception).startswith("xcauth: "), text)
             self.assertIn(message, str(e.exception), text)
 
 

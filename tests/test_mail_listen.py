@@ -21,7 +21,6 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
 from twisted.protocols.wire import Echo
-from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.harness import writeConfig
@@ -114,7 +113,7 @@ class OptionsTests(SynchronousTestCase):
 
     def test_unknownGroupStopsStart(self) -> None:
         e = self.assertRaises(
-            usage.UsageError, self.parse,
+            SystemExit, self.parse,
             "--listen", "saslauthd=unix:/tmp/x:mode=660:group=no-such-group-xc",
         )
         self.assertIn("no group named", str(e))

@@ -191,6 +191,15 @@ class Options(ConfigOptions):
         self["listen"].append(entry)
 
     def postOptions(self) -> None:
+        try:
+            self._checkOptions()
+        except usage.UsageError as e:
+            # twistd would print its whole usage text before the message (and,
+            # before Twisted 26.10, exit with status 0): say what to fix in one
+            # line and fail the start.
+            raise SystemExit(f"xcauth: {e}") from None
+
+    def _checkOptions(self) -> None:
         super().postOptions()
         config = self.config
         if not config.listen:
