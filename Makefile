@@ -54,8 +54,15 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-bench: venv
-	$(BIN)/python -m bench
+# The load benchmark (not a test: it asserts nothing).  BENCH_ARGS=--quick for a
+# short run, --scenario NAME for one, --help for the rest.  Results: a table on
+# stdout and results/bench-<timestamp>.json.
+$(BIN)/.bench-installed: $(BIN)/.installed setup.cfg
+	$(BIN)/pip install --quiet --config-settings editable_mode=compat -e '.[test,dev,bench]'
+	touch $@
+
+bench: venv $(BIN)/.bench-installed
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) _trial_temp* build *.egg-info results .mypy_cache .ruff_cache

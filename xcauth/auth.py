@@ -64,6 +64,9 @@ class Authenticator:
     @param cache: the credential cache, or C{None} for none.
     @param ready: returns C{None} once C{settingsFor} knows every domain, or
         until then a L{Deferred} that fires when it does (requests wait for it).
+    @param debug: log per-request details at debug level (twistd writes every
+        level to its log, and a line per token login costs as much CPU as
+        checking the token).
     """
 
     def __init__(
@@ -72,9 +75,11 @@ class Authenticator:
         clock: IReactorTime,
         cache: CredentialCache | None = None,
         ready: Callable[[], Deferred[None] | None] | None = None,
+        debug: bool = False,
     ) -> None:
         self._settingsFor = settingsFor
         self._clock = clock
+        self._debug = debug
         self.cache = cache
         self._ready = ready
         self._key = os.urandom(32)
@@ -104,7 +109,8 @@ class Authenticator:
     def _authenticate(self, user: str, domain: str, password: str) -> Deferred[bool]:
         settings = self._settingsFor(domain)
         if verifyToken(password, user, domain, settings.secrets, self._clock.seconds()):
-            log.debug("token accepted for {user}@{domain}", user=user, domain=domain)
+            if self._debug:
+                log.debug("token accepted for {user}@{domain}", user=user, domain=domain)
             return succeed(True)
         key = (user, domain, self._passwordKey(password))
         shared = self._inflight.get(key)

@@ -184,6 +184,9 @@ class CredentialCache:
     @param rounds: the bcrypt cost of new hashes.
     """
 
+    #: Whether to log debug details (C{--debug}).
+    debug = False
+
     def __init__(
         self,
         storage: Any,
@@ -243,7 +246,8 @@ class CredentialCache:
         if entry is not None and self._fresh(entry, self._clock.seconds()):
             matched = await self._matches(entry, password)
             if matched:
-                log.debug("auth from cache for {jid}", jid=jid)
+                if self.debug:
+                    log.debug("auth from cache for {jid}", jid=jid)
                 self._background(self.storage.touch(jid, self._clock.seconds(), False))
                 return True
         outcome = await askBackend()

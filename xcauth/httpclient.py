@@ -25,9 +25,9 @@ from typing import Any
 
 from hyperlink import URL
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 #: The status line and headers of an answer may not be longer than this.
@@ -100,7 +100,7 @@ class _Connection(Protocol):
         self.gone = True
         self.origin.forget(self)
         if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self.pending is None:
@@ -127,9 +127,10 @@ class _Connection(Protocol):
             self._head(data[:end])
             data = data[end + 4 :]
         if self._chunked:
-            data = self._chunks(data)
-            if data is None:
+            rest = self._chunks(data)
+            if rest is None:
                 return
+            data = rest
         elif self._length is not None:
             need = self._length - self._bodySize
             if len(data) < need:
@@ -283,6 +284,21 @@ class _Connection(Protocol):
         )))
 
 
+class _OneConnection(Factory):
+    """
+    Builds one given connection, without a log line (Twisted's
+    C{connectProtocol} logs two per connection).
+    """
+
+    noisy = False
+
+    def __init__(self, conn: _Connection) -> None:
+        self.conn = conn
+
+    def buildProtocol(self, addr: Any) -> _Connection:
+        return self.conn
+
+
 class Origin:
     """
     The connections to one scheme, host and port, and the encoded start of
@@ -368,7 +384,7 @@ class Origin:
 
         result: Deferred[tuple[int, bytes]] = Deferred(cancel)
         conn = _Connection(self)
-        connecting = connectProtocol(self.endpoint(), conn)
+        connecting = self.endpoint().connect(_OneConnection(conn))
 
         def connected(_: Any) -> None:
             self.active.add(conn)

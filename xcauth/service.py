@@ -13,12 +13,6 @@ from twisted.application.service import MultiService, Service
 from twisted.application.strports import service as strportsService
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
-from twisted.web.client import (
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
-    _HTTP11ClientFactory,
-)
 
 from xcauth.auth import Authenticator, DomainSettings
 from xcauth.cache import CachePolicy, CredentialCache, DatabaseStorage, MemoryStorage
@@ -26,6 +20,7 @@ from xcauth.config import Config, ConfigError
 from xcauth.domains import DomainTable
 from xcauth.framing.base import ServerContext, XcauthFactory
 from xcauth.framing.registry import FRAMINGS
+from xcauth.httpclient import HTTPClientPool
 from xcauth.nextcloud import NextcloudClient
 from xcauth.store import Store, ThreadWorker, whenFired
 from xcauth.systemdunix import keepSystemdUNIXSocket
@@ -45,14 +40,6 @@ POOL_IDLE_SECONDS = 55
 BCRYPT_THREADS = 2
 
 
-class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
-    """
-    The pool's connection factory without a log line per backend connection.
-    """
-
-    noisy = False
-
-
 class Backend(Service):
     """
     The shared authentication backend and the resources it owns.
@@ -61,16 +48,13 @@ class Backend(Service):
     def __init__(self, config: Config, reactor: Any) -> None:
         self.config = config
         self.reactor = reactor
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = POOL_SIZE
-        self.pool.cachedConnectionTimeout = POOL_IDLE_SECONDS
-        self.pool.retryAutomatically = False
-        self.pool._factory = _QuietHTTP11ClientFactory
-        self.agent = Agent(
+        # xcauth's own lean HTTP/1.1 client (see xcauth.httpclient for why not
+        # twisted.web's Agent), with Agent's default certificate checks.
+        self.pool = HTTPClientPool(
             reactor,
-            contextFactory=BrowserLikePolicyForHTTPS(),
             connectTimeout=config.connectTimeout,
-            pool=self.pool,
+            maxIdle=POOL_SIZE,
+            idleTimeout=POOL_IDLE_SECONDS,
         )
         self.globalSettings = DomainSettings(
             secrets=config.secrets,
@@ -103,8 +87,14 @@ class Backend(Service):
                 config.bcryptRounds[0 if persistent else 1],
             )
         self.authenticator = Authenticator(
-            self.settingsFor, reactor, cache=self.cache, ready=self.domains.whenReady
+            self.settingsFor,
+            reactor,
+            cache=self.cache,
+            ready=self.domains.whenReady,
+            debug=config.debug,
         )
+        if self.cache is not None:
+            self.cache.debug = config.debug
         self.context = ServerContext(
             authenticator=self.authenticator,
             clock=reactor,
@@ -118,7 +108,7 @@ class Backend(Service):
         A backend client for C{url} signing with C{secret}, sharing the pool.
         """
         return NextcloudClient(
-            self.agent, url, secret, self.reactor, self.config.totalTimeout
+            self.pool, url, secret, self.reactor, self.config.totalTimeout
         )
 
     def settingsFor(self, domain: str) -> DomainSettings:
@@ -152,7 +142,7 @@ class Backend(Service):
             await _settled(list(self.cache.pending))
         await self.store.close()
         await self.dbWorker.stop()
-        await self.pool.closeCachedConnections()
+        await self.pool.close()
 
 
 async def _settled(pending: list[Deferred[Any]]) -> None:

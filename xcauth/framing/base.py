@@ -130,7 +130,9 @@ class OrderedAnswers:
             return fallback
 
         slot.deferred = work
-        work.addTimeout(self.context.deadline, self.context.clock)
+        if not work.called or work.paused:
+            # Work answered at once (a token) needs no deadline timer.
+            work.addTimeout(self.context.deadline, self.context.clock)
         work.addCallback(encode)
         work.addErrback(failed)
         work.addCallback(finish)

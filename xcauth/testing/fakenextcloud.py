@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         options.parseOptions(argv)
     except usage.UsageError as e:
-        raise SystemExit(f"{options}\n{e}")
+        raise SystemExit(f"{options}\n{e}") from None
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", int(options["port"])))
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
     number = sock.getsockname()[1]
     # Extra processes share the listening socket; they are forked before the
     # reactor exists and end with the first process.
-    children = []
+    children: list[int] = []
     for _ in range(int(options["processes"]) - 1):
         pid = os.fork()
         if pid == 0:
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     resource.recordRequests = False
     factory = FastJSXCFactory(resource) if options["fast"] else makeSite(resource)
-    reactor.adoptStreamPort(sock.fileno(), socket.AF_INET, factory)  # type: ignore[attr-defined]
+    reactor.adoptStreamPort(sock.fileno(), socket.AF_INET, factory)
     sock.close()
 
     def stopChildren() -> None:
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
             except OSError:
                 pass
 
-    reactor.addSystemEventTrigger("before", "shutdown", stopChildren)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", stopChildren)  # type: ignore[arg-type]
     if options["port-file"] and (children or int(options["processes"]) == 1):
         with open(options["port-file"] + ".tmp", "w") as f:
             f.write(f"{number}\n")
