@@ -11,7 +11,7 @@ import os
 import subprocess
 import time
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.harness import (
     TWISTD,
@@ -75,6 +75,39 @@ class DaemonTests(TestCase):
         s.sendall(b"quit\r\n")
         self.assertEqual(recvAll(s), b"")
         s.close()
+
+    def test_realTelnet(self) -> None:
+        """
+        The same session typed into Debian's real telnet client.
+        """
+        import shutil
+
+        if shutil.which("telnet") is None:
+            raise SkipTest("telnet is not installed (make test installs it)")
+        p = subprocess.Popen(
+            ["telnet", "127.0.0.1", str(self.port)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.write(
+            b"isuser:admin:example.org\n"
+            b"auth:admin:example.org:good_password\n"
+            b"auth:admin:example.org:incorrect_password\n"
+            b"quit\n"
+        )
+        p.stdin.flush()
+        # telnet ends when the daemon closes the connection after "quit".
+        try:
+            p.wait(30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        output = p.stdout.read().decode()
+        p.stdin.close()
+        p.stdout.close()
+        answers = [line.strip() for line in output.splitlines() if line.strip() in ("0", "1")]
+        self.assertEqual(answers, ["1", "1", "0"], output)
+        self.assertIn("Connection closed by foreign host.", output)
 
     def test_binarySession(self) -> None:
         s = connect(("127.0.0.1", self.port))
