@@ -26,12 +26,16 @@ from typing import Any
 from hyperlink import URL
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
+from twisted.python.reflect import qual
 
 #: The status line and headers of an answer may not be longer than this.
 MAX_HEAD = 64 * 1024
+
+_HEXDIGITS = b"0123456789abcdefABCDEF"
 
 
 class HTTPProtocolError(Exception):
@@ -124,6 +128,8 @@ class _Connection(Protocol):
                     raise HTTPProtocolError("answer head too long")
                 self._buffer = data
                 return
+            if end > MAX_HEAD:
+                raise HTTPProtocolError("answer head too long")
             self._head(data[:end])
             data = data[end + 4 :]
         if self._chunked:
@@ -147,13 +153,24 @@ class _Connection(Protocol):
 
     def _head(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
+        if head.count(b"\n") != len(lines) - 1 or head.count(b"\r") != len(lines) - 1:
+            # A bare CR or LF: other parsers would see another line there.
+            raise HTTPProtocolError("bare CR or LF in the answer head")
         parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3:
+        if (
+            len(parts) < 2
+            or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0")
+            or len(parts[1]) != 3
+            or not parts[1].isdigit()
+        ):
             raise HTTPProtocolError("not an HTTP/1.x status line")
         try:
             code = int(parts[1])
         except ValueError:
             raise HTTPProtocolError("bad status code") from None
+        if code == 101:
+            # Never asked for: what follows is not HTTP/1.1.
+            raise HTTPProtocolError("unexpected 101 Switching Protocols")
         if 100 <= code < 200:
             # An interim answer (100 Continue, 103 Early Hints): the real one
             # follows.
@@ -163,12 +180,18 @@ class _Connection(Protocol):
         chunked = False
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
-            if not sep:
+            if not sep or name[:1].isspace():
+                # A line starting with whitespace is obsolete line folding:
+                # the previous field's value, not a field of its own.
                 raise HTTPProtocolError("bad header line")
             name = name.strip().lower()
             value = value.strip()
             if name == b"content-length":
                 try:
+                    # int() also takes "+5", "5_0", and more digits than any
+                    # body: only plain ASCII digits are a length.
+                    if not value.isdigit():
+                        raise ValueError
                     n = int(value)
                 except ValueError:
                     raise HTTPProtocolError("bad Content-Length") from None
@@ -193,6 +216,10 @@ class _Connection(Protocol):
             self._length = 0
         elif chunked:
             self._chunked = True
+            if length is not None:
+                # Both: the length is ignored (RFC 9112, 6.3), and a server
+                # that sends both cannot be trusted with the next request.
+                self._close = True
         elif length is not None:
             if length > self.maxBody:
                 raise AnswerTooLarge(f"answer of {length} bytes")
@@ -215,13 +242,20 @@ class _Connection(Protocol):
                         raise HTTPProtocolError("chunk size line too long")
                     self._buffer = data
                     return None
-                size = data[:end].split(b";", 1)[0].strip()
+                if end > MAX_HEAD:
+                    raise HTTPProtocolError("chunk size line too long")
+                line = data[:end]
+                if b"\n" in line or b"\r" in line:
+                    raise HTTPProtocolError("bare CR or LF in a chunk size line")
+                size = line.split(b";", 1)[0].rstrip(b" \t")
                 try:
+                    # Hex digits only: int(..., 16) also takes "0x5", "+5", "5_0",
+                    # and surrounding whitespace.
+                    if size.strip(_HEXDIGITS):
+                        raise ValueError
                     n = int(size, 16)
                 except ValueError:
                     raise HTTPProtocolError("bad chunk size") from None
-                if n < 0:
-                    raise HTTPProtocolError("bad chunk size")
                 data = data[end + 2 :]
                 self._chunkLeft = n if n else -2
             if self._chunkLeft == -2:
@@ -233,6 +267,12 @@ class _Connection(Protocol):
                         raise HTTPProtocolError("trailers too long")
                     self._buffer = data
                     return None
+                if end > MAX_HEAD:
+                    raise HTTPProtocolError("trailers too long")
+                trailers = data[: end + 2]
+                crlf = trailers.count(b"\r\n")
+                if trailers.count(b"\n") != crlf or trailers.count(b"\r") != crlf:
+                    raise HTTPProtocolError("bare CR or LF in the trailers")
                 return data[end + 4 :]
             n = self._chunkLeft
             if len(data) < n + 2:
@@ -275,12 +315,16 @@ class _Connection(Protocol):
         d = self.pending
         if d is None:
             return
-        if self._headDone and self._untilClose:
+        clean = reason is None or reason.check(ConnectionDone) is not None
+        if self._headDone and self._untilClose and clean:
+            # Only a clean close ends such a body: a reset or a TLS error
+            # (no close_notify) may have cut it short.
             self._complete()
             return
         self.pending = None
+        why = "" if clean else f" ({qual(type(reason.value))}: {reason.getErrorMessage()})"[:300]
         d.errback(Failure(ConnectionLostBeforeAnswer(
-            "connection closed before the answer was complete"
+            "connection closed before the answer was complete" + why
         )))
 
 
@@ -363,15 +407,19 @@ class Origin:
     def _retrying(
         self, d: Deferred[tuple[int, bytes]], conn: _Connection, data: bytes, maxBody: int
     ) -> Deferred[tuple[int, bytes]]:
-        def again(f: Failure) -> Any:
-            # Nothing was received on this reused connection: the server had
-            # closed it while idle.  These requests only read state, so one
-            # new try is safe.
-            if f.check(ConnectionLostBeforeAnswer) and not conn.received:
-                return self._fresh(data, maxBody)
-            return f
+        # An errback with arguments rather than a closure: fewer objects per
+        # request for the garbage collector.
+        return d.addErrback(self._again, conn, data, maxBody)
 
-        return d.addErrback(again)
+    def _again(
+        self, f: Failure, conn: _Connection, data: bytes, maxBody: int
+    ) -> Any:
+        # Nothing was received on this reused connection: the server had
+        # closed it while idle.  These requests only read state, so one new
+        # try is safe.
+        if f.check(ConnectionLostBeforeAnswer) and not conn.received:
+            return self._fresh(data, maxBody)
+        return f
 
     def _fresh(self, data: bytes, maxBody: int) -> Deferred[tuple[int, bytes]]:
         sending: list[Deferred[tuple[int, bytes]]] = []

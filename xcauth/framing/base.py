@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from xcauth.auth import Authenticator
+from xcauth.deadlines import Deadlines
 
 log = Logger()
 
@@ -43,6 +44,17 @@ class ServerContext:
     deadline: float = 4.0
     maxInFlight: int = 64
     debug: bool = False
+    _deadlines: Deadlines | None = attr.ib(default=None, init=False, repr=False, eq=False)
+
+    def watchDeadline(self, d: Deferred[T]) -> Deferred[T]:
+        """
+        Limit C{d} to C{deadline} seconds (like C{d.addTimeout(deadline,
+        clock)}, on one timer for every request: see L{xcauth.deadlines}).
+        """
+        deadlines = self._deadlines
+        if deadlines is None or deadlines.timeout != self.deadline:
+            deadlines = self._deadlines = Deadlines(self.clock, self.deadline)
+        return deadlines.watch(d)
 
 
 class XcauthFactory(Factory):
@@ -110,35 +122,50 @@ class OrderedAnswers:
         self._initAnswers()
         slot = _Slot()
         self._slots.append(slot)
-
-        def finish(answer: bytes) -> None:
-            slot.answer = answer
-            slot.done = True
-            slot.deferred = None
-            self._flush()
-
-        def failed(f: Failure) -> bytes:
-            if f.check(CancelledError, TimeoutError):
-                if not self._lost:
-                    log.warn(
-                        "{framing} request got no answer within {deadline} s",
-                        framing=self.framing,
-                        deadline=self.context.deadline,
-                    )
-            else:
-                log.failure("{framing} request failed", f, framing=self.framing)
-            return fallback
-
         slot.deferred = work
         if not work.called or work.paused:
             # Work answered at once (a token) needs no deadline timer.
-            work.addTimeout(self.context.deadline, self.context.clock)
-        work.addCallback(encode)
-        work.addErrback(failed)
-        work.addCallback(finish)
+            self.context.watchDeadline(work)
+        # One callback pair with arguments instead of three closures: at
+        # hundreds of requests in flight, every object that lives as long as
+        # a request makes the garbage collector's work grow.
+        work.addCallbacks(
+            self._requestDone,
+            self._requestFailed,
+            callbackArgs=(slot, encode, fallback),
+            errbackArgs=(slot, fallback),
+        )
         if not slot.done and len(self._slots) >= self.context.maxInFlight:
             self._pausedForLoad = True
             self.pauseProducing()
+
+    def _requestDone(
+        self, result: T, slot: _Slot, encode: Callable[[T], bytes], fallback: bytes
+    ) -> None:
+        try:
+            answer = encode(result)
+        except BaseException:
+            self._requestFailed(Failure(), slot, fallback)
+            return
+        self._fillSlot(slot, answer)
+
+    def _requestFailed(self, f: Failure, slot: _Slot, fallback: bytes) -> None:
+        if f.check(CancelledError, TimeoutError):
+            if not self._lost:
+                log.warn(
+                    "{framing} request got no answer within {deadline} s",
+                    framing=self.framing,
+                    deadline=self.context.deadline,
+                )
+        else:
+            log.failure("{framing} request failed", f, framing=self.framing)
+        self._fillSlot(slot, fallback)
+
+    def _fillSlot(self, slot: _Slot, answer: bytes) -> None:
+        slot.answer = answer
+        slot.done = True
+        slot.deferred = None
+        self._flush()
 
     def startAnswered(self, answer: bytes) -> None:
         """
@@ -218,6 +245,9 @@ class RequestTimer(Generic[T]):
     user@domain, result and latency.  Never the password.
     """
 
+    # One per request, alive as long as the request: no instance dict.
+    __slots__ = ("framing", "operation", "user", "domain", "started")
+
     def __init__(
         self, framing: str, operation: str, user: str, domain: str
     ) -> None:
@@ -243,13 +273,12 @@ class RequestTimer(Generic[T]):
         """
         Log the outcome of C{d} when it fires (errors are passed on unchanged).
         """
+        return d.addCallbacks(self, self._failed)
 
-        def failed(f: Failure) -> Failure:
-            reason = "cancelled" if f.check(CancelledError) else "error"
-            self(reason)  # type: ignore[arg-type]
-            return f
-
-        return d.addCallbacks(self, failed)
+    def _failed(self, f: Failure) -> Failure:
+        reason = "cancelled" if f.check(CancelledError) else "error"
+        self(reason)  # type: ignore[arg-type]
+        return f
 
 
 def _describeResult(result: object) -> str:
