@@ -49,7 +49,7 @@ test-only:
 	BIN=$(BIN) scripts/run-tests tests
 
 lint: venv
-	$(BIN)/ruff check xcauth tests twisted
+	$(BIN)/ruff check xcauth tests twisted bench
 
 typecheck: venv
 	$(BIN)/mypy

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     except usage.UsageError as e:
         print(f"xcauth: {e}", file=sys.stderr)
         print("Run 'xcauth --help' for the options.", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     _startLogging(options.config.debug)
     from twisted.internet import reactor
     from twisted.internet.task import react
@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> None:
             react(run, [])
         except SystemExit as e:
             if e.code not in (0, None):
-                raise SystemExit(2)
-            raise SystemExit(status[0] if status else 2)
+                raise SystemExit(2) from None
+            raise SystemExit(status[0] if status else 2) from None
     del reactor
 
 

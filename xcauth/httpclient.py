@@ -27,7 +27,7 @@ from hyperlink import URL
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.python.reflect import qual
@@ -60,6 +60,9 @@ class _Connection(Protocol):
     """
     One keep-alive connection to an origin.
     """
+
+    # TCP, or TLS over TCP: both can abort.
+    transport: ITCPTransport | None
 
     def __init__(self, origin: Origin) -> None:
         self.origin = origin

@@ -143,7 +143,8 @@ class NextcloudClient:
         clock: IReactorTime,
         timeout: float,
     ) -> None:
-        self._agent = agent
+        # The agent for requests that do not go through an HTTPClientPool origin.
+        self._agent = None if isinstance(agent, HTTPClientPool) else agent
         self.url = validateURL(url)
         # Encode the URL once: parsing it on every request costs more than the
         # rest of the client together.
@@ -175,8 +176,11 @@ class NextcloudClient:
             }
         )
 
+        agent = self._agent
+        assert agent is not None  # else self._origin is set and _post uses it
+
         def send(retry: bool) -> Deferred[IResponse]:
-            d = self._agent.request(
+            d = agent.request(
                 b"POST", self._urlBytes, headers, _BytesProducer(body)
             )
             if retry:

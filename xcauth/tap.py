@@ -4,8 +4,6 @@ The C{twistd xcauth} plugin: options and C{makeService}.
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.application.service import IService
 from twisted.python import usage
 
@@ -228,5 +226,4 @@ def makeService(options: Options) -> IService:
 
     from xcauth.service import XcauthService
 
-    reactor: Any
     return XcauthService(options.config, options.listeners, reactor)

@@ -63,6 +63,8 @@ class XcauthFactory(Factory):
     """
 
     noisy = False
+    # Factory declares it optional; here it is always given.
+    protocol: Callable[[], Any]
 
     def __init__(self, protocol: Callable[[], Any], context: ServerContext) -> None:
         self.protocol = protocol
@@ -99,6 +101,9 @@ class OrderedAnswers:
     context: ServerContext
     transport: Any
     framing: str = "?"
+    # Provided by the receiver this is mixed into (declared, not defined here).
+    pauseProducing: Callable[[], None]
+    resumeProducing: Callable[[], None]
 
     _slots: deque[_Slot]
     _closing = False

@@ -103,12 +103,14 @@ class EjabberdAutoProtocol(Protocol):
 
     def readConnectionLost(self) -> None:
         if self.inner is None:
+            assert self.transport is not None  # called only while connected
             self.transport.loseConnection()
         else:
             self.inner.readConnectionLost()
 
     def writeConnectionLost(self) -> None:
         if self.inner is None:
+            assert self.transport is not None  # called only while connected
             self.transport.loseConnection()
         else:
             self.inner.writeConnectionLost()

@@ -5,7 +5,8 @@ file descriptor names, and the protocol each one serves.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from xcauth.framing.ejabberd import EjabberdAutoProtocol, EjabberdProtocol
 from xcauth.framing.lines import EjabberdLineProtocol, XMPPLineProtocol

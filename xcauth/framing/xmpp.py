@@ -5,7 +5,7 @@ split on C{:} at most three times so the password may contain C{:}.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Union
 
 import attr
 from twisted.internet.defer import Deferred, succeed
@@ -81,7 +81,7 @@ def parseRequest(data: bytes) -> Parsed:
 
 def answerRequest(
     context: ServerContext, framing: str, request: Request, roster: bool = False
-) -> Deferred[bool] | Deferred[bool | None] | Deferred[bytes | None]:
+) -> Deferred[bool | bytes | None]:
     """
     Start the work for one request and log its outcome.
 
@@ -89,12 +89,14 @@ def answerRequest(
         elsewhere it is answered false.
     """
     auth = context.authenticator
-    timer: RequestTimer[object] = RequestTimer(
+    timer: RequestTimer[bool | bytes | None] = RequestTimer(
         framing, request.operation, request.user, request.domain
     )
     if request.operation == "auth":
         assert request.password is not None
-        d: Deferred = auth.authenticate(request.user, request.domain, request.password)
+        # Deferred[bool], Deferred[bool | None] or Deferred[bytes | None]: the
+        # three are not one type (Deferred is invariant), their results are.
+        d: Deferred[Any] = auth.authenticate(request.user, request.domain, request.password)
     elif request.operation == "isuser":
         d = auth.isUser(request.user, request.domain)
     elif roster:

@@ -34,8 +34,8 @@ import sys
 from typing import Any
 from urllib.parse import parse_qsl
 
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IReactorSocket, IReactorTime
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -97,6 +97,7 @@ class FakeJSXC(Resource):
         return b"POST only\n"
 
     def render_POST(self, request: Request) -> Any:
+        assert request.content is not None  # set once the request's body arrived
         body = request.content.read()
         delay, code, headers, answer, fault = self.respond(
             body, request.getHeader(b"x-jsxc-signature")
@@ -318,6 +319,7 @@ class FastJSXCProtocol(Protocol):
             return
         if fault == "fault-hangbody":
             self.busy = True
+            assert self.transport is not None
             self.transport.write(
                 b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                 b"content-length: 100\r\n\r\n" + HANGBODY_START
@@ -339,6 +341,7 @@ class FastJSXCProtocol(Protocol):
         head.extend(k + b": " + v for k, v in headers.items())
         if close:
             head.append(b"connection: close")
+        assert self.transport is not None  # not gone: still connected
         self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         if close:
             self.gone = True
@@ -352,7 +355,7 @@ class FastJSXCProtocol(Protocol):
         self.gone = True
 
 
-class FastJSXCFactory(Factory):
+class FastJSXCFactory(ServerFactory[FastJSXCProtocol]):
     """
     Serves L{FakeJSXC} with L{FastJSXCProtocol}.
     """
@@ -440,8 +443,11 @@ def main(argv: list[str] | None = None) -> None:
         latency=float(options["latency"]) / 1000.0,
     )
     resource.recordRequests = False
-    factory = FastJSXCFactory(resource) if options["fast"] else makeSite(resource)
-    reactor.adoptStreamPort(sock.fileno(), socket.AF_INET, factory)
+    # Site serves HTTPChannel, FastJSXCFactory FastJSXCProtocol: one type for both.
+    factory: ServerFactory[Any] = (
+        FastJSXCFactory(resource) if options["fast"] else makeSite(resource)
+    )
+    IReactorSocket(reactor).adoptStreamPort(sock.fileno(), socket.AF_INET, factory)
     sock.close()
 
     def stopChildren() -> None:
@@ -451,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
             except OSError:
                 pass
 
-    reactor.addSystemEventTrigger("before", "shutdown", stopChildren)  # type: ignore[arg-type]
+    reactor.addSystemEventTrigger("before", "shutdown", stopChildren)
     if options["port-file"] and (children or int(options["processes"]) == 1):
         with open(options["port-file"] + ".tmp", "w") as f:
             f.write(f"{number}\n")
@@ -462,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
             flush=True,
         )
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 def _dieWithParent() -> None:
