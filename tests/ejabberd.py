@@ -48,9 +48,10 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
+
+from tests.harness import freePort
 
 EJABBERDCTL = "/usr/sbin/ejabberdctl"
 DEFAULT_ERL = "/usr/bin/erl"
@@ -97,15 +98,6 @@ def ejabberdAvailable():
         return "ejabberd not installed (no ejabberd-*/ebin/ejabberd.beam; apt-get install ejabberd)"
     return None
 
-
-def freePort(host="127.0.0.1"):
-    """A TCP port that was free a moment ago (small race, fine for tests)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
 
 
 def _yamlStr(s):

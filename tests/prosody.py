@@ -31,6 +31,8 @@ import socket
 import subprocess
 import time
 
+from tests.harness import freePort
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN_DIR = os.path.join(REPO, "prosody")
 PLUGIN_FILE = os.path.join(PLUGIN_DIR, "mod_auth_xcauth.lua")
@@ -86,15 +88,6 @@ def prosodyAvailable():
         return f"{PLUGIN_FILE} is missing"
     return None
 
-
-def freePort(host="127.0.0.1"):
-    """A TCP port that was free a moment ago."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
 
 
 def _lua(value):

@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from xcauth.framing.base import OrderedAnswers
 from xcauth.framing.lines import EjabberdLineProtocol
-from xcauth.framing.xmpp import Close, Invalid, answerRequest, logInvalid, parseRequest
+from xcauth.framing.xmpp import XMPPRequests
 
 log = Logger()
 
@@ -36,12 +36,13 @@ def encodeBinaryAnswer(result: Any) -> bytes:
 
 
 @implementer(IHalfCloseableProtocol)
-class EjabberdProtocol(OrderedAnswers, Int16StringReceiver):
+class EjabberdProtocol(OrderedAnswers, XMPPRequests, Int16StringReceiver):
     """
     ejabberd's binary extauth framing.
     """
 
     framing = "ejabberd"
+    false = FALSE
     # A 16-bit prefix allows 65535 bytes, but a real request (user, domain and a
     # password or token) is far below 4 KiB.  A longer frame is not a request: log
     # it and close rather than buffer it.
@@ -54,15 +55,10 @@ class EjabberdProtocol(OrderedAnswers, Int16StringReceiver):
         if not data:
             self.closeWhenAnswered()
             return
-        parsed = parseRequest(data)
-        if isinstance(parsed, Close):
-            self.closeWhenAnswered()
-        elif isinstance(parsed, Invalid):
-            logInvalid(self.framing, parsed)
-            self.startAnswered(FALSE)
-        else:
-            d = answerRequest(self.context, self.framing, parsed)
-            self.startRequest(d, encodeBinaryAnswer, FALSE)
+        self.handleRequest(data)
+
+    def encode(self, result: Any) -> bytes:
+        return encodeBinaryAnswer(result)
 
     def lengthLimitExceeded(self, length: int) -> None:
         log.warn(

@@ -16,7 +16,7 @@ from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
 from xcauth.framing.base import OrderedAnswers
-from xcauth.framing.xmpp import Close, Invalid, answerRequest, logInvalid, parseRequest
+from xcauth.framing.xmpp import XMPPRequests
 
 log = Logger()
 
@@ -35,12 +35,14 @@ def encodeLineAnswer(result: Any) -> bytes:
 
 
 @implementer(IHalfCloseableProtocol)
-class XMPPLineProtocol(OrderedAnswers, LineReceiver):
+class XMPPLineProtocol(OrderedAnswers, XMPPRequests, LineReceiver):
     """
     A line-based XMPP auth client (Prosody's external auth, telnet tests).
     """
 
     framing = "prosody"
+    false = FALSE
+    roster = True
     delimiter = b"\n"
     # Prosody caps a query at 1000 bytes; a user, a domain and even a long password
     # fit well within 4 KiB.  A longer line is not a request: log it and close.
@@ -52,15 +54,10 @@ class XMPPLineProtocol(OrderedAnswers, LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         if line.endswith(b"\r"):
             line = line[:-1]
-        parsed = parseRequest(line)
-        if isinstance(parsed, Close):
-            self.closeWhenAnswered()
-        elif isinstance(parsed, Invalid):
-            logInvalid(self.framing, parsed)
-            self.startAnswered(FALSE)
-        else:
-            d = answerRequest(self.context, self.framing, parsed, roster=True)
-            self.startRequest(d, encodeLineAnswer, FALSE)
+        self.handleRequest(line)
+
+    def encode(self, result: Any) -> bytes:
+        return encodeLineAnswer(result)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         log.warn(

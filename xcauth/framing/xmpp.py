@@ -112,3 +112,38 @@ def logInvalid(framing: str, invalid: Invalid) -> None:
     """
     log.info("request answered false via {framing}: {reason}", framing=framing,
              reason=invalid.reason)
+
+
+class XMPPRequests:
+    """
+    Mixin for the XMPP framings' protocols (with L{OrderedAnswers}): turn one
+    request's bytes into work and a queued answer.  The protocol sets
+    C{encode} (result to bytes), C{false} (the "no" answer) and C{roster}
+    (whether it answers C{roster}).
+    """
+
+    framing: str
+    context: ServerContext
+    false: bytes
+    roster = False
+
+    def encode(self, result: Any) -> bytes:
+        """
+        The answer bytes for a result.
+        """
+        raise NotImplementedError()
+
+    def handleRequest(self, data: bytes) -> None:
+        """
+        Parse C{data} and answer it, in order with the connection's other
+        requests.
+        """
+        parsed = parseRequest(data)
+        if isinstance(parsed, Close):
+            self.closeWhenAnswered()  # type: ignore[attr-defined]
+        elif isinstance(parsed, Invalid):
+            logInvalid(self.framing, parsed)
+            self.startAnswered(self.false)  # type: ignore[attr-defined]
+        else:
+            work = answerRequest(self.context, self.framing, parsed, roster=self.roster)
+            self.startRequest(work, self.encode, self.false)  # type: ignore[attr-defined]
