@@ -84,3 +84,30 @@ def connect(
     transport = StringTransport()
     protocol.makeConnection(transport)
     return protocol, transport, clock
+
+
+class ProtocolTestMixin:
+    """
+    For test cases of one framing: C{protocolClass} connected to a
+    L{StringTransport} and a L{ManualAuthenticator} in C{setUp}.
+    """
+
+    protocolClass: Any
+
+    def setUp(self) -> None:
+        self.auth = ManualAuthenticator()
+        self.protocol, self.transport, self.clock = connect(self.protocolClass, self.auth)
+
+    def send(self, data: bytes) -> None:
+        """
+        Bytes from the client.
+        """
+        self.protocol.dataReceived(data)
+
+    def answers(self) -> bytes:
+        """
+        What the protocol wrote since the last call.
+        """
+        value: bytes = self.transport.value()
+        self.transport.clear()
+        return value

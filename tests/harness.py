@@ -187,6 +187,20 @@ def writeConfig(path: str, url: str, secret: str = SECRET, **options: str) -> st
     return path
 
 
+def startBackend(testCase, directory: str, **options) -> tuple[FakeNextcloud, str]:
+    """
+    Start the fake Nextcloud in C{directory} (stopped when C{testCase} ends) and
+    write C{directory/xcauth.conf} pointing at it, with C{options} as for
+    L{writeConfig}.  Returns the fake and the config file's path.
+    """
+    os.makedirs(directory, exist_ok=True)
+    nextcloud = FakeNextcloud(directory)
+    testCase.addCleanup(nextcloud.stop)
+    nextcloud.start()
+    config = writeConfig(os.path.join(directory, "xcauth.conf"), nextcloud.url, **options)
+    return nextcloud, config
+
+
 class Daemon(Process):
     """
     The real C{twistd -n xcauth} with C{args}; L{start} waits until every address

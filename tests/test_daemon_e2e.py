@@ -17,7 +17,6 @@ from tests.harness import (
     TWISTD,
     XCAUTH,
     Daemon,
-    FakeNextcloud,
     childEnv,
     connect,
     ejabberdFrame,
@@ -25,6 +24,7 @@ from tests.harness import (
     recvAll,
     recvExactly,
     recvLine,
+    startBackend,
     writeConfig,
 )
 from xcauth.token import makeToken
@@ -37,15 +37,8 @@ PASSWORDS = ["good_password", "incorrect_password", "pa:ss w", "pässwörd"]
 class DaemonTests(TestCase):
     def setUp(self) -> None:
         self.dir = self.mktemp()
-        os.makedirs(self.dir)
-        self.nextcloud = FakeNextcloud(self.dir)
-        self.nextcloud.start()
-        self.addCleanup(self.nextcloud.stop)
+        self.nextcloud, self.config = startBackend(self, self.dir, type="ejabberd", deadline="2")
         self.port = freePort()
-        self.config = writeConfig(
-            os.path.join(self.dir, "xcauth.conf"), self.nextcloud.url, type="ejabberd",
-            deadline="2",
-        )
         self.daemon = Daemon(
             os.path.join(self.dir, "daemon"),
             ["--config-file", self.config, "--listen", f"tcp:{self.port}:interface=127.0.0.1"],
@@ -287,11 +280,7 @@ class StartupErrorTests(TestCase):
 class OneShotTests(TestCase):
     def setUp(self) -> None:
         self.dir = self.mktemp()
-        os.makedirs(self.dir)
-        self.nextcloud = FakeNextcloud(self.dir)
-        self.nextcloud.start()
-        self.addCleanup(self.nextcloud.stop)
-        self.config = writeConfig(os.path.join(self.dir, "xcauth.conf"), self.nextcloud.url)
+        self.nextcloud, self.config = startBackend(self, self.dir)
 
     def xcauth(self, *args: str) -> tuple[int, str, str]:
         p = subprocess.run([XCAUTH, "-c", self.config, *args], capture_output=True, text=True,

@@ -32,9 +32,8 @@ from tests.harness import (
     SECRET,
     XCAUTH,
     Daemon,
-    FakeNextcloud,
     freePort,
-    writeConfig,
+    startBackend,
 )
 from tests.xmpplogin import runLoginDetailed
 from xcauth.token import makeToken
@@ -65,12 +64,9 @@ class EjabberdExtauthMixin:
     def setUp(self) -> None:
         self.directory = os.path.abspath(self.mktemp())
         os.makedirs(self.directory)
-        self.nextcloud = FakeNextcloud(self.directory)
-        self.addCleanup(self.nextcloud.stop)
-        self.nextcloud.start()
-        self.config = writeConfig(
-            os.path.join(self.directory, "xcauth.conf"),
-            self.nextcloud.url,
+        self.nextcloud, self.config = startBackend(
+            self,
+            self.directory,
             type="ejabberd",
             deadline="15",
             timeout="10,15",

@@ -30,6 +30,7 @@ from tests.harness import (
     freePort,
     recvExactly,
     recvLine,
+    startBackend,
     waitFor,
     writeConfig,
 )
@@ -98,12 +99,7 @@ class MailTestCase(TestCase):
         # A short directory: a UNIX socket path is limited to 107 bytes.
         self.dir = tempfile.mkdtemp(prefix="xcauth-mail-")
         self.addCleanup(shutil.rmtree, self.dir, True)
-        self.nextcloud = FakeNextcloud(self.dir)
-        self.nextcloud.start()
-        self.addCleanup(self.nextcloud.stop)
-        self.config = writeConfig(
-            os.path.join(self.dir, "xcauth.conf"), self.nextcloud.url, deadline="2"
-        )
+        self.nextcloud, self.config = startBackend(self, self.dir, deadline="2")
         self.daemon = self.startDaemon()
 
     def startDaemon(self) -> Daemon:

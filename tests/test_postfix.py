@@ -12,7 +12,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.fakes import ManualAuthenticator, TableAuthenticator, connect
+from tests.fakes import ManualAuthenticator, ProtocolTestMixin, TableAuthenticator, connect
 from xcauth.framing.postfix import (
     FOUND,
     NOT_FOUND,
@@ -91,18 +91,8 @@ class ParseTests(SynchronousTestCase):
         self.assertIs(STDIO_FRAMINGS["postfix"], PostfixProtocol)
 
 
-class ProtocolTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.auth = ManualAuthenticator()
-        self.protocol, self.transport, self.clock = connect(PostfixProtocol, self.auth)
-
-    def send(self, data: bytes) -> None:
-        self.protocol.dataReceived(data)
-
-    def answers(self) -> bytes:
-        value: bytes = self.transport.value()
-        self.transport.clear()
-        return value
+class ProtocolTests(ProtocolTestMixin, SynchronousTestCase):
+    protocolClass = PostfixProtocol
 
     def test_protocolExample(self) -> None:
         self.send(b"get j%C3%B6rg@ex%C3%A4mple.org\n")

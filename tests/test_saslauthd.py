@@ -16,7 +16,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.fakes import ManualAuthenticator, TableAuthenticator, connect
+from tests.fakes import ManualAuthenticator, ProtocolTestMixin, TableAuthenticator, connect
 from xcauth.framing.registry import FRAMINGS, STDIO_FRAMINGS
 from xcauth.framing.saslauthd import (
     MAX_FIELD,
@@ -162,18 +162,8 @@ class RegistryTests(SynchronousTestCase):
         self.assertIs(STDIO_FRAMINGS["saslauthd"], SaslauthdProtocol)
 
 
-class ProtocolTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.auth = ManualAuthenticator()
-        self.protocol, self.transport, self.clock = connect(SaslauthdProtocol, self.auth)
-
-    def send(self, data: bytes) -> None:
-        self.protocol.dataReceived(data)
-
-    def answers(self) -> bytes:
-        value: bytes = self.transport.value()
-        self.transport.clear()
-        return value
+class ProtocolTests(ProtocolTestMixin, SynchronousTestCase):
+    protocolClass = SaslauthdProtocol
 
     def test_protocolExample(self) -> None:
         """

@@ -21,13 +21,12 @@ from twisted.trial import unittest
 from tests.harness import (
     SECRET,
     XCAUTH,
-    FakeNextcloud,
     childEnv,
     ejabberdFrame,
     recvAll,
     recvExactly,
     recvLine,
-    writeConfig,
+    startBackend,
 )
 from xcauth.token import makeToken
 
@@ -52,14 +51,9 @@ class StdioTestMixin:
     """
 
     def setUp(self) -> None:
-        directory = self.mktemp()
-        os.makedirs(directory)
-        self.nextcloud = FakeNextcloud(directory)
-        self.addCleanup(self.nextcloud.stop)
-        self.nextcloud.start()
-        self.config = writeConfig(
-            os.path.join(directory, "xcauth.conf"),
-            self.nextcloud.url,
+        self.nextcloud, self.config = startBackend(
+            self,
+            self.mktemp(),
             type="ejabberd",
             # Generous: a slow shared test machine must not turn answers into
             # deadline falses.

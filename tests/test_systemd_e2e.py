@@ -25,7 +25,6 @@ from twisted.trial import unittest
 from tests.harness import (
     SECRET,
     TWISTD,
-    FakeNextcloud,
     Process,
     childEnv,
     connect,
@@ -33,6 +32,7 @@ from tests.harness import (
     freePort,
     recvExactly,
     recvLine,
+    startBackend,
     waitFor,
     writeConfig,
 )
@@ -93,12 +93,9 @@ class SystemdSocketActivationTests(unittest.TestCase):
     def setUp(self) -> None:
         self.directory = os.path.abspath(self.mktemp())
         os.makedirs(self.directory)
-        self.nextcloud = FakeNextcloud(self.directory)
-        self.addCleanup(self.nextcloud.stop)
-        self.nextcloud.start()
-        self.config = writeConfig(
-            os.path.join(self.directory, "xcauth.conf"),
-            self.nextcloud.url,
+        self.nextcloud, self.config = startBackend(
+            self,
+            self.directory,
             type="generic",
             deadline="20",
             timeout="10,20",
