@@ -221,6 +221,9 @@ class Daemon(Process):
 
     def start(self) -> None:
         super().start()
+        # Ready once the reactor runs (its signal handlers are installed): a
+        # SIGTERM before that would kill the daemon without its clean stop.
+        waitFor(lambda: "xcauth ready:" in self.output(), "xcauth ready", process=self.process)
         for address in self.waitOn:
             waitFor(lambda a=address: canConnect(a), f"xcauth listening on {address}",
                     process=self.process)

@@ -215,6 +215,9 @@ class XcauthService(MultiService):
         for svc in self.listeners:
             log.info("listening: {listener}", listener=svc.name)
         tuneGarbageCollector()
+        self.backend.reactor.callWhenRunning(
+            log.info, "xcauth ready: serving {count} listeners", count=len(self.listeners)
+        )
 
     def _giveSocketsToGroups(self) -> None:
         """
