@@ -68,6 +68,9 @@ class StateDaemonTests(TestCase):
             cache_storage="db",
             cache_bcrypt_rounds=rounds,
             max_in_flight="512",
+            # Generous: bcrypt at cost 13 on a loaded machine must not turn
+            # answers into deadline falses.
+            deadline="60",
         )
         daemon = Daemon(
             os.path.join(self.dir, f"daemon{self.daemons}"),
