@@ -229,6 +229,49 @@ class ProsodyStdioTests(StdioTestMixin, unittest.TestCase):
         self.assertCleanLogs(result.stderr)
 
 
+class LogFileTests(StdioTestMixin, unittest.TestCase):
+    """
+    C{--log}: where the command logs (a server that spawns it may not keep its
+    standard error).
+    """
+
+    def test_logFile(self) -> None:
+        path = os.path.abspath(self.mktemp())
+        result = self.runXcauth(
+            ["-t", "prosody", "--log", path], b"auth:alice:example.org:pa:ss w\nquit\n"
+        )
+        self.assertEqual((result.returncode, result.stdout), (0, b"1\n"), result.stderr)
+        self.assertEqual(result.stderr, b"")
+        with open(path, "rb") as f:
+            self.assertCleanLogs(f.read())
+
+    def test_logDirectory(self) -> None:
+        """
+        A directory (what older versions took) gets C{xcauth.log} in it.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        result = self.runXcauth(
+            ["-t", "prosody", "-l", directory], b"auth:alice:example.org:pa:ss w\n"
+        )
+        self.assertEqual((result.returncode, result.stdout), (0, b"1\n"), result.stderr)
+        with open(os.path.join(directory, "xcauth.log"), "rb") as f:
+            self.assertCleanLogs(f.read())
+
+    def test_unwritableLogFallsBackToStderr(self) -> None:
+        """
+        A log that cannot be opened is said on standard error, which then gets
+        the log; the answers are unaffected.
+        """
+        result = self.runXcauth(
+            ["-t", "prosody", "--log", "/nonexistent/dir/x.log"],
+            b"auth:alice:example.org:pa:ss w\n",
+        )
+        self.assertEqual((result.returncode, result.stdout), (0, b"1\n"), result.stderr)
+        self.assertIn(b"cannot open log file /nonexistent/dir/x.log", result.stderr)
+        self.assertCleanLogs(result.stderr)
+
+
 class AcceptedSocketTests(StdioTestMixin, unittest.TestCase):
     """
     inetd, or systemd with C{Accept=yes} and C{StandardInput=socket}: stdin and

@@ -15,8 +15,9 @@ The C{xcauth} command.
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Any
+from typing import IO, Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import (
@@ -38,7 +39,9 @@ class Options(ConfigOptions):
 
     synopsis = (
         "[-c FILE] [-A USER DOMAIN PASSWORD | -I USER DOMAIN | -R USER DOMAIN]\n"
-        "Without -A/-I/-R: serve the configured framing on stdin/stdout."
+        "Without -A/-I/-R: serve the configured framing on stdin/stdout.\n"
+        "Administration: xcauth [-c FILE | --db PATH] domains|cache ... "
+        "(xcauth domains --help)"
     )
     optFlags = ConfigOptions.optFlags + [
         ["auth-test", "A", "Check USER DOMAIN PASSWORD once and print True/False."],
@@ -68,11 +71,29 @@ class Options(ConfigOptions):
         super().postOptions()
 
 
-def _startLogging(debug: bool) -> None:
+def _openLog(path: str | None) -> IO[str]:
+    """
+    The stream to log to: C{path} (a file, or a directory for C{xcauth.log} in
+    it), or standard error when none is given or it cannot be opened (a
+    program spawned by ejabberd must answer even if its log is misconfigured).
+    """
+    if path is None:
+        return sys.stderr
+    if os.path.isdir(path):
+        path = os.path.join(path, "xcauth.log")
+    try:
+        return open(path, "a", encoding="utf-8", buffering=1)
+    except OSError as e:
+        print(f"xcauth: cannot open log file {path}: {e.strerror}; logging to "
+              "standard error", file=sys.stderr)
+        return sys.stderr
+
+
+def _startLogging(debug: bool, path: str | None) -> None:
     level = LogLevel.debug if debug else LogLevel.info
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
     globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])],
+        [FilteringLogObserver(textFileLogObserver(_openLog(path)), [predicate])],
         redirectStandardIO=False,
     )
 
@@ -140,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"xcauth: {e}", file=sys.stderr)
         print("Run 'xcauth --help' for the options.", file=sys.stderr)
         raise SystemExit(2) from None
-    _startLogging(options.config.debug)
+    _startLogging(options.config.debug, options.config.log)
     from twisted.internet import reactor
     from twisted.internet.task import react
 

@@ -47,7 +47,6 @@ IGNORED_KEYS = frozenset(
     {
         "cache-db",
         "ejabberdctl",
-        "log",
         "shared-roster-db",
         "per-domain-config",
     }
@@ -172,6 +171,7 @@ class Config:
     debug: bool
     listen: list[str]
     configFile: str | None
+    log: str | None = None
     db: str = "/var/lib/xcauth/xcauth.sqlite3"
     cacheStorage: str = "none"
     cacheQueryTTL: float = 3600.0
@@ -187,6 +187,14 @@ class ConfigOptions(usage.Options):
 
     optFlags = [["debug", "d", "Log every request's details at debug level."]]
     optParameters = [
+        [
+            "log",
+            "l",
+            None,
+            "Log file of the xcauth command (stdin/stdout and one-shot modes), or a "
+            "directory to log to xcauth.log in; default: standard error. The "
+            "daemon logs where twistd's --logfile says.",
+        ],
         [
             "config-file",
             "c",
@@ -399,6 +407,7 @@ class ConfigOptions(usage.Options):
             debug=bool(self["debug"]),
             listen=list(self["listen"] or self.fileListen),
             configFile=self["config-file"],
+            log=self["log"],
             db=db,
             cacheStorage=self["cache-storage"],
             cacheQueryTTL=parseTTL("cache-query-ttl", self["cache-query-ttl"]),
