@@ -273,7 +273,8 @@ class StartupErrorTests(TestCase):
                            timeout=60, env=childEnv())
         self.assertEqual(p.returncode, 0)
         for option in ("--config-file", "--type", "--url", "--secret", "--timeout", "--debug",
-                       "--listen", "--deadline", "--max-in-flight"):
+                       "--listen", "--deadline", "--max-in-flight", "--systemd-sockets",
+                       "--log", "--db", "--cache-storage"):
             self.assertIn(option, p.stdout)
 
 

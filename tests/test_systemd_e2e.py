@@ -234,6 +234,66 @@ class SystemdSocketActivationTests(unittest.TestCase):
             self.assertEqual(recvLine(s), b"1")
 
 
+class AllSystemdSocketsTests(SystemdSocketActivationTests):
+    """
+    C{--systemd-sockets}: every socket systemd passes is served, in the framing
+    its name says, with no C{--listen} at all (so socket units can be enabled
+    one by one).
+    """
+
+    def test_everySocketServed(self) -> None:
+        ejabberd = ("127.0.0.1", freePort())
+        postfix = ("127.0.0.1", freePort())
+        saslauthd = os.path.join(self.sockDir, "mux")
+        prosody = os.path.join(self.sockDir, "prosody.sock")
+        p = self.activate(
+            [
+                (f"{ejabberd[0]}:{ejabberd[1]}", "ejabberd"),
+                (f"{postfix[0]}:{postfix[1]}", "postfix"),
+                (saslauthd, "saslauthd-unix"),
+                (prosody, "prosody-unix"),
+            ],
+            [],
+            "--systemd-sockets",
+        )
+        with connect(ejabberd, TIMEOUT) as s:
+            s.sendall(ejabberdFrame("auth:alice:example.org:pa:ss w"))
+            self.assertEqual(recvExactly(s, 4), TRUE)
+        with connect(postfix, TIMEOUT) as s:
+            s.sendall(b"get alice@example.org\nget nobody@example.org\n")
+            self.assertEqual(recvLine(s), b"200 OK")
+            self.assertEqual(recvLine(s), b"500 No such user")
+        with connect(saslauthd, TIMEOUT) as s:
+            fields = [b"alice@example.org", b"pa:ss w", b"smtp", b""]
+            s.sendall(b"".join(len(f).to_bytes(2, "big") + f for f in fields))
+            length = int.from_bytes(recvExactly(s, 2), "big")
+            self.assertEqual(recvExactly(s, length), b"OK success")
+        with connect(prosody, TIMEOUT) as s:
+            s.sendall(b"isuser:admin:example.org\n")
+            self.assertEqual(recvLine(s), b"1")
+        log = p.daemonOutput()
+        for framing in ("ejabberd", "postfix", "saslauthd", "prosody"):
+            self.assertIn(f"listening: {framing}=systemd:", log)
+        self.assertNotIn("pa:ss w", log)
+
+    def test_nameWithoutFraming(self) -> None:
+        """
+        A socket whose name selects no framing stops the start with a message
+        naming it.
+        """
+        address = ("127.0.0.1", freePort())
+        p = self.activate([(f"{address[0]}:{address[1]}", "xmpp")], [], "--systemd-sockets")
+        try:
+            with connect(address, TIMEOUT) as s:
+                s.sendall(b"isuser:admin:example.org\n")
+                s.recv(10)
+        except OSError:
+            pass
+        assert p.process is not None
+        self.assertNotEqual(p.process.wait(TIMEOUT), 0)
+        self.assertIn("socket name 'xmpp' names no framing", p.output())
+
+
 class StartupErrorTests(unittest.TestCase):
     """
     A systemd endpoint whose descriptor was not passed stops the daemon at start

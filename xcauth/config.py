@@ -185,7 +185,9 @@ class ConfigOptions(usage.Options):
     The options every xcauth entry point shares, merged with the config file.
     """
 
-    optFlags = [["debug", "d", "Log every request's details at debug level."]]
+    optFlags: list[list[str | None]] = [
+        ["debug", "d", "Log every request's details at debug level."]
+    ]
     optParameters = [
         [
             "log",

@@ -4,6 +4,8 @@ The C{twistd xcauth} plugin: options and C{makeService}.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from twisted.application.service import IService
 from twisted.python import usage
 
@@ -162,6 +164,69 @@ def checkEndpoint(description: str) -> None:
         raise ConfigError(f"listen {description!r} is not a valid endpoint: {e}") from None
 
 
+def systemdSockets(environ: Mapping[str, str] | None = None) -> list[str]:
+    """
+    One C{systemd:domain=...:name=...} endpoint per socket systemd passed to this
+    process, each named after the framing it serves.
+
+    @raise ConfigError: no sockets were passed, one has no name (or shares it
+        with another), or a name selects no framing.
+    """
+    from twisted.python.systemd import ListenFDs
+
+    if environ is None:
+        # Twisted's systemd endpoint read (and removed) LISTEN_PID and
+        # LISTEN_FDS from the environment when it was imported: ask it.
+        from twisted.internet import endpoints as twistedEndpoints
+
+        parser = getattr(twistedEndpoints, "_SystemdParser", None)
+        fds = getattr(parser, "_sddaemon", None) or ListenFDs.fromEnvironment()
+    else:
+        fds = ListenFDs.fromEnvironment(environ=environ)
+    descriptors = fds.inheritedDescriptors()
+    if not descriptors:
+        raise ConfigError(
+            "--systemd-sockets: systemd passed no sockets (LISTEN_FDS); enable a "
+            "socket unit such as xcauth-ejabberd.socket"
+        )
+    names = {fd: name for name, fd in fds.inheritedNamedDescriptors().items()}
+    endpoints = []
+    for fd in descriptors:
+        name = names.get(fd)
+        if not name:
+            raise ConfigError(
+                f"--systemd-sockets: socket {fd} has no FileDescriptorName= of its "
+                "own; give each socket unit a unique name that starts with its framing"
+            )
+        family = _family(fd)
+        if family is None:
+            raise ConfigError(f"--systemd-sockets: socket {name!r} is not a TCP or UNIX socket")
+        endpoint = f"systemd:domain={family}:name={name}"
+        if framingFromSystemdName(endpoint) is None:
+            raise ConfigError(
+                f"--systemd-sockets: socket name {name!r} names no framing; use "
+                + ", ".join(framingNames())
+                + ", optionally followed by -SOMETHING"
+            )
+        endpoints.append(endpoint)
+    return endpoints
+
+
+def _family(fd: int) -> str | None:
+    import socket
+
+    s = socket.socket(fileno=fd)
+    try:
+        family, kind = s.family, s.type
+    finally:
+        s.detach()
+    if kind != socket.SOCK_STREAM:
+        return None
+    return {socket.AF_INET: "INET", socket.AF_INET6: "INET6", socket.AF_UNIX: "UNIX"}.get(
+        family
+    )
+
+
 class Options(ConfigOptions):
     """
     Options of C{twistd xcauth}.
@@ -176,6 +241,16 @@ class Options(ConfigOptions):
     )
 
     listeners: list[tuple[str, str]]
+
+    optFlags = ConfigOptions.optFlags + [
+        [
+            "systemd-sockets",
+            None,
+            "Serve every socket systemd passes (LISTEN_FDS), each in the framing "
+            "its FileDescriptorName= names (ejabberd, ejabberd-v6, postfix, "
+            "saslauthd-unix, ...): enable only the socket units you want.",
+        ],
+    ]
 
     def opt_listen(self, entry: str) -> None:
         """
@@ -200,14 +275,17 @@ class Options(ConfigOptions):
     def _checkOptions(self) -> None:
         super().postOptions()
         config = self.config
-        if not config.listen:
-            raise usage.UsageError(
-                "nothing to listen on: give --listen [FRAMING=]ENDPOINT, e.g. "
-                "--listen tcp:23664:interface=127.0.0.1, or listen=... in the "
-                "config file"
-            )
         try:
-            self.listeners = [splitListen(e, config.type) for e in config.listen]
+            entries = list(config.listen)
+            if self["systemd-sockets"]:
+                entries += systemdSockets()
+            if not entries:
+                raise ConfigError(
+                    "nothing to listen on: give --listen [FRAMING=]ENDPOINT, e.g. "
+                    "--listen tcp:23664:interface=127.0.0.1, or listen=... in the "
+                    "config file"
+                )
+            self.listeners = [splitListen(e, config.type) for e in entries]
             for _, endpoint in self.listeners:
                 bare, group = splitUnixGroup(endpoint)
                 if group is not None:
