@@ -29,6 +29,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 
 from tests.harness import freePort
@@ -156,6 +157,9 @@ class ProsodyInstance:
         self.pidPath = os.path.join(self.tmpdir, "prosody.pid")
         self.logPath = os.path.join(self.tmpdir, "prosody.log")
         self.consolePath = os.path.join(self.tmpdir, "console.log")
+        # The admin shell's UNIX socket: a short path (about 100 bytes at most).
+        self.adminDir = tempfile.mkdtemp(prefix="xcauth-prosody-")
+        self.adminSocket = os.path.join(self.adminDir, "admin.sock")
         self.process = None
 
     # -- configuration ---------------------------------------------------
@@ -185,13 +189,14 @@ class ProsodyInstance:
         add("component_ports = {}")
         add("http_ports = {}")
         add("https_ports = {}")
-        add('modules_enabled = { "roster", "saslauth", "disco", "ping" }')
+        add('modules_enabled = { "roster", "saslauth", "disco", "ping", "admin_shell" }')
         # s2s is autoloaded by Prosody; offline needs storage we do not care about.
         add('modules_disabled = { "s2s", "s2s_auth_certs", "offline" }')
         add('storage = "internal"')
         add("c2s_require_encryption = false")
         add("allow_unencrypted_plain_auth = true")
         add('authentication = "xcauth"')
+        add(f"admin_socket = {_lua(self.adminSocket)}")
         add(f"xcauth_socket = {_lua(self.xcauthSocket)}")
         add(f"xcauth_timeout = {_lua(self.timeout)}")
         if self.connections is not None:
@@ -279,6 +284,7 @@ class ProsodyInstance:
         """Stop Prosody (SIGTERM, then SIGKILL); returns its exit status or None."""
         p = self.process
         _running.discard(self)
+        shutil.rmtree(self.adminDir, ignore_errors=True)
         if p is None:
             return None
         self.process = None

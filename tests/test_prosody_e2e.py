@@ -337,6 +337,19 @@ class ProsodyTCPTests(_ProsodyE2EBase):
             f" the slow login took {slowTotal:.2f}s"
         )
 
+    def test_userListing(self) -> None:
+        """
+        Users live in Nextcloud and cannot be listed: Prosody's admin shell
+        shows an empty list instead of failing.
+        """
+        r = subprocess.run(
+            ["prosodyctl", "--config", self.prosody.configPath, "shell", "user", "list", HOST],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn("Showing all 0 users", r.stdout)
+        self.assertNotIn("attempt to call", r.stdout + r.stderr)
+
     def test_restart(self) -> None:
         """
         Logins work again after the daemon restarts on the same port.
