@@ -33,6 +33,59 @@ class ConfigFileTests(SynchronousTestCase):
              ("secret", "a=b#c", 8)],
         )
 
+    def test_configargparseGrammar(self) -> None:
+        """
+        Files written for older versions (read with configargparse) parse the
+        same way: ":" or white space as separator, comments after white space,
+        section headers and ";" lines skipped, lists for repeatable keys.
+        """
+        path = self.write(
+            "[xcauth]\n; a comment\n---\ntype: ejabberd\nurl https://x/y\n"
+            "secret=abc#def ; the secret\ndebug = true\n"
+            "listen=[tcp:1, prosody=tcp:2]\n"
+        )
+        self.assertEqual(
+            readConfigFile(path),
+            [("type", "ejabberd", 4), ("url", "https://x/y", 5), ("secret", "abc#def", 6),
+             ("debug", "true", 7), ("listen", "tcp:1", 8), ("listen", "prosody=tcp:2", 8)],
+        )
+
+    def test_unparsableLine(self) -> None:
+        path = self.write("url=https://x/y\n=value\n")
+        with self.assertRaises(ConfigError) as e:
+            readConfigFile(path)
+        self.assertIn("line 2", str(e.exception))
+
+    def test_legacyFile(self) -> None:
+        """
+        A configuration of an older installation starts, with warnings for the
+        keys this version does not act on.
+        """
+        import contextlib
+        import io
+
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            options = self.parse(
+                "type=ejabberd\nurl=https://cloud.example.org/x\nsecret=s\n"
+                "log=/var/log/xcauth\ndebug\ninteractive\ndomain-db=/var/lib/xcauth/domains\n"
+                "cache-db=/var/cache/xcauth\ncache-bcrypt-rounds=12\ntimeout=5\n"
+                "ejabberdctl=/usr/sbin/ejabberdctl\nshared-roster-db=/var/lib/xcauth/sr\n"
+                "update-roster\nper-domain-config=/etc/xcauth.domlist\n"
+                "domains-db=/var/lib/xcauth\nlisten=tcp:1\n",
+            )
+        config = options.config
+        self.assertEqual(config.bcryptRounds, (12, 12))
+        self.assertEqual(config.log, "/var/log/xcauth")
+        self.assertTrue(config.debug)
+        for key in ("interactive", "domain-db", "cache-db", "ejabberdctl", "shared-roster-db",
+                    "update-roster", "per-domain-config", "domains-db"):
+            self.assertIn(f"option {key!r} is not supported", stderr.getvalue())
+
+    def test_debugFalse(self) -> None:
+        config = self.parse("url=http://f/x\nsecret=s\nlisten=tcp:1\ndebug=false\n").config
+        self.assertFalse(config.debug)
+
     def test_missingFile(self) -> None:
         with self.assertRaises(ConfigError) as e:
             readConfigFile("/nonexistent/xcauth.conf")

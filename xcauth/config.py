@@ -8,6 +8,7 @@ file; a C{listen} on the command line replaces those of the file.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -47,6 +48,10 @@ IGNORED_KEYS = frozenset(
     {
         "cache-db",
         "ejabberdctl",
+        "domain-db",
+        "domains-db",
+        "interactive",
+        "update-roster",
         "shared-roster-db",
         "per-domain-config",
     }
@@ -65,10 +70,21 @@ class ConfigError(Exception):
     """
 
 
+# The grammar of the configargparse files older versions read: a key, then
+# "=", ":" or white space, then the value; a bare key is a flag; a "#" or ";"
+# after white space starts a comment; lines starting with "#", ";", "[" or
+# "---" are skipped.
+_KEY = r"(?P<key>[^:=;#\s]+?)"
+_COMMENT = r"\s*(?P<comment>\s[;#].*)?"
+_KEY_ONLY = re.compile("^" + _KEY + _COMMENT + "$")
+_KEY_VALUE = re.compile("^" + _KEY + r"\s*[:=\s]\s*(?P<value>.+?)" + _COMMENT + "$")
+
+
 def readConfigFile(path: str) -> list[tuple[str, str | None, int]]:
     """
     Read C{key=value} entries from C{path} as C{(key, value, lineNumber)};
-    a bare key (a flag) has the value C{None}.
+    a bare key (a flag) has the value C{None}.  A value C{[a, b]} of a
+    repeatable key gives one entry per element.
     """
     try:
         with open(path, encoding="utf-8") as f:
@@ -80,13 +96,23 @@ def readConfigFile(path: str) -> list[tuple[str, str | None, int]]:
     entries: list[tuple[str, str | None, int]] = []
     for number, raw in enumerate(lines, 1):
         line = raw.strip()
-        if not line or line.startswith("#"):
+        if not line or line[0] in "#;[" or line.startswith("---"):
             continue
-        if "=" in line:
-            key, value = line.split("=", 1)
-            entries.append((key.strip().lstrip("-"), value.strip(), number))
+        keyOnly = _KEY_ONLY.match(line)
+        if keyOnly:
+            entries.append((keyOnly.group("key").lstrip("-"), None, number))
+            continue
+        keyValue = _KEY_VALUE.match(line)
+        if keyValue is None:
+            raise ConfigError(
+                f"{path} line {number}: not a 'key=value' line"
+            )
+        key = keyValue.group("key").lstrip("-")
+        value = keyValue.group("value")
+        if key in REPEATABLE_KEYS and value.startswith("[") and value.endswith("]"):
+            entries.extend((key, v.strip(), number) for v in value[1:-1].split(",") if v.strip())
         else:
-            entries.append((line.lstrip("-"), None, number))
+            entries.append((key, value, number))
     return entries
 
 
