@@ -9,10 +9,13 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from zope.interface import implementer
 
 from xcauth.framing.base import ServerContext, XcauthFactory
+from xcauth.interfaces import IAuthenticator
 
 
+@implementer(IAuthenticator)
 class ManualAuthenticator:
     """
     Every call returns a new L{Deferred} that the test fires by hand; C{calls}
@@ -28,7 +31,9 @@ class ManualAuthenticator:
         self.calls.append((operation, args, d))
         return d
 
-    def authenticate(self, user: str, domain: str, password: str) -> Deferred[bool]:
+    def authenticate(
+        self, user: str, domain: str, password: str, peer: str | None = None
+    ) -> Deferred[bool | None]:
         return self._call("auth", user, domain, password)
 
     def isUser(self, user: str, domain: str) -> Deferred[bool | None]:
@@ -38,6 +43,7 @@ class ManualAuthenticator:
         return self._call("roster", user, domain)
 
 
+@implementer(IAuthenticator)
 class TableAuthenticator:
     """
     Answers at once from a table of users and passwords; C{None} for domains
@@ -48,10 +54,12 @@ class TableAuthenticator:
         self.users = users
         self.calls: list[tuple[str, ...]] = []
 
-    def authenticate(self, user: str, domain: str, password: str) -> Deferred[bool]:
+    def authenticate(
+        self, user: str, domain: str, password: str, peer: str | None = None
+    ) -> Deferred[bool | None]:
         self.calls.append(("auth", user, domain))
         if domain == "down.example":
-            return succeed(False)
+            return succeed(None)
         return succeed(self.users.get(f"{user}@{domain}") == password)
 
     def isUser(self, user: str, domain: str) -> Deferred[bool | None]:

@@ -302,7 +302,7 @@ class OneShotTests(TestCase):
         self.assertEqual((code, out), (2, "None\n"))
         self.assertIn("unavailable", err)
         code, out, err = self.xcauth("-A", "alice", "example.org", "pa:ss w")
-        self.assertEqual((code, out), (1, "False\n"))
+        self.assertEqual((code, out), (2, "None\n"))
         self.assertNotIn("pa:ss w", err)
 
     def test_usageError(self) -> None:

@@ -8,7 +8,7 @@ Nextcloud backend configured for the domain, with an optional credential cache
 one password share one piece of work (one backend request, one bcrypt hash).
 Its contract is all the framings know about::
 
-    authenticate(user, domain, password) -> Deferred[bool]
+    authenticate(user, domain, password) -> Deferred[bool | None]  # None: unavailable
     isUser(user, domain) -> Deferred[bool | None]     # None: backend unavailable
     roster(user, domain) -> Deferred[bytes | None]
 """
@@ -26,8 +26,10 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from xcauth.nextcloud import NextcloudClient, Outcome
+from xcauth.interfaces import IAuthenticator, Outcome
+from xcauth.nextcloud import NextcloudClient
 from xcauth.token import verifyToken
 
 if TYPE_CHECKING:
@@ -54,6 +56,7 @@ class DomainSettings:
     client: NextcloudClient
 
 
+@implementer(IAuthenticator)
 class Authenticator:
     """
     Tokens first, then the credential cache and the backend.
@@ -98,15 +101,17 @@ class Authenticator:
         settings = self._settingsFor(domain)
         return verifyToken(password, user, domain, settings.secrets, self._clock.seconds())
 
-    def authenticate(self, user: str, domain: str, password: str) -> Deferred[bool]:
+    def authenticate(
+        self, user: str, domain: str, password: str, peer: str | None = None
+    ) -> Deferred[bool | None]:
         """
         Whether C{password} (or a token) is right for C{user@domain}.  A backend
-        that is unavailable gives C{False}, unless the cache vouches for the
+        that is unavailable gives C{None}, unless the cache vouches for the
         password.
         """
         return self._whenReady(self._authenticate, user, domain, password)
 
-    def _authenticate(self, user: str, domain: str, password: str) -> Deferred[bool]:
+    def _authenticate(self, user: str, domain: str, password: str) -> Deferred[bool | None]:
         settings = self._settingsFor(domain)
         if verifyToken(password, user, domain, settings.secrets, self._clock.seconds()):
             if self._debug:
@@ -122,11 +127,11 @@ class Authenticator:
 
     def _checkPassword(
         self, settings: DomainSettings, user: str, domain: str, password: str
-    ) -> Deferred[bool]:
+    ) -> Deferred[bool | None]:
         if self.cache is None:
             return settings.client.auth(
                 user, settings.authDomain or domain, password
-            ).addCallback(_isYes)
+            ).addCallback(_toOptionalBool)
 
         def askBackend() -> Deferred[Outcome]:
             return settings.client.auth(user, settings.authDomain or domain, password)
@@ -259,10 +264,6 @@ class _Forget:
 
     def __call__(self) -> None:
         self.table.pop(self.key, None)
-
-
-def _isYes(outcome: Outcome) -> bool:
-    return outcome is Outcome.YES
 
 
 def _toOptionalBool(outcome: Outcome) -> bool | None:

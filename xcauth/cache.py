@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from xcauth import store
-from xcauth.nextcloud import Outcome
+from xcauth.interfaces import Outcome
 
 log = Logger()
 
@@ -230,17 +230,18 @@ class CredentialCache:
 
     def authenticate(
         self, jid: str, password: str, askBackend: Callable[[], Deferred[Outcome]]
-    ) -> Deferred[bool]:
+    ) -> Deferred[bool | None]:
         """
         Decide a login: a fresh cache entry, else the backend (which refreshes
         or evicts the entry), else, if the backend is unavailable, an entry
-        verified within the unreachable TTL.
+        verified within the unreachable TTL.  C{None}: the backend is
+        unavailable and the cache does not vouch for the password.
         """
         return ensureDeferred(self._authenticate(jid, password, askBackend))
 
     async def _authenticate(
         self, jid: str, password: str, askBackend: Callable[[], Deferred[Outcome]]
-    ) -> bool:
+    ) -> bool | None:
         entry = await self._lookup(jid)
         matched: bool | None = None
         if entry is not None and self._fresh(entry, self._clock.seconds()):
@@ -261,7 +262,7 @@ class CredentialCache:
                 self.evict(jid)
             return False
         if entry is None or now - entry.remoteAuth >= self.policy.unreachableTTL:
-            return False
+            return None
         if matched is None:
             matched = await self._matches(entry, password)
         if matched:
@@ -269,7 +270,7 @@ class CredentialCache:
                 "backend unavailable: {jid} accepted from the cache", jid=jid
             )
             self._background(self.storage.touch(jid, self._clock.seconds(), False))
-        return bool(matched)
+        return True if matched else None
 
     async def _lookup(self, jid: str) -> CacheEntry | None:
         """

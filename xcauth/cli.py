@@ -2,7 +2,8 @@
 The C{xcauth} command.
 
 - C{xcauth -c FILE -A USER DOMAIN PASSWORD}: check a password once; prints
-  C{True}/C{False}, exit status 0/1 (2 on error).
+  C{True}/C{False}, or C{None} when the backend is unavailable; exit status
+  0/1/2.
 - C{xcauth -c FILE -I USER DOMAIN}: does the user exist; prints C{True}/C{False},
   or C{None} when the backend is unavailable; exit status 0/1/2.
 - C{xcauth -c FILE -R USER DOMAIN}: print the shared roster JSON.

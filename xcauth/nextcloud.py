@@ -10,7 +10,6 @@ unavailable, which callers distinguish from a "no" (see L{Outcome}).
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import hmac
 import json
@@ -30,6 +29,7 @@ from zope.interface import implementer
 
 from xcauth.deadlines import Deadlines
 from xcauth.httpclient import AnswerTooLarge, HTTPClientPool
+from xcauth.interfaces import BackendUnavailable, Outcome
 
 log = Logger()
 
@@ -42,16 +42,6 @@ _USER_AGENT = [b"xcauth"]
 _FIXED_HEADERS = (
     b"Content-Type: " + _CONTENT_TYPE[0] + b"\r\nUser-Agent: " + _USER_AGENT[0] + b"\r\n"
 )
-
-
-class Outcome(enum.Enum):
-    """
-    What the backend said, as far as authentication cares.
-    """
-
-    YES = "yes"
-    NO = "no"
-    UNAVAILABLE = "unavailable"
 
 
 def encodeBody(fields: list[tuple[str, str]]) -> bytes:
@@ -114,12 +104,6 @@ class _BytesProducer:
 
     def stopProducing(self) -> None:
         pass
-
-
-class BackendUnavailable(Exception):
-    """
-    The backend gave no usable answer; C{str()} says why, without secrets.
-    """
 
 
 class NextcloudClient:

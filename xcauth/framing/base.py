@@ -18,8 +18,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from xcauth.auth import Authenticator
 from xcauth.deadlines import Deadlines
+from xcauth.interfaces import IAuthenticator
 
 log = Logger()
 
@@ -39,7 +39,7 @@ class ServerContext:
     @ivar debug: log every request's details at debug level too.
     """
 
-    authenticator: Authenticator
+    authenticator: IAuthenticator
     clock: IReactorTime
     deadline: float = 4.0
     maxInFlight: int = 64

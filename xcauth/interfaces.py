@@ -1,0 +1,155 @@
+"""
+The contracts between xcauth's parts, in a module that imports no other part.
+
+ - L{IAuthenticator}: what every framing asks (the shared authenticator).
+ - L{IBackendClient}: what the authenticator asks a Nextcloud backend (the JSXC
+   app's signed API or a stock Nextcloud's OCS API), answered as an L{Outcome}.
+ - L{IWorker}: runs blocking functions (bcrypt, SQLite) off the reactor thread.
+ - L{ICacheStorage}: where the credential cache keeps its entries.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import attr
+from zope.interface import Attribute, Interface
+
+
+class Outcome(enum.Enum):
+    """
+    What a backend said, as far as authentication cares.
+    """
+
+    YES = "yes"
+    NO = "no"
+    UNAVAILABLE = "unavailable"
+
+
+class BackendUnavailable(Exception):
+    """
+    The backend gave no usable answer; C{str()} says why, without secrets.
+    """
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class RosterEntry:
+    """
+    One user of a shared roster: display name and the groups shared with the
+    user whose roster it is.
+    """
+
+    name: str
+    groups: tuple[str, ...]
+
+
+class IAuthenticator(Interface):
+    """
+    The shared authenticator every framing uses.  Answers are C{True},
+    C{False}, or C{None} when the backend is unavailable and nothing local
+    (a token, the credential cache) decides.
+    """
+
+    def authenticate(
+        user: str, domain: str, password: str, peer: str | None = None
+    ) -> Any:
+        """
+        Whether C{password} (or a time-limited token) is right for
+        C{user@domain}.
+
+        @param peer: the address of the client the user logs in from, where the
+            framing knows it (Dovecot's C{rip=}), for per-client penalties.
+        @return: L{Deferred} firing with C{True}, C{False} or C{None}.
+        """
+
+    def isUser(user: str, domain: str) -> Any:
+        """
+        Whether C{user@domain} exists.
+
+        @return: L{Deferred} firing with C{True}, C{False} or C{None}.
+        """
+
+    def roster(user: str, domain: str) -> Any:
+        """
+        The shared roster of C{user@domain} as one line of JSON in the JSXC
+        answer's shape (C{{"result":"success","data":{"sharedRoster":...}}}).
+
+        @return: L{Deferred} firing with the bytes, or C{None}.
+        """
+
+
+class IBackendClient(Interface):
+    """
+    One Nextcloud backend (one URL and its credentials).
+    """
+
+    url = Attribute("The backend's URL, for log lines (never with credentials).")
+
+    def auth(user: str, domain: str, password: str) -> Any:
+        """
+        Check a password.
+
+        @return: L{Deferred} firing with an L{Outcome}: C{NO} only when the
+            backend said the password is wrong.
+        """
+
+    def isUser(user: str, domain: str) -> Any:
+        """
+        Whether the user exists.
+
+        @return: L{Deferred} firing with an L{Outcome}.
+        """
+
+    def sharedRoster(user: str, domain: str) -> Any:
+        """
+        The users who share a group with C{user}, by user name.
+
+        @return: L{Deferred} firing with a C{dict[str, RosterEntry]}, or failing
+            with L{BackendUnavailable}.
+        """
+
+
+class IWorker(Interface):
+    """
+    Runs blocking functions off the reactor thread.
+    """
+
+    def run(f: Any, *args: Any) -> Any:
+        """
+        Call C{f(*args)} in a worker thread.
+
+        @return: L{Deferred} with its result.
+        """
+
+
+class ICacheStorage(Interface):
+    """
+    Where the credential cache keeps one entry per JID.
+    """
+
+    def get(jid: str) -> Any:
+        """
+        @return: L{Deferred} firing with the entry of C{jid}, or C{None}.
+        """
+
+    def put(jid: str, pwhash: bytes, now: float) -> Any:
+        """
+        Store a verified hash, keeping the first-success time.
+
+        @return: L{Deferred} firing with C{None} once written.
+        """
+
+    def touch(jid: str, now: float, verified: bool) -> Any:
+        """
+        Record a successful query (and a backend verification if C{verified}).
+
+        @return: L{Deferred} firing with C{None} once written.
+        """
+
+    def delete(jid: str) -> Any:
+        """
+        Forget C{jid}.
+
+        @return: L{Deferred} firing with C{None} once written.
+        """
