@@ -34,12 +34,10 @@ from typing import Any
 import attr
 
 from bench import loadgen, procstat
+from xcauth.testing import processes as harness
+from xcauth.token import makeToken
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from tests import harness  # noqa: E402
-from xcauth.token import makeToken  # noqa: E402
+REPO = harness.REPO
 
 HOST = "127.0.0.1"
 SECRET = "bench-secret-0123456789"

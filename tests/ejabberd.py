@@ -51,7 +51,7 @@ import signal
 import subprocess
 import time
 
-from tests.harness import freePort
+from xcauth.testing.processes import freePort
 
 EJABBERDCTL = "/usr/sbin/ejabberdctl"
 DEFAULT_ERL = "/usr/bin/erl"

@@ -119,3 +119,14 @@ class ProtocolTestMixin:
         value: bytes = self.transport.value()
         self.transport.clear()
         return value
+
+
+def jsxc(agent: Any, url: str, secret: bytes, clock: Any, timeout: float = 10.0) -> Any:
+    """
+    A JSXC client sending through C{agent} (treq's testing agent, or a wrapper
+    of it), with the production request handling around it.
+    """
+    from xcauth.http import HTTPRequester
+    from xcauth.jsxc import JSXCClient
+
+    return JSXCClient(HTTPRequester(agent, clock, timeout), url, secret)

@@ -32,7 +32,7 @@ import subprocess
 import tempfile
 import time
 
-from tests.harness import freePort
+from xcauth.testing.processes import freePort
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN_DIR = os.path.join(REPO, "prosody")

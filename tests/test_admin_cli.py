@@ -14,7 +14,9 @@ import time
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.harness import (
+from xcauth import store
+from xcauth.config import ConfigError, ConfigOptions, parseRounds, parseTTL
+from xcauth.testing.processes import (
     XCAUTH,
     Daemon,
     FakeNextcloud,
@@ -25,8 +27,6 @@ from tests.harness import (
     waitFor,
     writeConfig,
 )
-from xcauth import store
-from xcauth.config import ConfigError, ConfigOptions, parseRounds, parseTTL
 from xcauth.token import makeToken
 
 URL = "https://cloud.example.org/index.php/apps/ojsxc/ajax/externalApi.php"

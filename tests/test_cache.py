@@ -18,10 +18,12 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.fakes import jsxc
 from xcauth import store
-from xcauth.auth import Authenticator, DomainSettings
+from xcauth.auth import Authenticator
 from xcauth.cache import CachePolicy, CredentialCache, DatabaseStorage, MemoryStorage
-from xcauth.nextcloud import NextcloudClient
+from xcauth.domains import DomainSettings
+from xcauth.keys import PasswordKeys
 from xcauth.testing.fakenextcloud import DEMO_USERS, FakeJSXC, makeSite
 from xcauth.testing.workers import ManualWorker, SynchronousWorker
 from xcauth.token import makeToken
@@ -75,7 +77,7 @@ class Env:
         )
         self.traversal = RequestTraversalAgent(makeSite(self.resource).resource)
         self.agent = SwitchableAgent(self.traversal)
-        client = NextcloudClient(self.agent, URL, SECRET, self.clock, 10)  # type: ignore[arg-type]
+        client = jsxc(self.agent, URL, SECRET, self.clock, 10)
         settings = DomainSettings((SECRET,), None, client)
         self.hasher = hasher or SynchronousWorker()
         self.storage = storage
@@ -86,11 +88,12 @@ class Env:
                 self.clock,
                 CachePolicy(HOUR, DAY, 7 * DAY),
                 rounds=4,
+                passwordKey=PasswordKeys(),
             )
             if cache
             else None
         )
-        self.auth = Authenticator(lambda d: settings, self.clock, cache=self.cache)
+        self.auth = Authenticator(lambda d: settings, self.clock, PasswordKeys(), cache=self.cache)
 
     def backendCalls(self, operation: str = "auth") -> int:
         return sum(1 for r in self.resource.requests if r.get("operation") == operation)

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from xcauth.config import ConfigError, parseTimeout, readConfigFile
-from xcauth.tap import Options, framingFromSystemdName, splitListen
+from xcauth.listen import framingFromSystemdName, splitListen
+from xcauth.tap import Options
 
 
 class ConfigFileTests(SynchronousTestCase):
@@ -106,11 +107,11 @@ class ConfigFileTests(SynchronousTestCase):
         self.assertEqual(config.secrets, (b"filesecret",))
         self.assertEqual(config.type, "prosody")
         # A --listen on the command line replaces those of the file.
-        self.assertEqual(options.listeners, [("ejabberd", "tcp:3")])
+        self.assertEqual([(li.framing, li.entry) for li in options.listeners], [("ejabberd", "tcp:3")])
 
     def test_fileListens(self) -> None:
         options = self.parse("url=http://f/x\nsecret=s\nlisten=tcp:1\nlisten=ejabberd-line=tcp:2\n")
-        self.assertEqual(options.listeners, [("generic", "tcp:1"), ("ejabberd-line", "tcp:2")])
+        self.assertEqual([(li.framing, li.entry) for li in options.listeners], [("generic", "tcp:1"), ("ejabberd-line", "tcp:2")])
 
     def test_defaults(self) -> None:
         config = self.parse("url=http://f/x\nsecret=s\nlisten=tcp:1\n").config
@@ -210,4 +211,4 @@ class ListenTests(SynchronousTestCase):
         options = Options()
         options.parseOptions(["-c", sample, "--listen", "tcp:23664:interface=127.0.0.1"])
         self.assertEqual(options.config.type, "ejabberd")
-        self.assertEqual(options.listeners, [("ejabberd", "tcp:23664:interface=127.0.0.1")])
+        self.assertEqual([(li.framing, li.entry) for li in options.listeners], [("ejabberd", "tcp:23664:interface=127.0.0.1")])

@@ -13,7 +13,7 @@ import time
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.harness import (
+from xcauth.testing.processes import (
     TWISTD,
     XCAUTH,
     Daemon,

@@ -28,14 +28,14 @@ import time
 from twisted.trial import unittest
 
 from tests.ejabberd import EjabberdInstance, ejabberdAvailable
-from tests.harness import (
+from tests.xmpplogin import runLoginDetailed
+from xcauth.testing.processes import (
     SECRET,
     XCAUTH,
     Daemon,
     freePort,
     startBackend,
 )
-from tests.xmpplogin import runLoginDetailed
 from xcauth.token import makeToken
 
 LOGIN_TIMEOUT = 20.0

@@ -1,7 +1,7 @@
 """
 Tests for https to the backend with real TLS on loopback: the certificate
-checks of L{xcauth.httpclient.HTTPClientPool} (Agent's browser-like policy) and
-what L{xcauth.nextcloud.NextcloudClient} answers and logs when they fail.
+checks of the pooled L{Agent} of L{xcauth.http.makeAgent} (Agent's browser-like policy) and
+what L{xcauth.jsxc.JSXCClient} answers and logs when they fail.
 
 A throw-away CA and server certificates are made at import time with
 C{cryptography}; nothing is read from or written to disk.
@@ -25,8 +25,8 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import TestCase
 from twisted.web.client import BrowserLikePolicyForHTTPS
 
-from xcauth.httpclient import HTTPClientPool
-from xcauth.nextcloud import NextcloudClient, Outcome
+from xcauth.http import HTTPRequester, makeAgent
+from xcauth.jsxc import JSXCClient, Outcome
 from xcauth.testing.fakenextcloud import API_PATH, DEMO_USERS, FakeJSXC, makeSite
 
 SECRET = b"https-test-secret-0123456789"
@@ -125,7 +125,7 @@ class HTTPSTests(TestCase):
     The JSXC fake served over TLS on 127.0.0.1, reached as C{localhost}.
     """
 
-    def serve(self, serverPEM: bytes, trustCA: bool) -> NextcloudClient:
+    def serve(self, serverPEM: bytes, trustCA: bool) -> JSXCClient:
         """
         Serve L{FakeJSXC} with C{serverPEM}; a client whose pool trusts the
         test CA (or, if not C{trustCA}, uses the default policy: the system's
@@ -142,21 +142,11 @@ class HTTPSTests(TestCase):
             if trustCA
             else None
         )
-        self.pool = HTTPClientPool(reactor, connectTimeout=5, tlsPolicy=policy)
-        self.addCleanup(self.closePool)
+        agent, self.pool = makeAgent(reactor, connectTimeout=5, tlsPolicy=policy)
+        self.http = HTTPRequester(agent, reactor, timeout=10)
+        self.addCleanup(self.pool.closeCachedConnections)
         url = f"https://localhost:{port.getHost().port}{API_PATH.decode()}"
-        return NextcloudClient(self.pool, url, SECRET, reactor, timeout=10)
-
-    @inlineCallbacks
-    def closePool(self) -> Any:
-        conns: list[Any] = []
-        for origin in self.pool._origins.values():
-            conns.extend(origin.active)
-            conns.extend(origin.idle)
-        yield self.pool.close()
-        for conn in conns:
-            if conn.transport is not None:
-                conn.transport.abortConnection()
+        return JSXCClient(self.http, url, SECRET)
 
     @inlineCallbacks
     def stopServer(self, port: Any) -> Any:
@@ -169,7 +159,7 @@ class HTTPSTests(TestCase):
             yield deferLater(reactor, 0.01, lambda: None)
 
     @inlineCallbacks
-    def refused(self, client: NextcloudClient, *problems: str) -> Any:
+    def refused(self, client: JSXCClient, *problems: str) -> Any:
         """
         C{client.auth} answers L{Outcome.UNAVAILABLE} (not an error) with a
         warning naming one of C{problems} and no secret; the server never
@@ -189,7 +179,7 @@ class HTTPSTests(TestCase):
         self.assertNotIn(PASSWORD, everything)
         self.assertNotIn(SECRET.decode(), everything)
         # The raw call fails with the one exception type callers expect.
-        from xcauth.nextcloud import BackendUnavailable
+        from xcauth.jsxc import BackendUnavailable
 
         with self.assertRaises(BackendUnavailable):
             yield client.call("isuser", "alice", "example.org")
@@ -241,8 +231,10 @@ class HTTPSTests(TestCase):
         Speaking plain http to a TLS port is "unavailable", not a crash.
         """
         client = self.serve(PKI.localhost, trustCA=True)
-        plain = NextcloudClient(
-            self.pool, client.url.replace("https:", "http:"), SECRET, reactor, timeout=5
+        plain = JSXCClient(
+            HTTPRequester(self.http.agent, reactor, timeout=5),
+            client.url.replace("https:", "http:"),
+            SECRET,
         )
         self.assertIs(
             (yield plain.auth("alice", "example.org", PASSWORD)), Outcome.UNAVAILABLE

@@ -20,7 +20,7 @@ import time
 
 from twisted.trial.unittest import TestCase
 
-from tests.harness import (
+from xcauth.testing.processes import (
     SECRET,
     TWISTD,
     Daemon,

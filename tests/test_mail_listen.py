@@ -14,26 +14,23 @@ import stat
 import tempfile
 from typing import Any
 
-from twisted.internet.endpoints import (
-    AdoptedStreamServerEndpoint,
-    UNIXClientEndpoint,
-    serverFromString,
-)
+from twisted.internet.endpoints import UNIXClientEndpoint, serverFromString
 from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
 from twisted.protocols.wire import Echo
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.harness import writeConfig
 from xcauth.config import ConfigError
-from xcauth.systemdunix import SystemdUNIXEndpoint, keepSystemdUNIXSocket
-from xcauth.tap import (
-    Options,
+from xcauth.listen import (
     framingFromSystemdName,
     groupID,
     splitListen,
     splitUnixGroup,
+    systemdUNIXForm,
     unixSocketPath,
 )
+from xcauth.systemdunix import SystemdUNIXEndpoint
+from xcauth.tap import Options
+from xcauth.testing.processes import writeConfig
 
 
 class FramingSelectionTests(SynchronousTestCase):
@@ -98,7 +95,10 @@ class OptionsTests(SynchronousTestCase):
     def test_typeAccepted(self) -> None:
         for framing in ("saslauthd", "postfix"):
             options = self.parse("--type", framing, "--listen", "tcp:0:interface=127.0.0.1")
-            self.assertEqual(options.listeners, [(framing, "tcp:0:interface=127.0.0.1")])
+            self.assertEqual(
+                [(li.framing, li.entry) for li in options.listeners],
+                [(framing, "tcp:0:interface=127.0.0.1")],
+            )
 
     def test_helpMentionsMailFramings(self) -> None:
         text = str(Options())
@@ -109,7 +109,7 @@ class OptionsTests(SynchronousTestCase):
         name = grp.getgrgid(os.getegid()).gr_name
         entry = f"saslauthd=unix:{self.mktemp()}:mode=660:group={name}"
         options = self.parse("--listen", entry)
-        self.assertEqual(options.listeners[0][0], "saslauthd")
+        self.assertEqual(options.listeners[0].framing, "saslauthd")
 
     def test_unknownGroupStopsStart(self) -> None:
         e = self.assertRaises(
@@ -139,10 +139,7 @@ class SystemdUNIXSocketTests(TestCase):
         from twisted.internet import reactor
 
         sock, path = self.listeningSocket()
-        endpoint = keepSystemdUNIXSocket(
-            AdoptedStreamServerEndpoint(reactor, os.dup(sock.fileno()), socket.AF_UNIX)
-        )
-        self.assertIsInstance(endpoint, SystemdUNIXEndpoint)
+        endpoint = SystemdUNIXEndpoint(reactor, os.dup(sock.fileno()))
         factory = ServerFactory.forProtocol(Echo)
         d = endpoint.listen(factory)
 
@@ -164,10 +161,32 @@ class SystemdUNIXSocketTests(TestCase):
 
         return d.addCallback(listening).addCallback(stopped)
 
-    def test_otherEndpointsUnchanged(self) -> None:
+    def test_systemdUNIXDescriptions(self) -> None:
+        """
+        C{systemd:domain=UNIX:...} listeners use the endpoint type that keeps
+        the socket as it is; other descriptions are left alone.
+        """
+        self.assertEqual(
+            systemdUNIXForm("systemd:domain=UNIX:name=saslauthd-unix"),
+            "xcauth-systemd-unix:name=saslauthd-unix",
+        )
+        self.assertEqual(systemdUNIXForm("systemd:index=0:domain=UNIX"),
+                         "xcauth-systemd-unix:index=0")
+        for other in ("systemd:domain=INET:name=ejabberd", "unix:/run/x:mode=660",
+                      "tcp:1:interface=127.0.0.1"):
+            self.assertEqual(systemdUNIXForm(other), other)
+
+    def test_endpointPlugin(self) -> None:
+        """
+        Twisted finds the C{xcauth-systemd-unix} endpoint type through its
+        plugin: a name systemd did not pass is a C{KeyError} (which the options
+        turn into "no socket named ... was passed by systemd").
+        """
         from twisted.internet import reactor
 
-        inet = AdoptedStreamServerEndpoint(reactor, 99, socket.AF_INET)
-        self.assertIs(keepSystemdUNIXSocket(inet), inet)
-        tcp = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
-        self.assertIs(keepSystemdUNIXSocket(tcp), tcp)
+        self.assertRaises(
+            KeyError, serverFromString, reactor, "xcauth-systemd-unix:name=not-passed"
+        )
+        self.assertRaises(
+            ValueError, serverFromString, reactor, "xcauth-systemd-unix:name=a:index=0"
+        )

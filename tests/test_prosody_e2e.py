@@ -28,7 +28,9 @@ import time
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.harness import (
+from tests.prosody import ProsodyInstance, prosodyAvailable
+from tests.xmpplogin import EXIT_AUTHFAIL, EXIT_OK, commandLine, runLoginDetailed
+from xcauth.testing.processes import (
     REPO,
     SECRET,
     Daemon,
@@ -38,8 +40,6 @@ from tests.harness import (
     waitFor,
     writeConfig,
 )
-from tests.prosody import ProsodyInstance, prosodyAvailable
-from tests.xmpplogin import EXIT_AUTHFAIL, EXIT_OK, commandLine, runLoginDetailed
 from xcauth.token import makeToken
 
 HOST = "example.org"

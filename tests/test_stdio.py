@@ -18,7 +18,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests.harness import (
+from xcauth.testing.processes import (
     SECRET,
     XCAUTH,
     childEnv,

@@ -20,13 +20,14 @@ from treq.testing import RequestTraversalAgent
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.harness import childEnv
+from tests.fakes import jsxc
 from xcauth import store
-from xcauth.auth import Authenticator, DomainSettings
+from xcauth.auth import Authenticator
 from xcauth.cache import CachePolicy, CredentialCache, DatabaseStorage
-from xcauth.domains import DomainTable
-from xcauth.nextcloud import NextcloudClient
+from xcauth.domains import DomainSettings, DomainTable
+from xcauth.keys import PasswordKeys
 from xcauth.testing.fakenextcloud import DEMO_USERS, FakeJSXC, makeSite
+from xcauth.testing.processes import childEnv
 from xcauth.testing.workers import SynchronousWorker
 from xcauth.token import makeToken
 
@@ -258,9 +259,9 @@ class OldDatabaseInUseTests(SynchronousTestCase):
         self.router = Router()
         self.made: list[tuple[str, bytes]] = []
 
-        def makeClient(url: str, secret: bytes) -> NextcloudClient:
+        def makeClient(url: str, secret: bytes) -> Any:
             self.made.append((url, secret))
-            return NextcloudClient(self.router, url, secret, self.clock, 10)  # type: ignore[arg-type]
+            return jsxc(self.router, url, secret, self.clock, 10)
 
         globalSettings = DomainSettings(
             (GLOBAL_SECRET,), None, makeClient(GLOBAL_URL, GLOBAL_SECRET)
@@ -272,9 +273,10 @@ class OldDatabaseInUseTests(SynchronousTestCase):
             self.clock,
             CachePolicy(3600, 86400, 7 * 86400),
             4,
+            PasswordKeys(),
         )
         self.auth = Authenticator(
-            self.table.settingsFor, self.clock, self.cache, self.table.whenReady
+            self.table.settingsFor, self.clock, PasswordKeys(), self.cache, self.table.whenReady
         )
 
     def flush(self) -> None:

@@ -22,7 +22,7 @@ import tempfile
 
 from twisted.trial import unittest
 
-from tests.harness import (
+from xcauth.testing.processes import (
     SECRET,
     TWISTD,
     Process,

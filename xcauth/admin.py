@@ -12,6 +12,8 @@ which picks domain changes up within seconds)::
     xcauth [-c FILE] [--db PATH] cache remove JID
     xcauth [-c FILE] [--db PATH] cache clear
 
+(C{-c} and C{--db} may also come after the command words.)
+
 The database is the one given with C{--db}, else the C{db=} of the config file
 (C{-c}, or C{/etc/xcauth.conf} when it exists), else the default.  Secrets are
 masked unless asked for; password hashes are never printed.
@@ -28,14 +30,13 @@ from typing import Any
 from twisted.python import usage
 
 from xcauth import store
-from xcauth.config import DEFAULT_CONFIG_FILE, DEFAULTS, ConfigError, readConfigFile
-from xcauth.nextcloud import validateURL
-
-#: The words that start an administration command.
-COMMANDS = ("domains", "cache")
-
-#: Options before the command word that take a value.
-_VALUE_OPTIONS = ("-c", "--config-file", "--db")
+from xcauth.config import (
+    DEFAULT_CONFIG_FILE,
+    ConfigError,
+    default,
+    readConfigFile,
+    validateURL,
+)
 
 
 class AdminError(Exception):
@@ -44,48 +45,47 @@ class AdminError(Exception):
     """
 
 
-def adminCommandIndex(argv: Sequence[str]) -> int | None:
+class _DatabaseOptions(usage.Options):
     """
-    The index of the administration command word in C{argv}, if the arguments
-    are an administration command: only C{-c FILE} and C{--db PATH} may come
-    before it.
+    C{-c FILE} and C{--db PATH}, accepted at every level of an administration
+    command (C{xcauth domains list --db PATH} as well as C{xcauth --db PATH
+    domains list}); Twisted gathers these into every subclass's options.
     """
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in COMMANDS:
-            return i
-        if arg in _VALUE_OPTIONS:
-            i += 2
-        elif arg.startswith(("--config-file=", "--db=")) or (
-            arg.startswith("-c") and len(arg) > 2
-        ):
-            i += 1
-        else:
-            return None
-    return None
+
+    optParameters = [
+        [
+            "config-file",
+            "c",
+            None,
+            f"Read db=... from this file (default: {DEFAULT_CONFIG_FILE} when it "
+            "exists).",
+        ],
+        ["db", None, None, "The state database (overrides the config file)."],
+    ]
 
 
-def _globalOptionsFirst(argv: Sequence[str]) -> list[str]:
+def databasePath(options: usage.Options) -> str:
     """
-    Move C{-c FILE}, C{--config-file FILE} and C{--db PATH} given after the
-    command word in front of it, so they work anywhere on the command line.
+    The database an administration command acts on: the innermost C{--db},
+    else the C{db=} of the innermost C{-c} file (or of L{DEFAULT_CONFIG_FILE}
+    when it exists), else the default.
     """
-    front: list[str] = []
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in _VALUE_OPTIONS and i + 1 < len(argv):
-            front += [arg, argv[i + 1]]
-            i += 2
-            continue
-        if arg.startswith(("--config-file=", "--db=")):
-            front.append(arg)
-        else:
-            rest.append(arg)
-        i += 1
-    return front + rest
+    chain = []
+    current: Any = options
+    while current is not None:
+        chain.append(current)
+        current = getattr(current, "parent", None)
+    for o in chain:
+        if o.get("db"):
+            return str(o["db"])
+    path = next((o["config-file"] for o in chain if o.get("config-file")), None)
+    if path is None and os.path.exists(DEFAULT_CONFIG_FILE):
+        path = DEFAULT_CONFIG_FILE
+    if path is not None:
+        for key, value, _ in readConfigFile(path):
+            if key == "db" and value:
+                return value
+    return str(default("db"))
 
 
 def _checkDomain(domain: str) -> str:
@@ -95,15 +95,13 @@ def _checkDomain(domain: str) -> str:
     return domain
 
 
-class _DomainArg(usage.Options):
+class _DomainArg(_DatabaseOptions):
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         # Options may follow the domain (getopt stops at the first argument).
         args = list(sys.argv[1:] if options is None else options)
-        valued = set()
-        for long, short, *_ in getattr(self, "optParameters", []):
-            valued.add(f"--{long}")
-            if short:
-                valued.add(f"-{short}")
+        # The options that take a value, as getopt knows them ("db=", "c:").
+        valued = {f"--{o[:-1]}" for o in self.longOpt if o.endswith("=")}
+        valued |= {f"-{c}" for c, n in zip(self.shortOpt, self.shortOpt[1:] + " ", strict=True) if n == ":"}
         front: list[str] = []
         positional: list[str] = []
         i = 0
@@ -199,7 +197,7 @@ class DomainShowOptions(_DomainArg):
     optFlags = [["show-secret", None, "Print the secret instead of masking it."]]
 
 
-class DomainListOptions(usage.Options):
+class DomainListOptions(_DatabaseOptions):
     """
     C{domains list}
     """
@@ -207,7 +205,7 @@ class DomainListOptions(usage.Options):
     synopsis = ""
 
 
-class DomainsOptions(usage.Options):
+class DomainsOptions(_DatabaseOptions):
     """
     C{domains add|set|remove|list|show}
     """
@@ -226,7 +224,7 @@ class DomainsOptions(usage.Options):
             raise usage.UsageError("domains needs one of: add, set, remove, list, show")
 
 
-class CacheRemoveOptions(usage.Options):
+class CacheRemoveOptions(_DatabaseOptions):
     """
     C{cache remove JID}
     """
@@ -237,7 +235,7 @@ class CacheRemoveOptions(usage.Options):
         self["jid"] = jid
 
 
-class CacheListOptions(usage.Options):
+class CacheListOptions(_DatabaseOptions):
     """
     C{cache list}
     """
@@ -245,7 +243,7 @@ class CacheListOptions(usage.Options):
     synopsis = ""
 
 
-class CacheClearOptions(usage.Options):
+class CacheClearOptions(_DatabaseOptions):
     """
     C{cache clear}
     """
@@ -253,7 +251,7 @@ class CacheClearOptions(usage.Options):
     synopsis = ""
 
 
-class CacheOptions(usage.Options):
+class CacheOptions(_DatabaseOptions):
     """
     C{cache list|remove|clear}
     """
@@ -270,45 +268,11 @@ class CacheOptions(usage.Options):
             raise usage.UsageError("cache needs one of: list, remove, clear")
 
 
-class AdminOptions(usage.Options):
-    """
-    Options of C{xcauth domains ...} and C{xcauth cache ...}.
-    """
-
-    synopsis = "[-c FILE] [--db PATH] domains|cache ..."
-    optParameters = [
-        [
-            "config-file",
-            "c",
-            None,
-            f"Read db=... from this file (default: {DEFAULT_CONFIG_FILE} when it "
-            "exists).",
-        ],
-        ["db", None, None, "The state database (overrides the config file)."],
-    ]
-    subCommands = [
-        ["domains", None, DomainsOptions, "Manage per-domain backends."],
-        ["cache", None, CacheOptions, "Inspect and clear the credential cache."],
-    ]
-
-    def postOptions(self) -> None:
-        if self.subCommand is None:
-            raise usage.UsageError("give a command: domains or cache")
-
-    def databasePath(self) -> str:
-        """
-        The database to act on: --db, the config file's db=, or the default.
-        """
-        if self["db"]:
-            return str(self["db"])
-        path = self["config-file"]
-        if path is None and os.path.exists(DEFAULT_CONFIG_FILE):
-            path = DEFAULT_CONFIG_FILE
-        if path is not None:
-            for key, value, _ in readConfigFile(path):
-                if key == "db" and value:
-                    return value
-        return str(DEFAULTS["db"])
+#: The administration commands, as C{subCommands} of the C{xcauth} command.
+SUBCOMMANDS: list[Any] = [
+    ["domains", None, DomainsOptions, "Manage per-domain backends (xcauth domains --help)."],
+    ["cache", None, CacheOptions, "Inspect and clear the credential cache."],
+]
 
 
 def maskSecret(secret: str | None) -> str:
@@ -415,29 +379,21 @@ def runCache(conn: sqlite3.Connection, options: CacheOptions, out: Any) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
+def run(command: str, options: usage.Options) -> int:
     """
-    Run one administration command; returns the exit status (0 done, 1 the
-    command failed, 2 usage error).
+    Carry out one administration command (C{command} is C{domains} or
+    C{cache}, C{options} its parsed options); returns the exit status (0 done,
+    1 the command failed).
     """
-    options = AdminOptions()
     try:
-        options.parseOptions(_globalOptionsFirst(argv))
-    except usage.UsageError as e:
-        print(f"xcauth: {e}", file=sys.stderr)
-        print("Run 'xcauth domains --help' or 'xcauth cache --help'.", file=sys.stderr)
-        return 2
-    try:
-        path = options.databasePath()
-        writing = options.subCommand == "domains" and options.subOptions.subCommand in (
-            "add",
-            "set",
-        )
+        path = databasePath(options.subOptions or options)
+        writing = command == "domains" and options.subCommand in ("add", "set")
         conn = _open(path, create=writing)
         try:
-            if options.subCommand == "domains":
-                return runDomains(conn, options.subOptions, sys.stdout)
-            return runCache(conn, options.subOptions, sys.stdout)
+            if isinstance(options, DomainsOptions):
+                return runDomains(conn, options, sys.stdout)
+            assert isinstance(options, CacheOptions)
+            return runCache(conn, options, sys.stdout)
         finally:
             conn.close()
     except (AdminError, ConfigError) as e:

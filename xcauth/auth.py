@@ -15,45 +15,27 @@ Its contract is all the framings know about::
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import os
+import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import attr
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from xcauth.interfaces import IAuthenticator, Outcome
-from xcauth.nextcloud import NextcloudClient
+from xcauth.interfaces import BackendUnavailable, IAuthenticator, Outcome, RosterEntry
+from xcauth.text import printable
 from xcauth.token import verifyToken
 
 if TYPE_CHECKING:
     from xcauth.cache import CredentialCache
+    from xcauth.domains import DomainSettings
 
 log = Logger()
 
 T = TypeVar("T")
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class DomainSettings:
-    """
-    How to authenticate users of one XMPP domain.
-
-    @ivar secrets: the API secrets; the first signs requests, any of them may have
-        made a token (key rotation).
-    @ivar authDomain: the domain name the backend knows the users under.
-    @ivar client: the backend client for the domain's URL and first secret.
-    """
-
-    secrets: tuple[bytes, ...]
-    authDomain: str | None
-    client: NextcloudClient
 
 
 @implementer(IAuthenticator)
@@ -64,6 +46,8 @@ class Authenticator:
     @param settingsFor: returns the L{DomainSettings} for an XMPP domain, without
         blocking (a warm in-memory lookup).
     @param clock: the clock tokens are checked against; read on every request.
+    @param passwordKey: keyed hashes of passwords, to share the work of
+        identical concurrent logins without keeping the password.
     @param cache: the credential cache, or C{None} for none.
     @param ready: returns C{None} once C{settingsFor} knows every domain, or
         until then a L{Deferred} that fires when it does (requests wait for it).
@@ -76,6 +60,7 @@ class Authenticator:
         self,
         settingsFor: Callable[[str], DomainSettings],
         clock: IReactorTime,
+        passwordKey: Callable[[str], bytes],
         cache: CredentialCache | None = None,
         ready: Callable[[], Deferred[None] | None] | None = None,
         debug: bool = False,
@@ -85,7 +70,7 @@ class Authenticator:
         self._debug = debug
         self.cache = cache
         self._ready = ready
-        self._key = os.urandom(32)
+        self._passwordKey = passwordKey
         self._inflight: dict[tuple[str, str, bytes], _Shared] = {}
 
     def _whenReady(self, f: Callable[..., Deferred[T]], *args: Any) -> Deferred[T]:
@@ -93,13 +78,6 @@ class Authenticator:
         if waiting is None:
             return f(*args)
         return waiting.addCallback(lambda _: f(*args))
-
-    def checkToken(self, user: str, domain: str, password: str) -> bool:
-        """
-        Whether C{password} is a valid, unexpired token for C{user@domain}.
-        """
-        settings = self._settingsFor(domain)
-        return verifyToken(password, user, domain, settings.secrets, self._clock.seconds())
 
     def authenticate(
         self, user: str, domain: str, password: str, peer: str | None = None
@@ -115,7 +93,11 @@ class Authenticator:
         settings = self._settingsFor(domain)
         if verifyToken(password, user, domain, settings.secrets, self._clock.seconds()):
             if self._debug:
-                log.debug("token accepted for {user}@{domain}", user=user, domain=domain)
+                log.debug(
+                    "token accepted for {user}@{domain}",
+                    user=printable(user),
+                    domain=printable(domain),
+                )
             return succeed(True)
         key = (user, domain, self._passwordKey(password))
         shared = self._inflight.get(key)
@@ -137,9 +119,6 @@ class Authenticator:
             return settings.client.auth(user, settings.authDomain or domain, password)
 
         return self.cache.authenticate(f"{user}@{domain}", password, askBackend)
-
-    def _passwordKey(self, password: str) -> bytes:
-        return hmac.new(self._key, password.encode("utf-8"), hashlib.sha256).digest()
 
     def isUser(self, user: str, domain: str) -> Deferred[bool | None]:
         """
@@ -167,7 +146,7 @@ class Authenticator:
                 if exists:
                     log.info(
                         "backend unavailable: {jid} known to exist from the cache",
-                        jid=jid,
+                        jid=printable(jid),
                     )
                     return True
                 return None
@@ -185,7 +164,33 @@ class Authenticator:
 
     def _roster(self, user: str, domain: str) -> Deferred[bytes | None]:
         settings = self._settingsFor(domain)
-        return settings.client.sharedRoster(user, settings.authDomain or domain)
+        d: Deferred[Any] = settings.client.sharedRoster(user, settings.authDomain or domain)
+        d.addCallbacks(encodeRoster, _rosterUnavailable, errbackArgs=(user, domain))
+        return d
+
+
+def encodeRoster(roster: dict[str, RosterEntry]) -> bytes:
+    """
+    A shared roster as one line of JSON in the shape of the JSXC answer.
+    """
+    shared: dict[str, object] | list[object] = {
+        name: {"name": entry.name, "groups": list(entry.groups)}
+        for name, entry in roster.items()
+    } or []
+    answer = {"result": "success", "data": {"sharedRoster": shared}}
+    return json.dumps(answer, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _rosterUnavailable(f: Failure, user: str, domain: str) -> Failure | None:
+    if not f.check(BackendUnavailable):
+        return f
+    log.warn(
+        "shared roster of {user}@{domain} unavailable: {reason}",
+        user=printable(user),
+        domain=printable(domain),
+        reason=str(f.value),
+    )
+    return None
 
 
 class _Shared:

@@ -19,11 +19,8 @@ one hash is made at a time for one user and password.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import os
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import attr
 import bcrypt
@@ -31,9 +28,11 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from xcauth import store
-from xcauth.interfaces import Outcome
+from xcauth.interfaces import ICacheStorage, IWorker, Outcome
+from xcauth.text import printable
 
 log = Logger()
 
@@ -43,17 +42,6 @@ BCRYPT_MAX_PASSWORD = 72
 
 #: Users remembered as existing (for isuser during outages), at most.
 MAX_SEEN = 100_000
-
-
-class Worker(Protocol):
-    """
-    Runs blocking functions off the reactor thread.
-    """
-
-    def run(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        """
-        Call C{f(*args)} in a worker thread.
-        """
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -79,6 +67,7 @@ class CacheEntry:
     anyAuth: float
 
 
+@implementer(ICacheStorage)
 class MemoryStorage:
     """
     Cache entries in a dict, lost on restart.
@@ -121,6 +110,7 @@ class MemoryStorage:
         return succeed(None)
 
 
+@implementer(ICacheStorage)
 class DatabaseStorage:
     """
     Cache entries in the C{authcache} table of the state database.
@@ -182,25 +172,28 @@ class CredentialCache:
     @param clock: read for every timestamp.
     @param policy: the TTLs.
     @param rounds: the bcrypt cost of new hashes.
+    @param passwordKey: keyed hashes of passwords, to index hashes being made
+        without keeping the password.
+    @param debug: log debug details (C{--debug}).
     """
-
-    #: Whether to log debug details (C{--debug}).
-    debug = False
 
     def __init__(
         self,
-        storage: Any,
-        hasher: Worker,
+        storage: ICacheStorage,
+        hasher: IWorker,
         clock: IReactorTime,
         policy: CachePolicy,
         rounds: int,
+        passwordKey: Callable[[str], bytes],
+        debug: bool = False,
     ) -> None:
         self.storage = storage
         self._hasher = hasher
         self._clock = clock
         self.policy = policy
         self._rounds = rounds
-        self._key = os.urandom(32)
+        self.passwordKey = passwordKey
+        self.debug = debug
         # jid -> {password key: marker} for hashes being made; an eviction
         # drops the jid, so a hash finishing later is not stored.
         self._hashing: dict[str, dict[bytes, object]] = {}
@@ -208,13 +201,6 @@ class CredentialCache:
         self._seen: dict[str, float] = {}
         #: Background writes not finished yet (tests wait for them).
         self.pending: set[Deferred[Any]] = set()
-
-    def passwordKey(self, password: str) -> bytes:
-        """
-        A keyed hash of C{password} to index in-memory state by (never the
-        password itself).
-        """
-        return hmac.new(self._key, password.encode("utf-8"), hashlib.sha256).digest()
 
     def _fresh(self, entry: CacheEntry, now: float) -> bool:
         return (
@@ -248,7 +234,7 @@ class CredentialCache:
             matched = await self._matches(entry, password)
             if matched:
                 if self.debug:
-                    log.debug("auth from cache for {jid}", jid=jid)
+                    log.debug("auth from cache for {jid}", jid=printable(jid))
                 self._background(self.storage.touch(jid, self._clock.seconds(), False))
                 return True
         outcome = await askBackend()
@@ -267,7 +253,7 @@ class CredentialCache:
             matched = await self._matches(entry, password)
         if matched:
             log.info(
-                "backend unavailable: {jid} accepted from the cache", jid=jid
+                "backend unavailable: {jid} accepted from the cache", jid=printable(jid)
             )
             self._background(self.storage.touch(jid, self._clock.seconds(), False))
         return True if matched else None
@@ -281,7 +267,7 @@ class CredentialCache:
         try:
             entry: CacheEntry | None = await self.storage.get(jid)
         except Exception:
-            log.failure("credential cache lookup for {jid} failed", jid=jid)
+            log.failure("credential cache lookup for {jid} failed", jid=printable(jid))
             return None
         return entry
 
@@ -318,7 +304,7 @@ class CredentialCache:
                 del current[key]
                 if not current:
                     del self._hashing[jid]
-            log.failure("cannot cache the password of {jid}", f, jid=jid)
+            log.failure("cannot cache the password of {jid}", f, jid=printable(jid))
 
         d = self._hasher.run(_hashpw, data, self._rounds)
         d.addCallback(store)
@@ -330,7 +316,7 @@ class CredentialCache:
         Forget the entry of C{jid} (and any hash of it still being made).
         """
         self._hashing.pop(jid, None)
-        log.info("evicting the cached password of {jid}", jid=jid)
+        log.info("evicting the cached password of {jid}", jid=printable(jid))
         self._background(self.storage.delete(jid))
 
     def _background(self, d: Deferred[Any]) -> None:

@@ -30,6 +30,8 @@ from twisted.logger import (
 )
 from twisted.python import usage
 
+from xcauth import __version__
+from xcauth.admin import SUBCOMMANDS
 from xcauth.config import ConfigOptions
 
 
@@ -45,15 +47,35 @@ class Options(ConfigOptions):
         "(xcauth domains --help)"
     )
     optFlags = ConfigOptions.optFlags + [
-        ["auth-test", "A", "Check USER DOMAIN PASSWORD once and print True/False."],
+        ["auth-test", "A", "Check USER DOMAIN PASSWORD once and print True/False/None."],
         ["isuser-test", "I", "Check whether USER DOMAIN exists: True/False/None."],
         ["roster-test", "R", "Print the shared roster of USER DOMAIN."],
     ]
+    @property
+    def subCommands(self) -> list[Any]:
+        """
+        The administration commands (C{xcauth domains ...}), except after
+        C{-A}, C{-I} or C{-R}, whose arguments are a user and a domain (a user
+        may be called C{domains}).
+        """
+        if any(self.get(mode) for mode in ("auth-test", "isuser-test", "roster-test")):
+            return []
+        return SUBCOMMANDS
+
+    def opt_version(self) -> None:
+        """
+        Print xcauth's version and exit.
+        """
+        print(f"xcauth {__version__}")
+        raise SystemExit(0)
 
     def parseArgs(self, *args: str) -> None:
         self["args"] = list(args)
 
     def postOptions(self) -> None:
+        if self.subCommand is not None:
+            # An administration command: it needs only the database path.
+            return
         modes = [m for m in ("auth-test", "isuser-test", "roster-test") if self[m]]
         if len(modes) > 1:
             raise usage.UsageError("give only one of -A, -I and -R")
@@ -100,11 +122,11 @@ def _startLogging(debug: bool, path: str | None) -> None:
 
 
 async def _oneShot(reactor: Any, options: Options) -> int:
-    from xcauth.service import Backend
+    from xcauth.hub import buildHub
 
-    backend = Backend(options.config, reactor)
-    backend.startService()
-    auth = backend.authenticator
+    hub = buildHub(options.config, reactor)
+    hub.startService()
+    auth = hub.authenticator
     args = options["args"]
     try:
         if options["mode"] == "auth-test":
@@ -115,7 +137,7 @@ async def _oneShot(reactor: Any, options: Options) -> int:
             roster = await auth.roster(args[0], args[1])
             result = None if roster is None else roster.decode("utf-8")
     finally:
-        await backend.stopService()
+        await hub.stopService()
     print(result)
     if result is True or (isinstance(result, str)):
         return 0
@@ -127,18 +149,19 @@ def _serveStdio(reactor: Any, options: Options) -> Deferred[None]:
 
     from xcauth.framing.base import XcauthFactory
     from xcauth.framing.registry import STDIO_FRAMINGS
-    from xcauth.service import Backend
+    from xcauth.hub import buildHub, tuneGarbageCollector
 
-    backend = Backend(options.config, reactor)
-    backend.startService()
-    factory = XcauthFactory(STDIO_FRAMINGS[options.config.type], backend.context)
+    hub = buildHub(options.config, reactor)
+    hub.startService()
+    tuneGarbageCollector()
+    factory = XcauthFactory(STDIO_FRAMINGS[options.config.type], hub.context)
     protocol = factory.buildProtocol(None)
     done: Deferred[None] = Deferred()
     lost = protocol.connectionLost
 
     def connectionLost(reason: Any = None) -> None:
         lost(reason)
-        backend.stopService().addBoth(lambda _: done.callback(None))
+        hub.stopService().addBoth(lambda _: done.callback(None))
 
     protocol.connectionLost = connectionLost
     StandardIO(protocol, reactor=reactor)
@@ -150,11 +173,6 @@ def main(argv: list[str] | None = None) -> None:
     Entry point of the C{xcauth} console script.
     """
     args = sys.argv[1:] if argv is None else argv
-    from xcauth.admin import adminCommandIndex
-    from xcauth.admin import main as adminMain
-
-    if adminCommandIndex(args) is not None:
-        raise SystemExit(adminMain(args))
     options = Options()
     try:
         options.parseOptions(args)
@@ -162,6 +180,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"xcauth: {e}", file=sys.stderr)
         print("Run 'xcauth --help' for the options.", file=sys.stderr)
         raise SystemExit(2) from None
+    if options.subCommand is not None:
+        from xcauth import admin
+
+        raise SystemExit(admin.run(options.subCommand, options.subOptions))
     _startLogging(options.config.debug, options.config.log)
     from twisted.internet import reactor
     from twisted.internet.task import react

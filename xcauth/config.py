@@ -10,32 +10,14 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 import attr
-from twisted.logger import Logger
 from twisted.python import usage
 
-from xcauth.nextcloud import validateURL
-
-log = Logger()
-
 DEFAULT_CONFIG_FILE = "/etc/xcauth.conf"
-
-#: Parameters with their defaults, applied after the file and the command line.
-DEFAULTS: dict[str, Any] = {
-    "type": "generic",
-    "timeout": "5,10",
-    "deadline": "4",
-    "max-in-flight": "64",
-    "db": "/var/lib/xcauth/xcauth.sqlite3",
-    "cache-storage": "none",
-    "cache-query-ttl": "1h",
-    "cache-verification-ttl": "1d",
-    "cache-unreachable-ttl": "1w",
-    "cache-bcrypt-rounds": "12,4",
-}
 
 #: Where the credential cache may live.
 CACHE_STORAGES = ("none", "memory", "db")
@@ -181,29 +163,213 @@ def parseRounds(text: str) -> tuple[int, int]:
     )
 
 
-@attr.s(auto_attribs=True)
+def validateURL(url: str) -> str:
+    """
+    Check that C{url} is an absolute http(s) URL with a host and return it.
+
+    @raise ValueError: with a message a person can act on.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:
+        raise ValueError(f"url {url!r} is not a valid URL: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"url {url!r} must be an absolute http:// or https:// URL, e.g. "
+            "https://cloud.example.org/index.php/apps/ojsxc/ajax/externalApi.php"
+        )
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ValueError(f"url {url!r} has an invalid port") from None
+    return url
+
+
+def splitSecrets(text: str) -> tuple[bytes, ...]:
+    """
+    Comma-separated secrets (the first signs requests) as bytes.
+    """
+    return tuple(s.strip().encode("utf-8") for s in text.split(",") if s.strip())
+
+
+def _choice(choices: Iterable[str]) -> Callable[[str, str], str]:
+    allowed = tuple(choices)
+
+    def parse(name: str, text: str) -> str:
+        if text not in allowed:
+            raise ConfigError(
+                f"{name} {text!r} is not valid: use one of " + ", ".join(allowed)
+            )
+        return text
+
+    return parse
+
+
+def _text(name: str, text: str) -> str:
+    return text
+
+
+def _seconds(name: str, text: str) -> float:
+    return parsePositive(name, text)
+
+
+def _count(name: str, text: str) -> int:
+    return int(parsePositive(name, text, integer=True))
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Setting:
+    """
+    One option of the config file and the command line.
+
+    @ivar name: the option's name (C{--name}, C{name=} in the file).
+    @ivar attribute: the L{Config} attribute it sets.
+    @ivar default: the text of its default, or C{None} for none.
+    @ivar help: what it does, for C{--help}.
+    @ivar parse: turns C{(name, text)} into the value, or raises L{ConfigError}.
+    @ivar short: the one-letter command-line form, if any.
+    """
+
+    name: str
+    attribute: str
+    default: str | None
+    help: str
+    parse: Callable[[str, str], Any] = _text
+    short: str | None = None
+
+
+#: Every option with a value, its default and how it is parsed: the one place
+#: where each is written.
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "log", "log", None,
+        "Log file of the xcauth command (stdin/stdout and one-shot modes), or a "
+        "directory to log to xcauth.log in; default: standard error. The daemon "
+        "logs where twistd's --logfile says.",
+        short="l",
+    ),
+    Setting(
+        "type", "type", "generic",
+        "Framing of listeners that do not name one: prosody, generic, ejabberd, "
+        "ejabberd-line, saslauthd, postfix.",
+        short="t",
+    ),
+    Setting(
+        "url", "url", None,
+        "URL of the JSXC external API, e.g. "
+        "https://cloud.example.org/index.php/apps/ojsxc/ajax/externalApi.php",
+        short="u",
+    ),
+    Setting(
+        "secret", "secrets", None,
+        "The JSXC API secret. Several comma-separated secrets are allowed while "
+        "rotating: tokens made with any are accepted, requests are signed with the "
+        "first.",
+        short="s",
+    ),
+    Setting(
+        "timeout", "timeout", "5,10",
+        "Backend timeouts in seconds: N, or CONNECT,TOTAL.",
+        lambda name, text: parseTimeout(text),
+    ),
+    Setting(
+        "deadline", "deadline", "4",
+        "Seconds within which every request is answered, even if the backend hangs "
+        "(false, or 400 for Postfix). Keep it below the client's own timeout "
+        "(Prosody waits 5 s).",
+        _seconds,
+    ),
+    Setting(
+        "max-in-flight", "maxInFlight", "64",
+        "Requests worked on at once per connection; past it the connection is not "
+        "read until answers leave.",
+        _count,
+    ),
+    Setting(
+        "db", "db", "/var/lib/xcauth/xcauth.sqlite3",
+        "The state database (SQLite): per-domain settings and the persistent "
+        "credential cache.",
+    ),
+    Setting(
+        "cache-storage", "cacheStorage", "none",
+        "Credential cache: none, memory, or db (in the state database).",
+        _choice(CACHE_STORAGES),
+    ),
+    Setting(
+        "cache-query-ttl", "cacheQueryTTL", "1h",
+        "A cached password is used without asking the backend if it was last used "
+        "within this time (and verified within the verification TTL). Seconds or N "
+        "with s, m, h, d, w.",
+        parseTTL,
+    ),
+    Setting(
+        "cache-verification-ttl", "cacheVerificationTTL", "1d",
+        "A cached password is used without asking the backend only if the backend "
+        "confirmed it within this time.",
+        parseTTL,
+    ),
+    Setting(
+        "cache-unreachable-ttl", "cacheUnreachableTTL", "1w",
+        "While the backend is unavailable, a cached password confirmed within this "
+        "time is accepted.",
+        parseTTL,
+    ),
+    Setting(
+        "cache-bcrypt-rounds", "bcryptRounds", "12,4",
+        "bcrypt cost of cached passwords: PERSISTENT,MEMORY (for cache-storage db "
+        "and memory).",
+        lambda name, text: parseRounds(text),
+    ),
+)
+
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def default(name: str) -> Any:
+    """
+    The parsed default of option C{name}.
+    """
+    setting = SETTINGS_BY_NAME[name]
+    assert setting.default is not None, name
+    return setting.parse(name, setting.default)
+
+
+@attr.s(frozen=True, auto_attribs=True)
 class Config:
     """
-    The validated settings.
+    The validated settings (see L{SETTINGS} for what each means).
     """
 
     type: str
     url: str
     secrets: tuple[bytes, ...]
-    connectTimeout: float
-    totalTimeout: float
+    timeout: tuple[float, float]
     deadline: float
     maxInFlight: int
+    db: str
+    cacheStorage: str
+    cacheQueryTTL: float
+    cacheVerificationTTL: float
+    cacheUnreachableTTL: float
+    bcryptRounds: tuple[int, int]
     debug: bool
-    listen: list[str]
+    listen: tuple[str, ...]
     configFile: str | None
-    log: str | None = None
-    db: str = "/var/lib/xcauth/xcauth.sqlite3"
-    cacheStorage: str = "none"
-    cacheQueryTTL: float = 3600.0
-    cacheVerificationTTL: float = 86400.0
-    cacheUnreachableTTL: float = 7 * 86400.0
-    bcryptRounds: tuple[int, int] = (12, 4)
+    log: str | None
+
+    @property
+    def connectTimeout(self) -> float:
+        """
+        Seconds to connect to the backend.
+        """
+        return self.timeout[0]
+
+    @property
+    def totalTimeout(self) -> float:
+        """
+        Seconds for a whole backend request.
+        """
+        return self.timeout[1]
 
 
 class ConfigOptions(usage.Options):
@@ -216,106 +382,20 @@ class ConfigOptions(usage.Options):
     ]
     optParameters = [
         [
-            "log",
-            "l",
-            None,
-            "Log file of the xcauth command (stdin/stdout and one-shot modes), or a "
-            "directory to log to xcauth.log in; default: standard error. The "
-            "daemon logs where twistd's --logfile says.",
-        ],
-        [
             "config-file",
             "c",
             None,
             f"Read options from this file (default: {DEFAULT_CONFIG_FILE} when it "
             "exists). Command-line options override it.",
-        ],
+        ]
+    ] + [
         [
-            "type",
-            "t",
+            s.name,
+            s.short,
             None,
-            "Framing of listeners that do not name one: prosody, generic, ejabberd, "
-            "ejabberd-line, saslauthd, postfix. [default: generic]",
-        ],
-        [
-            "url",
-            "u",
-            None,
-            "URL of the JSXC external API, e.g. "
-            "https://cloud.example.org/index.php/apps/ojsxc/ajax/externalApi.php",
-        ],
-        [
-            "secret",
-            "s",
-            None,
-            "The JSXC API secret. Several comma-separated secrets are allowed while "
-            "rotating: tokens made with any are accepted, requests are signed with "
-            "the first.",
-        ],
-        [
-            "timeout",
-            None,
-            None,
-            "Backend timeouts in seconds: N, or CONNECT,TOTAL. [default: 5,10]",
-        ],
-        [
-            "deadline",
-            None,
-            None,
-            "Seconds within which every request is answered, even if the backend "
-            "hangs (false, or 400 for Postfix). Keep it below the client's own "
-            "timeout (Prosody waits 5 s). [default: 4]",
-        ],
-        [
-            "max-in-flight",
-            None,
-            None,
-            "Requests worked on at once per connection; past it the connection is "
-            "not read until answers leave. [default: 64]",
-        ],
-        [
-            "db",
-            None,
-            None,
-            "The state database (SQLite): per-domain settings and the persistent "
-            "credential cache. [default: /var/lib/xcauth/xcauth.sqlite3]",
-        ],
-        [
-            "cache-storage",
-            None,
-            None,
-            "Credential cache: none, memory, or db (in the state database). "
-            "[default: none]",
-        ],
-        [
-            "cache-query-ttl",
-            None,
-            None,
-            "A cached password is used without asking the backend if it was last "
-            "used within this time (and verified within the verification TTL). "
-            "Seconds or N with s, m, h, d, w. [default: 1h]",
-        ],
-        [
-            "cache-verification-ttl",
-            None,
-            None,
-            "A cached password is used without asking the backend only if the "
-            "backend confirmed it within this time. [default: 1d]",
-        ],
-        [
-            "cache-unreachable-ttl",
-            None,
-            None,
-            "While the backend is unavailable, a cached password confirmed within "
-            "this time is accepted. [default: 1w]",
-        ],
-        [
-            "cache-bcrypt-rounds",
-            None,
-            None,
-            "bcrypt cost of cached passwords: PERSISTENT,MEMORY (for "
-            "cache-storage db and memory). [default: 12,4]",
-        ],
+            s.help + (f" [default: {s.default}]" if s.default is not None else ""),
+        ]
+        for s in SETTINGS
     ]
 
     config: Config
@@ -375,49 +455,45 @@ class ConfigOptions(usage.Options):
     def postOptions(self) -> None:
         try:
             self._mergeFile()
-            for key, value in DEFAULTS.items():
-                if self[key] is None:
-                    self[key] = value
             self.config = self.validate()
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
     def validate(self) -> Config:
         """
-        Check the merged options and build the L{Config}.
+        Parse the merged options (defaults for those not given) and check them
+        together.
         """
-        if self["type"] not in self.framingNames():
+        values: dict[str, Any] = {}
+        for s in SETTINGS:
+            text = self[s.name]
+            if text is None:
+                text = s.default
+            values[s.attribute] = None if text is None else s.parse(s.name, text)
+        if values["type"] not in self.framingNames():
             raise ConfigError(
-                f"unknown type {self['type']!r}: use one of "
+                f"unknown type {values['type']!r}: use one of "
                 + ", ".join(self.framingNames())
             )
-        if not self["url"]:
+        if not values["url"]:
             raise ConfigError(
                 "no backend url: set url=... in the config file or give --url"
             )
         try:
-            validateURL(self["url"])
+            validateURL(values["url"])
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if not self["secret"]:
+        if not values["secrets"]:
             raise ConfigError(
                 "no API secret: set secret=... in the config file or give --secret"
             )
-        secrets = tuple(
-            s.strip().encode("utf-8") for s in self["secret"].split(",") if s.strip()
-        )
-        if not secrets:
+        values["secrets"] = splitSecrets(values["secrets"])
+        if not values["secrets"]:
             raise ConfigError("the secret setting holds no secret")
-        connect, total = parseTimeout(self["timeout"])
-        if self["cache-storage"] not in CACHE_STORAGES:
-            raise ConfigError(
-                f"cache-storage {self['cache-storage']!r} is not valid: use one of "
-                + ", ".join(CACHE_STORAGES)
-            )
-        db = self["db"]
+        db = values["db"]
         if not db:
             raise ConfigError("db needs the path of the state database")
-        if self["cache-storage"] == "db":
+        if values["cacheStorage"] == "db":
             directory = os.path.dirname(os.path.abspath(db))
             if not os.path.isdir(directory):
                 raise ConfigError(
@@ -425,25 +501,8 @@ class ConfigOptions(usage.Options):
                     "writable by the xcauth user, or set db=...)"
                 )
         return Config(
-            type=self["type"],
-            url=self["url"],
-            secrets=secrets,
-            connectTimeout=connect,
-            totalTimeout=total,
-            deadline=parsePositive("deadline", self["deadline"]),
-            maxInFlight=int(parsePositive("max-in-flight", self["max-in-flight"], True)),
             debug=bool(self["debug"]),
-            listen=list(self["listen"] or self.fileListen),
+            listen=tuple(self["listen"] or self.fileListen),
             configFile=self["config-file"],
-            log=self["log"],
-            db=db,
-            cacheStorage=self["cache-storage"],
-            cacheQueryTTL=parseTTL("cache-query-ttl", self["cache-query-ttl"]),
-            cacheVerificationTTL=parseTTL(
-                "cache-verification-ttl", self["cache-verification-ttl"]
-            ),
-            cacheUnreachableTTL=parseTTL(
-                "cache-unreachable-ttl", self["cache-unreachable-ttl"]
-            ),
-            bcryptRounds=parseRounds(self["cache-bcrypt-rounds"]),
+            **values,
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -19,8 +20,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from xcauth import store
-from xcauth.auth import DomainSettings
-from xcauth.nextcloud import NextcloudClient, validateURL
+from xcauth.config import splitSecrets, validateURL
+from xcauth.interfaces import IBackendClient
 
 log = Logger()
 
@@ -28,11 +29,20 @@ log = Logger()
 REFRESH_SECONDS = 5.0
 
 
-def splitSecrets(text: str) -> tuple[bytes, ...]:
+@attr.s(frozen=True, auto_attribs=True)
+class DomainSettings:
     """
-    Comma-separated secrets (the first signs requests) as bytes.
+    How to authenticate users of one XMPP domain.
+
+    @ivar secrets: the API secrets; the first signs requests, any of them may have
+        made a token (key rotation).
+    @ivar authDomain: the domain name the backend knows the users under.
+    @ivar client: the backend client for the domain's URL and first secret.
     """
-    return tuple(s.strip().encode("utf-8") for s in text.split(",") if s.strip())
+
+    secrets: tuple[bytes, ...]
+    authDomain: str | None
+    client: IBackendClient
 
 
 class DomainTable:
@@ -50,7 +60,7 @@ class DomainTable:
         self,
         db: store.Store,
         globalSettings: DomainSettings,
-        makeClient: Callable[[str, bytes], NextcloudClient],
+        makeClient: Callable[[str, bytes], IBackendClient],
         clock: IReactorTime,
         interval: float = REFRESH_SECONDS,
     ) -> None:
@@ -61,7 +71,7 @@ class DomainTable:
         self._interval = interval
         self._settings: dict[str, DomainSettings] = {}
         self._rows: list[store.DomainRow] | None = None
-        self._clients: dict[tuple[str, bytes], NextcloudClient] = {}
+        self._clients: dict[tuple[str, bytes], IBackendClient] = {}
         self._loop: LoopingCall | None = None
         self._loaded = False
         self._waiting: list[Deferred[None]] = []
@@ -141,7 +151,7 @@ class DomainTable:
             return
         self._rows = rows
         settings: dict[str, DomainSettings] = {}
-        clients: dict[tuple[str, bytes], NextcloudClient] = {}
+        clients: dict[tuple[str, bytes], IBackendClient] = {}
         g = self.globalSettings
         for row in rows:
             try:

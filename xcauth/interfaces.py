@@ -11,10 +11,14 @@ The contracts between xcauth's parts, in a module that imports no other part.
 from __future__ import annotations
 
 import enum
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import attr
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 
 class Outcome(enum.Enum):
@@ -53,7 +57,7 @@ class IAuthenticator(Interface):
 
     def authenticate(
         user: str, domain: str, password: str, peer: str | None = None
-    ) -> Any:
+    ) -> Deferred[bool | None]:
         """
         Whether C{password} (or a time-limited token) is right for
         C{user@domain}.
@@ -63,14 +67,14 @@ class IAuthenticator(Interface):
         @return: L{Deferred} firing with C{True}, C{False} or C{None}.
         """
 
-    def isUser(user: str, domain: str) -> Any:
+    def isUser(user: str, domain: str) -> Deferred[bool | None]:
         """
         Whether C{user@domain} exists.
 
         @return: L{Deferred} firing with C{True}, C{False} or C{None}.
         """
 
-    def roster(user: str, domain: str) -> Any:
+    def roster(user: str, domain: str) -> Deferred[bytes | None]:
         """
         The shared roster of C{user@domain} as one line of JSON in the JSXC
         answer's shape (C{{"result":"success","data":{"sharedRoster":...}}}).
@@ -86,7 +90,7 @@ class IBackendClient(Interface):
 
     url = Attribute("The backend's URL, for log lines (never with credentials).")
 
-    def auth(user: str, domain: str, password: str) -> Any:
+    def auth(user: str, domain: str, password: str) -> Deferred[Outcome]:
         """
         Check a password.
 
@@ -94,14 +98,14 @@ class IBackendClient(Interface):
             backend said the password is wrong.
         """
 
-    def isUser(user: str, domain: str) -> Any:
+    def isUser(user: str, domain: str) -> Deferred[Outcome]:
         """
         Whether the user exists.
 
         @return: L{Deferred} firing with an L{Outcome}.
         """
 
-    def sharedRoster(user: str, domain: str) -> Any:
+    def sharedRoster(user: str, domain: str) -> Deferred[dict[str, RosterEntry]]:
         """
         The users who share a group with C{user}, by user name.
 
@@ -115,7 +119,7 @@ class IWorker(Interface):
     Runs blocking functions off the reactor thread.
     """
 
-    def run(f: Any, *args: Any) -> Any:
+    def run(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         """
         Call C{f(*args)} in a worker thread.
 
@@ -128,26 +132,26 @@ class ICacheStorage(Interface):
     Where the credential cache keeps one entry per JID.
     """
 
-    def get(jid: str) -> Any:
+    def get(jid: str) -> Deferred[Any]:
         """
         @return: L{Deferred} firing with the entry of C{jid}, or C{None}.
         """
 
-    def put(jid: str, pwhash: bytes, now: float) -> Any:
+    def put(jid: str, pwhash: bytes, now: float) -> Deferred[None]:
         """
         Store a verified hash, keeping the first-success time.
 
         @return: L{Deferred} firing with C{None} once written.
         """
 
-    def touch(jid: str, now: float, verified: bool) -> Any:
+    def touch(jid: str, now: float, verified: bool) -> Deferred[None]:
         """
         Record a successful query (and a backend verification if C{verified}).
 
         @return: L{Deferred} firing with C{None} once written.
         """
 
-    def delete(jid: str) -> Any:
+    def delete(jid: str) -> Deferred[None]:
         """
         Forget C{jid}.
 

@@ -32,6 +32,9 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from xcauth.interfaces import IWorker
 
 log = Logger()
 
@@ -429,6 +432,7 @@ def clearCache(conn: sqlite3.Connection) -> int:
 # --- threads ----------------------------------------------------------------
 
 
+@implementer(IWorker)
 class ThreadWorker:
     """
     A small owned thread pool: L{run} calls a blocking function in one of its

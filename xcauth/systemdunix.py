@@ -8,18 +8,25 @@ removes the file when it stops.  For a socket systemd owns that is wrong three
 times over: it would undo C{SocketMode=0660} (anyone on the host could then
 test passwords), it fails with C{EPERM} for an unprivileged service, and after a
 restart of the service the socket systemd still holds would have no path.
-L{keepSystemdUNIXSocket} swaps in an endpoint whose port leaves the file alone.
+The endpoint type C{xcauth-systemd-unix:name=NAME} (or C{index=N}), registered
+by C{twisted/plugins/xcauth_endpoints.py}, listens on such a socket with a port
+that leaves the file alone; L{xcauth.listen} uses it for every
+C{systemd:domain=UNIX:...} listener.
+
+Twisted has no public way to adopt a UNIX socket without that chmod and unlink
+(C{reactor.adoptStreamPort} does both), so L{SystemdUNIXPort} works around
+C{twisted.internet.unix.Port.startListening} and C{connectionLost} through the
+private C{_bindPath} and C{_fromListeningDescriptor}; checked on Twisted 22.10
+to 26.10.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 from twisted.internet import fdesc, unix
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import implementer
 
@@ -88,14 +95,18 @@ class SystemdUNIXEndpoint:
         return succeed(port)
 
 
-def keepSystemdUNIXSocket(endpoint: Any) -> Any:
+def parseSystemdUNIX(reactor: Any, *args: str, **kwargs: str) -> SystemdUNIXEndpoint:
     """
-    C{endpoint}, or for an adopted UNIX socket (what C{systemd:domain=UNIX:...}
-    parses to) a L{SystemdUNIXEndpoint} for the same descriptor.
+    The endpoint for C{xcauth-systemd-unix:name=NAME} or C{...:index=N}: the
+    UNIX socket systemd passed under that name (C{FileDescriptorName=}) or at
+    that position, as Twisted's own C{systemd:domain=UNIX:...} endpoint finds
+    it (Twisted reads C{LISTEN_FDS} once, when it is imported, and removes it
+    from the environment).
     """
-    if (
-        isinstance(endpoint, AdoptedStreamServerEndpoint)
-        and endpoint.addressFamily == socket.AF_UNIX
-    ):
-        return SystemdUNIXEndpoint(endpoint.reactor, endpoint.fileno)
-    return endpoint
+    from twisted.internet.endpoints import serverFromString
+
+    if args or set(kwargs) - {"name", "index"} or len(kwargs) != 1:
+        raise ValueError("xcauth-systemd-unix takes name=NAME or index=N")
+    ((key, value),) = kwargs.items()
+    adopted = serverFromString(reactor, f"systemd:domain=UNIX:{key}={value}")
+    return SystemdUNIXEndpoint(reactor, adopted.fileno)

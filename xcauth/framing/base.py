@@ -6,7 +6,6 @@ cancellation when the client goes away, and one log line per request.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -20,6 +19,7 @@ from twisted.python.failure import Failure
 
 from xcauth.deadlines import Deadlines
 from xcauth.interfaces import IAuthenticator
+from xcauth.text import printable
 
 log = Logger()
 
@@ -56,6 +56,12 @@ class ServerContext:
             deadlines = self._deadlines = Deadlines(self.clock, self.deadline)
         return deadlines.watch(d)
 
+    def timer(self, framing: str, operation: str, user: str, domain: str) -> RequestTimer[Any]:
+        """
+        A L{RequestTimer} for one request, on this context's clock.
+        """
+        return RequestTimer(self.clock, framing, operation, user, domain)
+
 
 class XcauthFactory(Factory):
     """
@@ -64,16 +70,15 @@ class XcauthFactory(Factory):
 
     noisy = False
     # Factory declares it optional; here it is always given.
-    protocol: Callable[[], Any]
+    protocol: Callable[[ServerContext], Any]
 
-    def __init__(self, protocol: Callable[[], Any], context: ServerContext) -> None:
+    def __init__(self, protocol: Callable[[ServerContext], Any], context: ServerContext) -> None:
         self.protocol = protocol
         self.context = context
 
     def buildProtocol(self, addr: Any) -> Any:
-        p = self.protocol()
+        p = self.protocol(self.context)
         p.factory = self
-        p.context = self.context
         return p
 
 
@@ -105,14 +110,13 @@ class OrderedAnswers:
     pauseProducing: Callable[[], None]
     resumeProducing: Callable[[], None]
 
-    _slots: deque[_Slot]
     _closing = False
     _lost = False
     _pausedForLoad = False
 
-    def _initAnswers(self) -> None:
-        if not hasattr(self, "_slots"):
-            self._slots = deque()
+    def __init__(self, context: ServerContext) -> None:
+        self.context = context
+        self._slots: deque[_Slot] = deque()
 
     def startRequest(
         self, work: Deferred[T], encode: Callable[[T], bytes], fallback: bytes
@@ -124,7 +128,6 @@ class OrderedAnswers:
         @param encode: turns the result into the bytes to send.
         @param fallback: what to send if the work fails or misses the deadline.
         """
-        self._initAnswers()
         slot = _Slot()
         self._slots.append(slot)
         slot.deferred = work
@@ -176,7 +179,6 @@ class OrderedAnswers:
         """
         Queue an answer that is already known (it still waits for its turn).
         """
-        self._initAnswers()
         if not self._slots:
             self.transport.write(answer)
             return
@@ -189,7 +191,6 @@ class OrderedAnswers:
         """
         Read nothing more; close the connection once every answer has left.
         """
-        self._initAnswers()
         self._closing = True
         self.pauseProducing()
         self._flush()
@@ -236,7 +237,6 @@ class OrderedAnswers:
         """
         The connection is gone: cancel all work still pending for it.
         """
-        self._initAnswers()
         self._lost = True
         pending = [s.deferred for s in self._slots if s.deferred is not None]
         self._slots.clear()
@@ -251,16 +251,17 @@ class RequestTimer(Generic[T]):
     """
 
     # One per request, alive as long as the request: no instance dict.
-    __slots__ = ("framing", "operation", "user", "domain", "started")
+    __slots__ = ("clock", "framing", "operation", "user", "domain", "started")
 
     def __init__(
-        self, framing: str, operation: str, user: str, domain: str
+        self, clock: IReactorTime, framing: str, operation: str, user: str, domain: str
     ) -> None:
+        self.clock = clock
         self.framing = framing
         self.operation = operation
         self.user = printable(user)
         self.domain = printable(domain)
-        self.started = time.monotonic()
+        self.started = clock.seconds()
 
     def __call__(self, result: T) -> T:
         log.info(
@@ -270,7 +271,7 @@ class RequestTimer(Generic[T]):
             user=self.user,
             domain=self.domain,
             framing=self.framing,
-            ms=round((time.monotonic() - self.started) * 1000, 1),
+            ms=round((self.clock.seconds() - self.started) * 1000, 1),
         )
         return result
 
@@ -294,13 +295,3 @@ def _describeResult(result: object) -> str:
     if isinstance(result, bytes):
         return f"{len(result)} bytes"
     return str(result)
-
-
-def printable(text: str) -> str:
-    """
-    C{text} safe for a log line: control characters (a newline in a user name
-    could forge a log line) are escaped, and it is cut at 200 characters.
-    """
-    if not text.isprintable():
-        text = text.encode("unicode_escape").decode("ascii")
-    return text[:200]

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
 from zope.interface import implementer
 
-from xcauth.framing.base import OrderedAnswers
+from xcauth.framing.base import OrderedAnswers, ServerContext
 from xcauth.framing.lines import EjabberdLineProtocol
 from xcauth.framing.xmpp import XMPPRequests
 
@@ -47,9 +47,6 @@ class EjabberdProtocol(OrderedAnswers, XMPPRequests, Int16StringReceiver):
     # password or token) is far below 4 KiB.  A longer frame is not a request: log
     # it and close rather than buffer it.
     MAX_LENGTH = 4096
-
-    def connectionMade(self) -> None:
-        self._initAnswers()
 
     def stringReceived(self, data: bytes) -> None:
         if not data:
@@ -83,16 +80,17 @@ class EjabberdAutoProtocol(Protocol):
 
     inner: Any = None
     factory: Any
-    context: Any
+
+    def __init__(self, context: ServerContext) -> None:
+        self.context = context
 
     def dataReceived(self, data: bytes) -> None:
         if self.inner is None:
             if not data:
                 return
             line = b"a"[0] <= data[0] <= b"z"[0]
-            inner = EjabberdLineProtocol() if line else EjabberdProtocol()
+            inner = (EjabberdLineProtocol if line else EjabberdProtocol)(self.context)
             inner.factory = self.factory
-            inner.context = self.context
             self.inner = inner
             inner.makeConnection(self.transport)
         self.inner.dataReceived(data)

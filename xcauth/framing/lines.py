@@ -48,9 +48,6 @@ class XMPPLineProtocol(OrderedAnswers, XMPPRequests, LineReceiver):
     # fit well within 4 KiB.  A longer line is not a request: log it and close.
     MAX_LENGTH = 4096
 
-    def connectionMade(self) -> None:
-        self._initAnswers()
-
     def lineReceived(self, line: bytes) -> None:
         if line.endswith(b"\r"):
             line = line[:-1]

@@ -29,7 +29,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
-from xcauth.framing.base import OrderedAnswers, RequestTimer, printable
+from xcauth.framing.base import OrderedAnswers
+from xcauth.text import printable
 
 log = Logger()
 
@@ -135,9 +136,6 @@ class PostfixProtocol(OrderedAnswers, LineReceiver):
     _discarding = False
     _again: bytes | None = None
 
-    def connectionMade(self) -> None:
-        self._initAnswers()
-
     def dataReceived(self, data: bytes) -> None:
         while True:
             if self._discarding:
@@ -165,9 +163,7 @@ class PostfixProtocol(OrderedAnswers, LineReceiver):
             )
             self.startAnswered(parsed.answer)
             return
-        timer: RequestTimer[bool | None] = RequestTimer(
-            self.framing, "isuser", parsed.user, parsed.domain
-        )
+        timer = self.context.timer(self.framing, "isuser", parsed.user, parsed.domain)
         work = timer.observe(self.context.authenticator.isUser(parsed.user, parsed.domain))
         self.startRequest(work, encodeLookupAnswer, TEMPFAIL)
 

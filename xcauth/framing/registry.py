@@ -8,13 +8,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from xcauth.framing.base import ServerContext
 from xcauth.framing.ejabberd import EjabberdAutoProtocol, EjabberdProtocol
 from xcauth.framing.lines import EjabberdLineProtocol, XMPPLineProtocol
 from xcauth.framing.postfix import PostfixProtocol
 from xcauth.framing.saslauthd import SaslauthdProtocol
 
 #: Protocol classes for network listeners, by framing name.
-FRAMINGS: dict[str, Callable[[], Any]] = {
+FRAMINGS: dict[str, Callable[[ServerContext], Any]] = {
     "prosody": XMPPLineProtocol,
     "generic": XMPPLineProtocol,
     "ejabberd": EjabberdAutoProtocol,
@@ -25,7 +26,7 @@ FRAMINGS: dict[str, Callable[[], Any]] = {
 
 #: Protocol classes for stdin/stdout, where the framing is known: an ejabberd
 #: program spawned by ejabberd always speaks binary.
-STDIO_FRAMINGS: dict[str, Callable[[], Any]] = dict(FRAMINGS, ejabberd=EjabberdProtocol)
+STDIO_FRAMINGS: dict[str, Callable[[ServerContext], Any]] = dict(FRAMINGS, ejabberd=EjabberdProtocol)
 
 
 def framingNames() -> list[str]:

@@ -47,7 +47,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from xcauth.framing.base import OrderedAnswers, RequestTimer
+from xcauth.framing.base import OrderedAnswers, ServerContext
 
 log = Logger()
 
@@ -246,8 +246,8 @@ class SaslauthdProtocol(OrderedAnswers, Protocol):
     _answered = True
     _paused = False
 
-    def connectionMade(self) -> None:
-        self._initAnswers()
+    def __init__(self, context: ServerContext) -> None:
+        super().__init__(context)
         self._reader = FieldReader()
         self._fields = []
 
@@ -297,9 +297,7 @@ class SaslauthdProtocol(OrderedAnswers, Protocol):
             self.startAnswered(NO_INVALID)
             self._answered = True
             return
-        timer: RequestTimer[bool] = RequestTimer(
-            self.framing, "auth", parsed.user, parsed.domain
-        )
+        timer = self.context.timer(self.framing, "auth", parsed.user, parsed.domain)
         work = timer.observe(
             self.context.authenticator.authenticate(
                 parsed.user, parsed.domain, parsed.password

@@ -11,7 +11,8 @@ import attr
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from xcauth.framing.base import RequestTimer, ServerContext, printable
+from xcauth.framing.base import ServerContext
+from xcauth.text import printable
 
 log = Logger()
 
@@ -89,9 +90,7 @@ def answerRequest(
         elsewhere it is answered false.
     """
     auth = context.authenticator
-    timer: RequestTimer[bool | bytes | None] = RequestTimer(
-        framing, request.operation, request.user, request.domain
-    )
+    timer = context.timer(framing, request.operation, request.user, request.domain)
     if request.operation == "auth":
         assert request.password is not None
         # Deferred[bool], Deferred[bool | None] or Deferred[bytes | None]: the

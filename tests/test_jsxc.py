@@ -1,5 +1,5 @@
 """
-Tests for L{xcauth.nextcloud}: signed requests to the JSXC API and how every
+Tests for L{xcauth.jsxc}: signed requests to the JSXC API and how every
 kind of answer is classified, against L{FakeJSXC} through treq's testing agent.
 """
 
@@ -15,7 +15,10 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from xcauth.nextcloud import NextcloudClient, Outcome, encodeBody, sign, validateURL
+from tests.fakes import jsxc
+from xcauth.config import validateURL
+from xcauth.interfaces import BackendUnavailable, Outcome, RosterEntry
+from xcauth.jsxc import encodeBody, sign
 from xcauth.testing.fakenextcloud import DEMO_USERS, FakeJSXC, makeSite
 
 URL = "https://cloud.example.org/index.php/apps/ojsxc/ajax/externalApi.php"
@@ -86,13 +89,13 @@ class RetryTests(SynchronousTestCase):
 
         clock = Clock()
         agent = RequestTraversalAgent(makeSite(FakeJSXC(SECRET, dict(DEMO_USERS), clock)).resource)
-        client = NextcloudClient(Flaky(1, agent), URL, SECRET, clock, 10)  # type: ignore[arg-type]
+        client = jsxc(Flaky(1, agent), URL, SECRET, clock, 10)
         d = client.auth("alice", "example.org", "pa:ss w")
         agent.flush()
         self.assertIs(self.successResultOf(d), Outcome.YES)
         self.assertEqual(len(calls), 2)
         calls.clear()
-        client = NextcloudClient(Flaky(2, agent), URL, SECRET, clock, 10)  # type: ignore[arg-type]
+        client = jsxc(Flaky(2, agent), URL, SECRET, clock, 10)
         d = client.auth("alice", "example.org", "pa:ss w")
         self.assertIs(self.successResultOf(d), Outcome.UNAVAILABLE)
         self.assertEqual(len(calls), 2)
@@ -104,7 +107,7 @@ class ClientTests(SynchronousTestCase):
         self.resource = FakeJSXC(SECRET, dict(DEMO_USERS), self.clock)
         self.agent = RequestTraversalAgent(makeSite(self.resource).resource)
         self.recording = _RecordingAgent(self.agent)
-        self.client = NextcloudClient(self.recording, URL, SECRET, self.clock, 10)
+        self.client = jsxc(self.recording, URL, SECRET, self.clock, 10)
 
     def result(self, d: Deferred[Any]) -> Any:
         self.agent.flush()
@@ -142,9 +145,11 @@ class ClientTests(SynchronousTestCase):
 
     def test_sharedRoster(self) -> None:
         roster = self.result(self.client.sharedRoster("alice", "example.org"))
-        self.assertTrue(roster.startswith(b'{"result":"success"'))
-        self.assertNotIn(b"\n", roster)
-        self.assertIsNone(self.result(self.client.sharedRoster("nobody", "example.org")))
+        self.assertEqual(roster["bob"], RosterEntry("Bob", ("Everyone",)))
+        self.assertNotIn("alice", roster)
+        d = self.client.sharedRoster("nobody", "example.org")
+        self.agent.flush()
+        self.failureResultOf(d, BackendUnavailable)
 
     def assertUnavailable(self, user: str, *, advance: float = 0) -> list[dict[str, Any]]:
         with capturedLogs() as events:
@@ -195,7 +200,7 @@ class ClientTests(SynchronousTestCase):
         self.assertIs(self.successResultOf(d), Outcome.UNAVAILABLE)
 
     def test_badSignatureIsConfigurationError(self) -> None:
-        client = NextcloudClient(self.agent, URL, b"wrong secret", self.clock, 10)
+        client = jsxc(self.agent, URL, b"wrong secret", self.clock, 10)
         with capturedLogs() as events:
             d = client.auth("alice", "example.org", "pa:ss w")
             self.agent.flush()
@@ -209,7 +214,7 @@ class ClientTests(SynchronousTestCase):
             def request(self, *a: Any, **kw: Any) -> Deferred[Any]:
                 return fail(ConnectionRefusedError())
 
-        client = NextcloudClient(Refusing(), URL, SECRET, self.clock, 10)  # type: ignore[arg-type]
+        client = jsxc(Refusing(), URL, SECRET, self.clock, 10)
         self.assertIs(self.successResultOf(client.auth("a", "b", "c")), Outcome.UNAVAILABLE)
 
     def test_cancelPropagates(self) -> None:

@@ -15,9 +15,11 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
 TWISTD = os.path.join(BIN, "twistd")
 XCAUTH = os.path.join(BIN, "xcauth")
@@ -48,7 +50,12 @@ def childEnv(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def waitFor(check, what: str, timeout: float = START_TIMEOUT, process=None) -> None:
+def waitFor(
+    check: Callable[[], object],
+    what: str,
+    timeout: float = START_TIMEOUT,
+    process: subprocess.Popen[bytes] | None = None,
+) -> None:
     """
     Poll C{check()} until it is true, for at most C{timeout} seconds.
     """
@@ -87,12 +94,12 @@ class Process:
     """
 
     def __init__(self, argv: list[str], logPath: str, env: dict[str, str] | None = None,
-                 **kw):
+                 **kw: Any) -> None:
         self.argv = argv
         self.logPath = os.path.abspath(logPath)
         self.env = childEnv(env)
         self.kw = kw
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.logPath, "ab") as log:
@@ -168,7 +175,7 @@ class FakeNextcloud(Process):
         return f"http://127.0.0.1:{self.port}/index.php/apps/ojsxc/ajax/externalApi.php"
 
 
-def writeConfig(path: str, url: str, secret: str = SECRET, **options: str) -> str:
+def writeConfig(path: str, url: str, secret: str = SECRET, **options: object) -> str:
     """
     Write an xcauth config file; C{options} with C{_} for C{-} in their keys.
     """
@@ -187,7 +194,7 @@ def writeConfig(path: str, url: str, secret: str = SECRET, **options: str) -> st
     return path
 
 
-def startBackend(testCase, directory: str, **options) -> tuple[FakeNextcloud, str]:
+def startBackend(testCase: Any, directory: str, **options: Any) -> tuple[FakeNextcloud, str]:
     """
     Start the fake Nextcloud in C{directory} (stopped when C{testCase} ends) and
     write C{directory/xcauth.conf} pointing at it, with C{options} as for
@@ -209,7 +216,7 @@ class Daemon(Process):
 
     def __init__(self, directory: str, args: list[str],
                  waitOn: Iterable[tuple[str, int] | str] = (),
-                 env: dict[str, str] | None = None, **kw):
+                 env: dict[str, str] | None = None, **kw: Any) -> None:
         directory = os.path.abspath(directory)
         os.makedirs(directory, exist_ok=True)
         self.waitOn = list(waitOn)
@@ -225,7 +232,7 @@ class Daemon(Process):
         # SIGTERM before that would kill the daemon without its clean stop.
         waitFor(lambda: "xcauth ready:" in self.output(), "xcauth ready", process=self.process)
         for address in self.waitOn:
-            waitFor(lambda a=address: canConnect(a), f"xcauth listening on {address}",
+            waitFor(partial(canConnect, address), f"xcauth listening on {address}",
                     process=self.process)
 
     def output(self) -> str:
@@ -284,7 +291,7 @@ def recvAll(s: socket.socket) -> bytes:
     """
     Read until the peer closes.
     """
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         chunk = s.recv(65536)
         if not chunk:
