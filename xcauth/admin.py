@@ -64,6 +64,22 @@ class _DatabaseOptions(usage.Options):
     ]
 
 
+class _CommandGroup(_DatabaseOptions):
+    """
+    A command word whose own command words follow (C{domains add ...}).
+    """
+
+    #: The group's name, for messages.
+    name = ""
+    subCommands: list[Any] = []
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError(
+                f"{self.name} needs one of: " + ", ".join(c[0] for c in self.subCommands)
+            )
+
+
 def databasePath(options: usage.Options) -> str:
     """
     The database an administration command acts on: the innermost C{--db},
@@ -205,11 +221,12 @@ class DomainListOptions(_DatabaseOptions):
     synopsis = ""
 
 
-class DomainsOptions(_DatabaseOptions):
+class DomainsOptions(_CommandGroup):
     """
     C{domains add|set|remove|list|show}
     """
 
+    name = "domains"
     synopsis = "add|set|remove|list|show ..."
     subCommands = [
         ["add", None, DomainAddOptions, "Add a domain with its own backend."],
@@ -219,9 +236,6 @@ class DomainsOptions(_DatabaseOptions):
         ["show", None, DomainShowOptions, "Show one domain."],
     ]
 
-    def postOptions(self) -> None:
-        if self.subCommand is None:
-            raise usage.UsageError("domains needs one of: add, set, remove, list, show")
 
 
 class CacheRemoveOptions(_DatabaseOptions):
@@ -251,11 +265,12 @@ class CacheClearOptions(_DatabaseOptions):
     synopsis = ""
 
 
-class CacheOptions(_DatabaseOptions):
+class CacheOptions(_CommandGroup):
     """
     C{cache list|remove|clear}
     """
 
+    name = "cache"
     synopsis = "list|remove JID|clear"
     subCommands = [
         ["list", None, CacheListOptions, "List the cached JIDs and their times."],
@@ -263,9 +278,6 @@ class CacheOptions(_DatabaseOptions):
         ["clear", None, CacheClearOptions, "Forget every cached password."],
     ]
 
-    def postOptions(self) -> None:
-        if self.subCommand is None:
-            raise usage.UsageError("cache needs one of: list, remove, clear")
 
 
 #: The administration commands, as C{subCommands} of the C{xcauth} command.

@@ -201,6 +201,19 @@ class BytesProducer:
         pass
 
 
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class _Request:
+    """
+    What to send, while the request waits for its turn.
+    """
+
+    method: bytes
+    url: bytes
+    headers: Headers
+    body: bytes | None
+    maxBody: int
+
+
 class _CappedBody(Protocol):
     """
     Collects a body of at most C{limit} bytes within a L{BodyBudget}; closes
@@ -316,21 +329,13 @@ class HTTPRequester:
             body too large) or L{CancelledError} when cancelled.
         """
         turn: Deferred[Any] = self._turns.acquire()
-        turn.addCallback(self._start, method, url, headers, body, maxBody)
+        turn.addCallback(self._start, _Request(method, url, headers, body, maxBody))
         turn.addErrback(self._unavailable)
         return turn
 
-    def _start(
-        self,
-        _: object,
-        method: bytes,
-        url: bytes,
-        headers: Headers,
-        body: bytes | None,
-        maxBody: int,
-    ) -> Deferred[Answer]:
-        d: Deferred[Any] = self._send(method, url, headers, body, retry=method == b"POST")
-        d.addCallback(self._read, maxBody)
+    def _start(self, _: object, r: _Request) -> Deferred[Answer]:
+        d: Deferred[Any] = self._send(r.method, r.url, r.headers, r.body, r.method == b"POST")
+        d.addCallback(self._read, r.maxBody)
         d.addErrback(_normalizeCancel)
         self._deadlines.watch(d)
         d.addBoth(self._release)
