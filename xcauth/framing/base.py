@@ -12,10 +12,11 @@ from typing import Any, Generic, TypeVar
 
 import attr
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from xcauth.deadlines import Deadlines
 from xcauth.interfaces import IAuthenticator
@@ -91,17 +92,55 @@ class _Slot:
         self.deferred: Deferred[Any] | None = None
 
 
+@implementer(IPushProducer)
+class _UnsentAnswers:
+    """
+    Registered with a connection's transport as its producer: when answers pile
+    up unsent (the client does not read them), the transport pauses it, and
+    the connection stops reading requests until they have left.
+    """
+
+    __slots__ = ("connection",)
+
+    def __init__(self, connection: OrderedAnswers) -> None:
+        self.connection = connection
+
+    def pauseProducing(self) -> None:
+        self.connection._hold("unsent")
+
+    def resumeProducing(self) -> None:
+        self.connection._release("unsent")
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class OrderedAnswers:
     """
     Mixin for receivers: answers leave in request order however the work
     completes, at most C{context.maxInFlight} requests are worked on at once, each
     is answered within C{context.deadline}, and pending work is cancelled when the
-    connection is lost.
+    connection is lost.  No connection takes more than its share: at most
+    L{MAX_PER_TURN} requests are parsed from it per reactor turn, it is not read
+    while its answers are not read, and one that sends L{MAX_INVALID} invalid
+    requests is closed.  Invalid requests are logged as one line per
+    connection and L{INVALID_LOG_INTERVAL}, not one line each.
 
     The receiver provides C{transport}, C{pauseProducing} and C{resumeProducing}
-    (Twisted's L{LineReceiver} and L{IntNStringReceiver} do), and calls
-    L{startRequest} for every request and L{closeWhenAnswered} to finish.
+    (Twisted's L{LineReceiver} and L{IntNStringReceiver} do: their parsing
+    loops stop while paused), passes each read through L{dataReceived}, and
+    calls L{startRequest} or L{startAnswered} for every request and
+    L{closeWhenAnswered} to finish.
     """
+
+    #: Requests parsed from one connection in one reactor turn; the rest of
+    #: what it sent waits for the next turn, after the other connections.
+    MAX_PER_TURN = 32
+    #: Invalid requests after which a connection is closed (no real client
+    #: sends any: a connection sending this many is broken or hostile).
+    MAX_INVALID = 1000
+    #: Seconds between two log lines about one connection's invalid requests.
+    INVALID_LOG_INTERVAL = 60.0
 
     context: ServerContext
     transport: Any
@@ -112,11 +151,80 @@ class OrderedAnswers:
 
     _closing = False
     _lost = False
-    _pausedForLoad = False
+    _turnRequests = 0
+    _resuming = False
+    _invalid = 0
+    _invalidUnlogged = 0
+    _invalidLoggedAt = 0.0
 
     def __init__(self, context: ServerContext) -> None:
         self.context = context
         self._slots: deque[_Slot] = deque()
+        # Why the connection is not read now ("load", "turn", "unsent").
+        self._holds: set[str] = set()
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(_UnsentAnswers(self), True)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        One read from the connection: a new turn.
+        """
+        self._turnRequests = 0
+        super().dataReceived(data)  # type: ignore[misc]
+
+    def _hold(self, reason: str) -> None:
+        if not self._holds and not self._closing:
+            self.pauseProducing()
+        self._holds.add(reason)
+
+    def _release(self, reason: str) -> None:
+        self._holds.discard(reason)
+        if not self._holds and not self._resuming:
+            # Resume on a later turn: resuming parses buffered input, and this
+            # may run inside the receiver's own parsing loop.
+            self._resuming = True
+            self.context.clock.callLater(0, self._resumeReading)
+
+    def _resumeReading(self) -> None:
+        self._resuming = False
+        if not (self._lost or self._closing or self._holds):
+            self._turnRequests = 0
+            self.resumeProducing()
+
+    def _counted(self) -> None:
+        self._turnRequests += 1
+        if self._turnRequests >= self.MAX_PER_TURN and "turn" not in self._holds:
+            self._hold("turn")
+            self._release("turn")
+
+    def noteInvalid(self, reason: str) -> None:
+        """
+        A request answered without any work because it is not valid: counted,
+        and logged at most once per L{INVALID_LOG_INTERVAL}.
+        """
+        self._invalid += 1
+        self._invalidUnlogged += 1
+        now = self.context.clock.seconds()
+        if self._invalid == 1 or now - self._invalidLoggedAt >= self.INVALID_LOG_INTERVAL:
+            self._logInvalid(reason)
+            self._invalidLoggedAt = now
+        if self._invalid == self.MAX_INVALID:
+            log.warn(
+                "{framing} client sent {count} invalid requests; closing the connection",
+                framing=self.framing,
+                count=self._invalid,
+            )
+            self.closeWhenAnswered()
+
+    def _logInvalid(self, reason: str | None) -> None:
+        log.info(
+            "{count} invalid request(s) via {framing} answered false; last: {reason}",
+            count=self._invalidUnlogged,
+            framing=self.framing,
+            reason=reason or "(see above)",
+        )
+        self._invalidUnlogged = 0
 
     def startRequest(
         self, work: Deferred[T], encode: Callable[[T], bytes], fallback: bytes
@@ -128,6 +236,7 @@ class OrderedAnswers:
         @param encode: turns the result into the bytes to send.
         @param fallback: what to send if the work fails or misses the deadline.
         """
+        self._counted()
         slot = _Slot()
         self._slots.append(slot)
         slot.deferred = work
@@ -144,8 +253,7 @@ class OrderedAnswers:
             errbackArgs=(slot, fallback),
         )
         if not slot.done and len(self._slots) >= self.context.maxInFlight:
-            self._pausedForLoad = True
-            self.pauseProducing()
+            self._hold("load")
 
     def _requestDone(
         self, result: T, slot: _Slot, encode: Callable[[T], bytes], fallback: bytes
@@ -179,6 +287,7 @@ class OrderedAnswers:
         """
         Queue an answer that is already known (it still waits for its turn).
         """
+        self._counted()
         if not self._slots:
             self.transport.write(answer)
             return
@@ -209,15 +318,8 @@ class OrderedAnswers:
         if self._closing:
             if not slots:
                 self.transport.loseConnection()
-        elif self._pausedForLoad and len(slots) < self.context.maxInFlight:
-            self._pausedForLoad = False
-            # Resume on a later turn: resuming parses buffered input, and this may
-            # run inside the receiver's own parsing loop.
-            self.context.clock.callLater(0, self._resumeReading)
-
-    def _resumeReading(self) -> None:
-        if not (self._lost or self._closing or self._pausedForLoad):
-            self.resumeProducing()
+        elif "load" in self._holds and len(slots) < self.context.maxInFlight:
+            self._release("load")
 
     def readConnectionLost(self) -> None:
         """
@@ -238,6 +340,8 @@ class OrderedAnswers:
         The connection is gone: cancel all work still pending for it.
         """
         self._lost = True
+        if self._invalidUnlogged and self._invalid > 1:
+            self._logInvalid(None)
         pending = [s.deferred for s in self._slots if s.deferred is not None]
         self._slots.clear()
         for d in pending:

@@ -67,10 +67,13 @@ class Lookup:
 class Answered:
     """
     A request answered without backend work; the reason is safe to log.
+    C{invalid} for a request no Postfix sends (a key that is not an address,
+    such as the C{@domain} lookups Postfix makes, is a valid request).
     """
 
     answer: bytes
     reason: str
+    invalid: bool = True
 
 
 Parsed = Union[Lookup, Answered]
@@ -107,7 +110,7 @@ def parseQuery(line: bytes) -> Parsed:
         return Answered(NOT_FOUND, "key is not valid %XX-encoded UTF-8")
     user, at, domain = text.rpartition("@")
     if not at or not user or not domain:
-        return Answered(NOT_FOUND, f"key {printable(text)!r} is not local@domain")
+        return Answered(NOT_FOUND, f"key {printable(text)!r} is not local@domain", False)
     return Lookup(user, domain)
 
 
@@ -155,12 +158,10 @@ class PostfixProtocol(OrderedAnswers, LineReceiver):
             line = line[:-1]
         parsed = parseQuery(line)
         if isinstance(parsed, Answered):
-            log.info(
-                "request answered {answer} via {framing}: {reason}",
-                answer=parsed.answer[:3].decode("ascii"),
-                framing=self.framing,
-                reason=parsed.reason,
-            )
+            if parsed.invalid:
+                self.noteInvalid(f"answered {parsed.answer[:3].decode('ascii')}: {parsed.reason}")
+            elif self.context.debug:
+                log.debug("{framing}: {reason}", framing=self.framing, reason=parsed.reason)
             self.startAnswered(parsed.answer)
             return
         timer = self.context.timer(self.framing, "isuser", parsed.user, parsed.domain)

@@ -252,6 +252,7 @@ class SaslauthdProtocol(OrderedAnswers, Protocol):
         self._fields = []
 
     def dataReceived(self, data: bytes) -> None:
+        self._turnRequests = 0
         if self._closing or self._lost:
             return
         if self._window and self._answered and not self._reader.pending:
@@ -289,11 +290,7 @@ class SaslauthdProtocol(OrderedAnswers, Protocol):
     def _handle(self, fields: list[Field]) -> None:
         parsed = parseFields(fields)
         if isinstance(parsed, Invalid):
-            log.info(
-                "request answered NO via {framing}: {reason}",
-                framing=self.framing,
-                reason=parsed.reason,
-            )
+            self.noteInvalid(parsed.reason)
             self.startAnswered(NO_INVALID)
             self._answered = True
             return

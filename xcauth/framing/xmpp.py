@@ -105,14 +105,6 @@ def answerRequest(
     return timer.observe(d)
 
 
-def logInvalid(framing: str, invalid: Invalid) -> None:
-    """
-    Log a request that was answered false without any work.
-    """
-    log.info("request answered false via {framing}: {reason}", framing=framing,
-             reason=invalid.reason)
-
-
 class XMPPRequests:
     """
     Mixin for the XMPP framings' protocols (with L{OrderedAnswers}): turn one
@@ -141,7 +133,7 @@ class XMPPRequests:
         if isinstance(parsed, Close):
             self.closeWhenAnswered()  # type: ignore[attr-defined]
         elif isinstance(parsed, Invalid):
-            logInvalid(self.framing, parsed)
+            self.noteInvalid(parsed.reason)  # type: ignore[attr-defined]
             self.startAnswered(self.false)  # type: ignore[attr-defined]
         else:
             work = answerRequest(self.context, self.framing, parsed, roster=self.roster)
