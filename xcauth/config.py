@@ -35,7 +35,11 @@ DEFAULTS: dict[str, Any] = {
     "cache-verification-ttl": "1d",
     "cache-unreachable-ttl": "1w",
     "cache-bcrypt-rounds": "12,4",
+    "roster-command-timeout": "10",
 }
+
+#: How the shared roster is synced to ejabberd (see xcauth.roster).
+ROSTER_SYNCS = ("none", "http", "ejabberdctl")
 
 #: Where the credential cache may live.
 CACHE_STORAGES = ("none", "memory", "db")
@@ -47,7 +51,6 @@ _TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 IGNORED_KEYS = frozenset(
     {
         "cache-db",
-        "ejabberdctl",
         "domain-db",
         "domains-db",
         "interactive",
@@ -204,6 +207,10 @@ class Config:
     cacheVerificationTTL: float = 86400.0
     cacheUnreachableTTL: float = 7 * 86400.0
     bcryptRounds: tuple[int, int] = (12, 4)
+    rosterSync: str = "none"
+    rosterApiURL: str | None = None
+    ejabberdctl: str | None = None
+    rosterCommandTimeout: float = 10.0
 
 
 class ConfigOptions(usage.Options):
@@ -316,6 +323,34 @@ class ConfigOptions(usage.Options):
             "bcrypt cost of cached passwords: PERSISTENT,MEMORY (for "
             "cache-storage db and memory). [default: 12,4]",
         ],
+        [
+            "roster-sync",
+            None,
+            None,
+            "Sync the Nextcloud groups a user shares to ejabberd shared roster "
+            "groups (and display names to vCard full names) after each login: "
+            "none, http (ejabberd's mod_http_api at roster-api-url) or "
+            "ejabberdctl (the program at ejabberdctl). [default: ejabberdctl when "
+            "ejabberdctl is set, http when roster-api-url is set, else none]",
+        ],
+        [
+            "roster-api-url",
+            None,
+            None,
+            "ejabberd's HTTP API for the roster sync, e.g. http://127.0.0.1:5281/api",
+        ],
+        [
+            "ejabberdctl",
+            None,
+            None,
+            "The ejabberdctl program for the roster sync, e.g. /usr/sbin/ejabberdctl",
+        ],
+        [
+            "roster-command-timeout",
+            None,
+            None,
+            "Seconds one ejabberd command of the roster sync may take. [default: 10]",
+        ],
     ]
 
     config: Config
@@ -417,7 +452,8 @@ class ConfigOptions(usage.Options):
         db = self["db"]
         if not db:
             raise ConfigError("db needs the path of the state database")
-        if self["cache-storage"] == "db":
+        rosterSync = self.rosterSync()
+        if self["cache-storage"] == "db" or rosterSync != "none":
             directory = os.path.dirname(os.path.abspath(db))
             if not os.path.isdir(directory):
                 raise ConfigError(
@@ -446,4 +482,52 @@ class ConfigOptions(usage.Options):
                 "cache-unreachable-ttl", self["cache-unreachable-ttl"]
             ),
             bcryptRounds=parseRounds(self["cache-bcrypt-rounds"]),
+            rosterSync=rosterSync,
+            rosterApiURL=self["roster-api-url"],
+            ejabberdctl=self["ejabberdctl"],
+            rosterCommandTimeout=parsePositive(
+                "roster-command-timeout", self["roster-command-timeout"]
+            ),
         )
+
+    def rosterSync(self) -> str:
+        """
+        The validated C{roster-sync} mode, implied by C{ejabberdctl=} or
+        C{roster-api-url=} when not given (configurations of older versions
+        enable the sync with C{ejabberdctl=} alone).
+        """
+        mode = self["roster-sync"]
+        if mode is None:
+            if self["ejabberdctl"] and self["roster-api-url"]:
+                raise ConfigError(
+                    "both ejabberdctl and roster-api-url are set: choose one with "
+                    "roster-sync=ejabberdctl or roster-sync=http"
+                )
+            mode = "ejabberdctl" if self["ejabberdctl"] else (
+                "http" if self["roster-api-url"] else "none"
+            )
+        if mode not in ROSTER_SYNCS:
+            raise ConfigError(
+                f"roster-sync {mode!r} is not valid: use one of " + ", ".join(ROSTER_SYNCS)
+            )
+        if mode == "http":
+            url = self["roster-api-url"]
+            if not url:
+                raise ConfigError(
+                    "roster-sync=http needs roster-api-url, e.g. "
+                    "roster-api-url=http://127.0.0.1:5281/api"
+                )
+            try:
+                validateURL(url)
+            except ValueError as e:
+                raise ConfigError(f"roster-api-url: {e}") from None
+        if mode == "ejabberdctl":
+            path = self["ejabberdctl"]
+            if not path:
+                raise ConfigError(
+                    "roster-sync=ejabberdctl needs ejabberdctl=PATH, e.g. "
+                    "ejabberdctl=/usr/sbin/ejabberdctl"
+                )
+            if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+                raise ConfigError(f"ejabberdctl {path!r} is not an executable program")
+        return str(mode)

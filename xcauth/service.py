@@ -23,6 +23,7 @@ from xcauth.framing.base import ServerContext, XcauthFactory
 from xcauth.framing.registry import FRAMINGS
 from xcauth.httpclient import HTTPClientPool
 from xcauth.nextcloud import NextcloudClient
+from xcauth.rostersetup import makeRosterSync
 from xcauth.store import Store, ThreadWorker, whenFired
 from xcauth.systemdunix import keepSystemdUNIXSocket
 from xcauth.tap import groupID, splitUnixGroup, unixSocketPath
@@ -66,7 +67,9 @@ class Backend(Service):
         # when the cache lives in it; otherwise it is read if (once) it exists.
         self.dbWorker = ThreadWorker(reactor, "xcauth-db", 1)
         self.store = Store(
-            config.db, self.dbWorker, create=config.cacheStorage == "db"
+            config.db,
+            self.dbWorker,
+            create=config.cacheStorage == "db" or config.rosterSync != "none",
         )
         self.domains = DomainTable(
             self.store, self.globalSettings, self.makeClient, reactor
@@ -87,12 +90,17 @@ class Backend(Service):
                 ),
                 config.bcryptRounds[0 if persistent else 1],
             )
+        # The shared roster sync to ejabberd (None unless configured).
+        self.rosterSync, self.rosterRunner = makeRosterSync(
+            config, reactor, self.settingsFor, self.store
+        )
         self.authenticator = Authenticator(
             self.settingsFor,
             reactor,
             cache=self.cache,
             ready=self.domains.whenReady,
             debug=config.debug,
+            onLogin=None if self.rosterSync is None else self.rosterSync.onLogin,
         )
         if self.cache is not None:
             self.cache.debug = config.debug
@@ -138,6 +146,10 @@ class Backend(Service):
 
     async def _stop(self) -> None:
         self.domains.stop()
+        if self.rosterSync is not None:
+            await self.rosterSync.stop()
+        if self.rosterRunner is not None:
+            await self.rosterRunner.close()
         await self.hashWorker.stop()
         if self.cache is not None:
             await _settled(list(self.cache.pending))
