@@ -63,7 +63,6 @@ class ConfigFileTests(SynchronousTestCase):
         """
         import contextlib
         import io
-
         import os
 
         directory = os.path.abspath(self.mktemp())

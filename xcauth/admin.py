@@ -11,6 +11,7 @@ which picks domain changes up within seconds)::
     xcauth [-c FILE] [--db PATH] cache list
     xcauth [-c FILE] [--db PATH] cache remove JID
     xcauth [-c FILE] [--db PATH] cache clear
+    xcauth [-c FILE] [--db PATH] roster refresh [USER@DOMAIN]
 
 The database is the one given with C{--db}, else the C{db=} of the config file
 (C{-c}, or C{/etc/xcauth.conf} when it exists), else the default.  Secrets are
@@ -32,7 +33,7 @@ from xcauth.config import DEFAULT_CONFIG_FILE, DEFAULTS, ConfigError, readConfig
 from xcauth.nextcloud import validateURL
 
 #: The words that start an administration command.
-COMMANDS = ("domains", "cache")
+COMMANDS = ("domains", "cache", "roster")
 
 #: Options before the command word that take a value.
 _VALUE_OPTIONS = ("-c", "--config-file", "--db")
@@ -270,6 +271,40 @@ class CacheOptions(usage.Options):
             raise usage.UsageError("cache needs one of: list, remove, clear")
 
 
+class RosterRefreshOptions(usage.Options):
+    """
+    C{roster refresh [USER@DOMAIN]}
+    """
+
+    synopsis = "[USER@DOMAIN]"
+
+    def parseArgs(self, jid: str | None = None) -> None:
+        if jid is not None and "@" not in jid:
+            raise usage.UsageError(f"{jid!r} is not a JID (USER@DOMAIN)")
+        self["jid"] = jid
+
+
+class RosterOptions(usage.Options):
+    """
+    C{roster refresh}
+    """
+
+    synopsis = "refresh [USER@DOMAIN]"
+    subCommands = [
+        [
+            "refresh",
+            None,
+            RosterRefreshOptions,
+            "Forget what the roster sync stored for a JID (or for all), so that "
+            "the next login syncs everything again.",
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError("roster needs: refresh")
+
+
 class AdminOptions(usage.Options):
     """
     Options of C{xcauth domains ...} and C{xcauth cache ...}.
@@ -289,11 +324,12 @@ class AdminOptions(usage.Options):
     subCommands = [
         ["domains", None, DomainsOptions, "Manage per-domain backends."],
         ["cache", None, CacheOptions, "Inspect and clear the credential cache."],
+        ["roster", None, RosterOptions, "Make the shared roster sync start over."],
     ]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("give a command: domains or cache")
+            raise usage.UsageError("give a command: domains, cache or roster")
 
     def databasePath(self) -> str:
         """
@@ -415,6 +451,25 @@ def runCache(conn: sqlite3.Connection, options: CacheOptions, out: Any) -> int:
     return 0
 
 
+def runRoster(conn: sqlite3.Connection, options: RosterOptions, out: Any) -> int:
+    """
+    Carry out a C{roster} command; returns the exit status.
+    """
+    from xcauth.rosterstore import forgetRoster
+
+    jid = options.subOptions["jid"]
+    count = forgetRoster(conn, jid)
+    if jid is None:
+        print(f"forgot the roster sync state of {count} JIDs: each is synced again "
+              "at its next login", file=out)
+        return 0
+    if not count:
+        raise AdminError(f"no roster sync state for {jid}")
+    print(f"forgot the roster sync state of {jid}: synced again at its next login",
+          file=out)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     """
     Run one administration command; returns the exit status (0 done, 1 the
@@ -425,7 +480,8 @@ def main(argv: list[str]) -> int:
         options.parseOptions(_globalOptionsFirst(argv))
     except usage.UsageError as e:
         print(f"xcauth: {e}", file=sys.stderr)
-        print("Run 'xcauth domains --help' or 'xcauth cache --help'.", file=sys.stderr)
+        print("Run 'xcauth domains --help', 'xcauth cache --help' or "
+              "'xcauth roster --help'.", file=sys.stderr)
         return 2
     try:
         path = options.databasePath()
@@ -437,6 +493,8 @@ def main(argv: list[str]) -> int:
         try:
             if options.subCommand == "domains":
                 return runDomains(conn, options.subOptions, sys.stdout)
+            if options.subCommand == "roster":
+                return runRoster(conn, options.subOptions, sys.stdout)
             return runCache(conn, options.subOptions, sys.stdout)
         finally:
             conn.close()

@@ -839,6 +839,27 @@ def _settled(d: Deferred[Any]) -> Deferred[None]:
     return waiter
 
 
+async def describeSync(sync: RosterSync, user: str, domain: str) -> str | None:
+    """
+    Run one sync of C{user@domain} and describe it for a person (the
+    C{xcauth -R} command); C{None} when it failed (the failure is logged).
+    """
+    try:
+        report = await sync.sync(user, domain)
+    except (CommandFailed, BackendUnavailable) as e:
+        log.error("roster sync of {user}@{domain} failed: {reason}",
+                  user=user, domain=domain, reason=str(e))
+        return None
+    if not report.changed:
+        return (
+            f"roster of {report.jid} unchanged since its last sync: no command run "
+            f"('xcauth roster refresh {report.jid}' makes the next sync run them)"
+        )
+    lines = [f"roster of {report.jid} synced with {len(report.commands)} commands:"]
+    lines += [f"  {command}" for command in report.commands]
+    return "\n".join(lines)
+
+
 # --- the backend side ---------------------------------------------------------
 
 
