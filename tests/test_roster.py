@@ -924,6 +924,19 @@ class _API(Resource):
         return answer
 
 
+class _Hanging:
+    """
+    An HTTP client whose requests never get an answer; C{canceller} says how a
+    cancelled one fails.
+    """
+
+    def __init__(self, canceller: Any) -> None:
+        self.canceller = canceller
+
+    def post(self, *a: Any, **kw: Any) -> Deferred[Any]:
+        return Deferred(self.canceller)
+
+
 class HTTPCommandRunnerTests(SynchronousTestCase):
     """
     L{HTTPCommandRunner}: JSON by argument name, ejabberd's answers.
@@ -967,16 +980,28 @@ class HTTPCommandRunnerTests(SynchronousTestCase):
             self.assertEqual((f.value.status, f.value.message), (status, message))
 
     def test_timeout(self) -> None:
-        class Hanging:
-            def post(self, *a: Any, **kw: Any) -> Deferred[Any]:
-                return Deferred()
+        """
+        A request without an answer in time is cancelled: a timeout, whether
+        the client reports the cancellation as such or (as the Agent does) as
+        a response never received because of it.
+        """
+        from twisted.internet.defer import CancelledError
+        from twisted.web._newclient import ResponseNeverReceived
 
-        runner = HTTPCommandRunner(Hanging(), "http://127.0.0.1:1/api", self.clock, 3.0)
-        d = runner.run(Command("srg_list", (("host", DOMAIN),)))
-        self.clock.advance(2.9)
-        self.assertNoResult(d)
-        self.clock.advance(0.1)
-        self.assertEqual(self.failureResultOf(d, CommandFailed).value.status, "timeout")
+        for cancelled in (
+            lambda d: d.errback(CancelledError()),
+            lambda d: d.errback(ResponseNeverReceived([Failure(CancelledError())])),
+        ):
+            runner = HTTPCommandRunner(
+                _Hanging(cancelled), "http://127.0.0.1:1/api", self.clock, 3.0
+            )
+            d = runner.run(Command("srg_list", (("host", DOMAIN),)))
+            self.clock.advance(2.9)
+            self.assertNoResult(d)
+            self.clock.advance(0.1)
+            f = self.failureResultOf(d, CommandFailed)
+            self.assertEqual((f.value.status, f.value.message),
+                             ("timeout", "no answer within 3 s"))
 
     def test_refused(self) -> None:
         class Refusing:

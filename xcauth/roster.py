@@ -389,9 +389,13 @@ def _httpResult(name: str, code: int, body: bytes) -> list[str]:
 def _httpFailure(name: str, f: Failure, timeout: float) -> Failure:
     if f.check(CommandFailed):
         return f
-    if f.check(TimeoutError, CancelledError):
+    reasons = getattr(f.value, "reasons", None) or []
+    # The Agent reports a request cancelled by the time limit as a connection
+    # failure (ResponseNeverReceived) whose reason is the cancellation.
+    if f.check(TimeoutError, CancelledError) or any(
+        r.check(CancelledError) for r in reasons
+    ):
         return Failure(CommandFailed(name, "timeout", f"no answer within {timeout:g} s"))
-    reasons = getattr(f.value, "reasons", None)
     value = reasons[0].value if reasons else f.value
     return Failure(
         CommandFailed(name, "no connection", f"{type(value).__name__}: {value}"[:200])
