@@ -22,13 +22,22 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import time
 from typing import Any
 
 from twisted.trial import unittest
 
 from tests.ejabberd import EjabberdInstance, ejabberdAvailable
-from tests.harness import Daemon, FakeNextcloud, freePort, waitFor, writeConfig
+from tests.harness import (
+    XCAUTH,
+    Daemon,
+    FakeNextcloud,
+    childEnv,
+    freePort,
+    waitFor,
+    writeConfig,
+)
 from tests.xmpplogin import fetchRoster, runLoginDetailed
 
 LOGIN_TIMEOUT = 20.0
@@ -118,7 +127,7 @@ class RosterE2EMixin:
             apiPermissions=permission,
         )
         os.makedirs(self.ej.dir, exist_ok=True)
-        config = writeConfig(
+        self.config = config = writeConfig(
             os.path.join(self.directory, "xcauth.conf"),
             self.nextcloud.url,
             type="ejabberd",
@@ -213,6 +222,22 @@ class HTTPAPITests(RosterE2EMixin, unittest.TestCase):
         self.assertNotIn("alice@example.org", self.roster(BOB))
         code, out = self.ej.ctl("srg_get_members", "G1", "example.org")
         self.assertEqual((code, out.split()), (0, ["bob@example.org"]))
+        # The commands, while the daemon runs.
+        self.assertIn("unchanged since its last sync", self.xcauth("-R", "alice", "example.org"))
+        self.assertIn("forgot the roster sync state of bob@example.org",
+                      self.xcauth("roster", "refresh", "bob@example.org"))
+        out = self.xcauth("-R", "bob", "example.org")
+        self.assertIn("roster of bob@example.org synced with", out)
+        self.assertIn('  set_vcard bob example.org FN "Bob B"', out)
+        self.assertIn("  srg_get_members G1 example.org", out)
+
+    def xcauth(self, *args: str) -> str:
+        result = subprocess.run(
+            [XCAUTH, "-c", self.config, *args], capture_output=True, text=True,
+            timeout=60, env=childEnv(), stdin=subprocess.DEVNULL,
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        return result.stdout
 
 
 class EjabberdctlTests(RosterE2EMixin, unittest.TestCase):

@@ -355,6 +355,7 @@ class HTTPCommandRunner:
             f"{self.url}/{command.name}",
             data=self._body(command),
             headers={b"Content-Type": [b"application/json"]},
+            allow_redirects=False,
         )
 
         def read(response: Any) -> Deferred[tuple[int, bytes]]:
