@@ -10,16 +10,17 @@ import json
 import os
 import signal
 import sqlite3
+import time
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError, ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
@@ -819,6 +820,10 @@ class _FakeProcess:
     def __init__(self) -> None:
         self.signals: list[Any] = []
         self.stdinClosed = False
+        self.lost = False
+
+    def loseConnection(self) -> None:
+        self.lost = True
 
     def signalProcess(self, sig: Any) -> None:
         self.signals.append(sig)
@@ -883,10 +888,22 @@ class EjabberdctlRunnerTests(SynchronousTestCase):
         self.assertEqual(self.reactor.process.signals, [])
         self.reactor.advance(0.1)
         self.assertEqual(self.reactor.process.signals, [signal.SIGKILL])
-        self.assertNoResult(d)
-        self.end(b"", ProcessTerminated(signal=9))
+        self.assertTrue(self.reactor.process.lost)
+        # Failed at once, even if the pipes stay open (children of a wrapper).
         f = self.failureResultOf(d, CommandFailed)
-        self.assertEqual(f.value.status, "timeout")
+        self.assertEqual((f.value.status, f.value.message), ("timeout", "killed after 10 s"))
+        self.end(b"", ProcessTerminated(signal=9))
+
+    def test_cancel(self) -> None:
+        """
+        Cancelling a command (a stopping daemon) kills its process.
+        """
+        d = self.runner.run(self.command)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.reactor.process.signals, [signal.SIGKILL])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.end(b"", ProcessTerminated(signal=9))
 
     def test_notStarted(self) -> None:
         class Broken(_ProcessReactor):
@@ -906,6 +923,69 @@ class EjabberdctlRunnerTests(SynchronousTestCase):
             protocol.outReceived(b"x" * roster.MAX_OUTPUT)
         protocol.processEnded(Failure(ProcessDone(0)))
         self.assertEqual(len(self.successResultOf(d)[0]), roster.MAX_OUTPUT)
+
+
+class EjabberdctlProcessTests(TestCase):
+    """
+    L{EjabberdctlRunner} with real processes: a stand-in C{ejabberdctl} script.
+    """
+
+    def script(self, body: str) -> str:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "ejabberdctl")
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\n" + body + "\n")
+        os.chmod(path, 0o755)
+        return path
+
+    async def test_arguments(self) -> None:
+        from twisted.internet import reactor
+
+        runner = EjabberdctlRunner(reactor, self.script('printf "%s\\n" "$@"'), 20.0)
+        lines = await runner.run(Command("set_vcard", (("u", "a b"), ("c", "$(x);*"))))
+        self.assertEqual(lines, ["set_vcard", "a b", "$(x);*"])
+        await runner.close()
+
+    async def test_failure(self) -> None:
+        from twisted.internet import reactor
+
+        runner = EjabberdctlRunner(
+            reactor, self.script("printf 'Error: \\377 no\\n' >&2; exit 3"), 20.0
+        )
+        with self.assertRaises(CommandFailed) as e:
+            await runner.run(Command("srg_list", ()))
+        self.assertEqual((e.exception.status, e.exception.message),
+                         ("exit status 3", "Error: \ufffd no"))
+        await runner.close()
+
+    async def test_timeoutKills(self) -> None:
+        """
+        A command still running at its time limit is killed and fails.
+        """
+        from twisted.internet import reactor
+
+        runner = EjabberdctlRunner(reactor, self.script("exec sleep 60"), 0.5)
+        started = time.monotonic()
+        with self.assertRaises(CommandFailed) as e:
+            await runner.run(Command("srg_list", ()))
+        self.assertEqual(e.exception.status, "timeout")
+        await runner.close()
+        self.assertLess(time.monotonic() - started, 30)
+
+    async def test_timeoutWrapperChild(self) -> None:
+        """
+        A wrapper whose child keeps the output pipe open (for 5 s) does not
+        hold the failure back until the child is done.
+        """
+        from twisted.internet import reactor
+
+        runner = EjabberdctlRunner(reactor, self.script("(sleep 5) & exec sleep 60"), 0.5)
+        started = time.monotonic()
+        with self.assertRaises(CommandFailed):
+            await runner.run(Command("srg_list", ()))
+        self.assertLess(time.monotonic() - started, 4.5)
+        await runner.close()
 
 
 class _API(Resource):

@@ -464,12 +464,15 @@ class EjabberdctlRunner:
         self.path = path
         self._timeout = timeout
         self._environ = dict(os.environ if environ is None else environ)
+        self._processes: set[Deferred[Any]] = set()
 
     def close(self) -> Deferred[None]:
         """
-        Nothing to release (each command is its own process).
+        Wait until the processes started have ended (those timed out or
+        cancelled were killed).
         """
-        return succeed(None)
+        waiting = [_settled(d) for d in self._processes]
+        return DeferredList(waiting).addCallback(lambda _: None)
 
     def run(self, command: Command) -> Deferred[list[str]]:
         """
@@ -487,32 +490,58 @@ class EjabberdctlRunner:
             )
         except OSError as e:
             return fail(CommandFailed(command.name, "not started", str(e)[:200]))
-        timedOut: list[bool] = []
-
         def kill() -> None:
-            timedOut.append(True)
             try:
                 process.signalProcess(signal.SIGKILL)
             except Exception:  # already gone
                 pass
+            # Children of a wrapper script may keep the pipes open: do not
+            # wait for them.
+            try:
+                process.loseConnection()
+            except Exception:
+                pass
 
-        clock: IReactorTime = self._reactor
-        timer = clock.callLater(self._timeout, kill)
-
-        def ended(result: tuple[str, bytes]) -> list[str]:
+        def cancel(d: Deferred[list[str]]) -> None:
             if timer.active():
                 timer.cancel()
-            status, output = result
-            text = output.decode("utf-8", "replace")
-            if timedOut:
-                raise CommandFailed(
-                    command.name, "timeout", f"killed after {self._timeout:g} s"
-                )
-            if status != "0":
-                raise CommandFailed(command.name, f"exit status {status}", _firstLine(text))
-            return [line for line in (s.strip() for s in text.splitlines()) if line]
+            kill()
 
-        return protocol.ended.addCallback(ended)
+        result: Deferred[list[str]] = Deferred(cancel)
+
+        def timeUp() -> None:
+            kill()
+            result.errback(
+                CommandFailed(command.name, "timeout", f"killed after {self._timeout:g} s")
+            )
+
+        clock: IReactorTime = self._reactor
+        timer = clock.callLater(self._timeout, timeUp)
+
+        def ended(outcome: tuple[str, bytes]) -> None:
+            if timer.active():
+                timer.cancel()
+            if result.called:  # timed out or cancelled already
+                return
+            status, output = outcome
+            text = output.decode("utf-8", "replace")
+            if status != "0":
+                result.errback(
+                    CommandFailed(command.name, f"exit status {status}", _firstLine(text))
+                )
+                return
+            result.callback(
+                [line for line in (s.strip() for s in text.splitlines()) if line]
+            )
+
+        self._processes.add(protocol.ended)
+        protocol.ended.addBoth(self._ended, protocol.ended)
+        protocol.ended.addCallback(ended)
+        return result
+
+    def _ended(self, outcome: Any, d: Deferred[Any]) -> Any:
+        self._processes.discard(d)
+        return outcome
 
 
 # --- the sync ---------------------------------------------------------------
