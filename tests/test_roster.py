@@ -752,6 +752,25 @@ class SchedulingTests(SyncTestMixin, SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(len(self.backend.requests), 1)
 
+    def test_stopDropsWaiting(self) -> None:
+        """
+        A sync waiting for a free slot when the daemon stops never starts.
+        """
+        self.sync = self.makeSync(maxConcurrent=1)
+        self.backend.rosters["alice"] = {"alice": entry("A", "G1")}
+        self.ejabberd.hold = True
+        self.sync.onLogin("alice", DOMAIN)
+        self.sync.onLogin("bob", DOMAIN)
+        self.clock.advance(0)
+        self.assertEqual([u for u, _ in self.backend.requests], ["alice"])
+        stopped = self.sync.stop()
+        self.ejabberd.hold = False
+        self.ejabberd.release()
+        self.successResultOf(stopped)
+        self.clock.advance(1)
+        self.assertEqual([u for u, _ in self.backend.requests], ["alice"])
+        self.assertEqual(self.sync.pending(), 0)
+
     def test_stopBounded(self) -> None:
         """
         A sync that does not finish within the stop timeout is cancelled.

@@ -644,6 +644,8 @@ class RosterSync:
         job.retry = None
 
         def begin() -> Deferred[SyncReport]:
+            if self._stopping:
+                return fail(CancelledError())
             job.running = True
             job.again = False
             return self.sync(*key)
@@ -716,6 +718,9 @@ class RosterSync:
                 job.retry.cancel()
             if job.running and job.work is not None:
                 running.append(job.work)
+            elif job.work is not None:
+                # Waiting for a free slot: never started.
+                job.work.cancel()
         if not running:
             self._jobs.clear()
             return succeed(None)
