@@ -13,7 +13,8 @@ and fetching its roster.
    first step.
  - With an HTTP API that accepts connections but never answers: logins are
    answered at once and the sync's failure is logged once the command's time
-   limit is over.
+   limit is over; a daemon stopped while a command hangs waits 10 s for it,
+   cancels it and stops by itself.
 """
 
 from __future__ import annotations
@@ -257,23 +258,32 @@ class EjabberdctlTests(RosterE2EMixin, unittest.TestCase):
         self.assertEqual((code, out.strip()), (0, "Alice A"))
 
 
-class UnreachableAPITests(RosterE2EMixin, unittest.TestCase):
+class SilentAPIMixin(RosterE2EMixin):
     """
-    An HTTP API that accepts connections and never answers.
+    An HTTP API that accepts connections and never answers; commands may take
+    L{TIMEOUT} seconds.
     """
 
-    TIMEOUT = 12.0
+    TIMEOUT: float
 
     def rosterOptions(self) -> dict[str, str]:
         self.silent = socket.socket()
         self.silent.bind(("127.0.0.1", 0))
         self.silent.listen(16)
-        self.addCleanup(self.silent.close)
+        self.addCleanup(self.silent.close)  # type: ignore[attr-defined]
         port = self.silent.getsockname()[1]
         return {
             "roster_api_url": f"http://127.0.0.1:{port}/api",
             "roster_command_timeout": str(self.TIMEOUT),
         }
+
+
+class UnreachableAPITests(SilentAPIMixin, unittest.TestCase):
+    """
+    Logins while the API does not answer.
+    """
+
+    TIMEOUT = 12.0
 
     def test_loginsNotDelayed(self) -> None:
         """
@@ -292,3 +302,30 @@ class UnreachableAPITests(RosterE2EMixin, unittest.TestCase):
         waitFor(lambda: failure in self.daemon.output(), "the failure logged",
                 timeout=SYNC_TIMEOUT)
         self.assertIn("no answer within 12 s", self.daemon.output())
+
+
+class StopDuringSyncTests(SilentAPIMixin, unittest.TestCase):
+    """
+    A daemon told to stop while a sync's command hangs (for longer than the
+    stop timeout) waits a bounded time for it, then stops by itself.
+    """
+
+    TIMEOUT = 120.0
+
+    def test_stopBounded(self) -> None:
+        self.login(ALICE)
+        # The sync's first command reached the API (which never answers).
+        self.silent.settimeout(SYNC_TIMEOUT)
+        connection, _ = self.silent.accept()
+        self.addCleanup(connection.close)
+        started = time.monotonic()
+        status = self.daemon.stop(timeout=60)
+        elapsed = time.monotonic() - started
+        output = self.daemon.output()
+        self.assertIn("waiting for 1 roster syncs", output)
+        self.assertIn("roster syncs still running after 10.0 s: cancelled", output)
+        # A clean stop: twistd ends by raising the SIGTERM it got again once
+        # it has shut down (not killed by the harness's SIGKILL).
+        self.assertIn("Server Shut Down.", output)
+        self.assertIn(status, (0, -15), output[-3000:])
+        self.assertLess(elapsed, 60)

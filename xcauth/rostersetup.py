@@ -36,6 +36,12 @@ def makeRunner(config: Config, reactor: Any) -> ICommandRunner | None:
 
         assert config.rosterApiURL is not None  # checked by the config
         pool = HTTPConnectionPool(reactor, persistent=True)
+
+        class QuietFactory(pool._factory):  # type: ignore[name-defined]
+            # No "Starting factory" log line per connection.
+            noisy = False
+
+        pool._factory = QuietFactory
         pool.maxPersistentPerHost = API_POOL_SIZE
         pool.retryAutomatically = False
         client = HTTPClient(
