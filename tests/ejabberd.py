@@ -46,6 +46,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -168,6 +169,9 @@ class EjabberdInstance:
     mod_admin_extra, which gives ``ctl('check_account', user, host)`` etc.).
     ``extraConfig``: YAML text appended at top level (must not repeat keys).
     ``env``: extra environment for the VM and thus for the extauth program.
+    ``extraListeners``: YAML text of more ``listen:`` items (each starting with
+    ``  -``), e.g. an ``ejabberd_http`` listener with ``mod_http_api``.
+    ``apiPermissions``: YAML text of more ``api_permissions:`` entries.
     """
 
     STARTED_RE = "Start accepting TCP connections at 127.0.0.1:%d for ejabberd_c2s"
@@ -184,6 +188,8 @@ class EjabberdInstance:
         extraConfig="",
         loglevel="info",
         authUseCache=False,
+        extraListeners="",
+        apiPermissions="",
     ):
         self.dir = os.path.abspath(tmpdir)
         self.extauthProgram = extauthProgram
@@ -200,6 +206,8 @@ class EjabberdInstance:
         self.extraConfig = extraConfig
         self.loglevel = loglevel
         self.authUseCache = authUseCache
+        self.extraListeners = extraListeners
+        self.apiPermissions = apiPermissions
         self.configPath = os.path.join(self.dir, "ejabberd.yml")
         self.spoolDir = os.path.join(self.dir, "spool")
         self.logDir = os.path.join(self.dir, "log")
@@ -232,6 +240,7 @@ class EjabberdInstance:
             "    starttls_required: false",
             "    max_stanza_size: 262144",
             "    access: c2s",
+            *self.extraListeners.rstrip("\n").splitlines(),
             "acl:",
             "  local:",
             '    user_regexp: ""',
@@ -246,6 +255,7 @@ class EjabberdInstance:
             "      - ejabberd_ctl",
             "    who: all",
             '    what: "*"',
+            *self.apiPermissions.rstrip("\n").splitlines(),
             "modules:",
         ]
         text = "\n".join(lines) + "\n" + (modules if modules.strip() else "  {}\n")
@@ -475,6 +485,31 @@ class EjabberdInstance:
         except subprocess.TimeoutExpired as e:
             return None, (e.output or b"").decode("utf-8", "replace")
         return r.returncode, r.stdout.decode("utf-8", "replace")
+
+    def ctlScript(self, path):
+        """Write an ``ejabberdctl`` stand-in for this node at ``path`` (what
+        ``ctl()`` runs, as a program taking the command and its arguments) and
+        return its path."""
+        env = self._environ()
+        keep = ("HOME", "ERL_LIBS", "EJABBERD_CONFIG_PATH", "EJABBERD_LOG_PATH",
+                "ERL_CRASH_DUMP", "ERL_EPMD_ADDRESS")
+        quote = shlex.quote
+        lines = ["#!/bin/sh"]
+        lines += [f"export {k}={quote(env[k])}" for k in keep]
+        for k in ("ERL_AFLAGS", "ERL_ZFLAGS", "ERL_FLAGS"):
+            lines.append(f"unset {k}")
+        lines.append(f"cd {quote(self.dir)} || exit 3")
+        argv = (
+            [_erl(), "-sname", "ctl$$@localhost", "-hidden", "-noinput"]
+            + self._distArgs()
+            + ["-dist_listen", "false", "-s", "ejabberd_ctl", "-extra", self.node]
+        )
+        lines.append("exec " + " ".join(
+            a if a == "ctl$$@localhost" else quote(a) for a in argv) + ' "$@"')
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.chmod(path, 0o755)
+        return path
 
     def logText(self, name="ejabberd.log"):
         try:

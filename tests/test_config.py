@@ -64,14 +64,22 @@ class ConfigFileTests(SynchronousTestCase):
         """
         import contextlib
         import io
+        import os
 
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        ctl = os.path.join(directory, "ejabberdctl")
+        with open(ctl, "w") as f:
+            f.write("#!/bin/sh\n")
+        os.chmod(ctl, 0o755)
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr):
             options = self.parse(
                 "type=ejabberd\nurl=https://cloud.example.org/x\nsecret=s\n"
                 "log=/var/log/xcauth\ndebug\ninteractive\ndomain-db=/var/lib/xcauth/domains\n"
                 "cache-db=/var/cache/xcauth\ncache-bcrypt-rounds=12\ntimeout=5\n"
-                "ejabberdctl=/usr/sbin/ejabberdctl\nshared-roster-db=/var/lib/xcauth/sr\n"
+                f"db={directory}/xcauth.sqlite3\n"
+                f"ejabberdctl={ctl}\nshared-roster-db=/var/lib/xcauth/sr\n"
                 "update-roster\nper-domain-config=/etc/xcauth.domlist\n"
                 "domains-db=/var/lib/xcauth\nlisten=tcp:1\n",
             )
@@ -79,9 +87,12 @@ class ConfigFileTests(SynchronousTestCase):
         self.assertEqual(config.bcryptRounds, (12, 12))
         self.assertEqual(config.log, "/var/log/xcauth")
         self.assertTrue(config.debug)
-        for key in ("interactive", "domain-db", "cache-db", "ejabberdctl", "shared-roster-db",
+        for key in ("interactive", "domain-db", "cache-db", "shared-roster-db",
                     "update-roster", "per-domain-config", "domains-db"):
             self.assertIn(f"option {key!r} is not supported", stderr.getvalue())
+        # ejabberdctl= enables the roster sync, as it did.
+        self.assertNotIn("'ejabberdctl' is not supported", stderr.getvalue())
+        self.assertEqual((config.rosterSync, config.ejabberdctl), ("ejabberdctl", ctl))
 
     def test_debugFalse(self) -> None:
         config = self.parse("url=http://f/x\nsecret=s\nlisten=tcp:1\ndebug=false\n").config

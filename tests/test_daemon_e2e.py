@@ -263,9 +263,9 @@ class StartupErrorTests(TestCase):
             port = s.getsockname()[1]
             code, output = self.run_twistd(
                 "--listen", f"tcp:{port}:interface=127.0.0.1",
-                config={"ejabberdctl": "/usr/sbin/ejabberdctl"},
+                config={"cache-db": "/var/cache/xcauth"},
             )
-        self.assertIn("'ejabberdctl' is not supported", output)
+        self.assertIn("'cache-db' is not supported", output)
         self.assertIn("Address already in use", output)
 
     def test_helpListsEveryOption(self) -> None:

@@ -18,6 +18,10 @@ Exit status (and one line on stdout saying what happened):
     2  anything else: connection refused, timeout, stream error, no usable SASL
        mechanism, SASLprep rejected the credentials, ...             ("ERROR ...")
 
+With ``--roster``, after the session started the client fetches its roster and the
+line is ``ROSTER {JSON}``: ``{jid: {"name": ..., "groups": [...], "subscription":
+...}}`` (in-process: ``fetchRoster(host, port, jid, password, timeout)``).
+
 Write ``--password=VALUE`` when the password may begin with ``-``
 (``commandLine()`` always does).
 
@@ -44,7 +48,7 @@ EXIT_AUTHFAIL = 1
 EXIT_ERROR = 2
 
 
-def _makeClient(jid, password, starttls):
+def _makeClient(jid, password, starttls, roster=False):
     # Imported lazily so that importing this module (e.g. to build the command
     # line) never needs slixmpp.
     import slixmpp
@@ -86,7 +90,29 @@ def _makeClient(jid, password, starttls):
                 self.result.set_result((code, message))
 
         def _onSession(self, _event):
+            if roster:
+                asyncio.ensure_future(self._fetchRoster())
+                return
             self._finish(EXIT_OK, f"OK session started as {self.boundjid.full}")
+
+        async def _fetchRoster(self):
+            import json
+
+            try:
+                await self.get_roster(timeout=10)
+            except Exception as exc:
+                self._finish(EXIT_ERROR, f"ERROR roster: {type(exc).__name__}: {exc}")
+                return
+            items = {}
+            mine = self.client_roster
+            for contact in mine:
+                item = mine[contact]
+                items[str(contact)] = {
+                    "name": item["name"],
+                    "groups": sorted(item["groups"]),
+                    "subscription": item["subscription"],
+                }
+            self._finish(EXIT_OK, "ROSTER " + json.dumps(items, sort_keys=True))
 
         def _onFailedAuth(self, stanza):
             try:
@@ -119,8 +145,8 @@ def _makeClient(jid, password, starttls):
     return _LoginClient()
 
 
-async def _login(host, port, jid, password, timeout, starttls):
-    client = _makeClient(jid, password, starttls)
+async def _login(host, port, jid, password, timeout, starttls, roster=False):
+    client = _makeClient(jid, password, starttls, roster)
     client.connect(host, int(port))
     try:
         code, message = await asyncio.wait_for(asyncio.shield(client.result), timeout)
@@ -143,8 +169,10 @@ async def _login(host, port, jid, password, timeout, starttls):
     return code, message
 
 
-def runLoginDetailed(host, port, jid, password, timeout=10.0, starttls=False):
-    """Log in once; return ``(exitcode, one_line_message)``. Blocks the caller."""
+def runLoginDetailed(host, port, jid, password, timeout=10.0, starttls=False,
+                     roster=False):
+    """Log in once; return ``(exitcode, one_line_message)``. Blocks the caller.
+    With ``roster``, the message is ``ROSTER {JSON}`` (see the module's text)."""
     # Without any logging configuration, slixmpp's errors ("No appropriate login
     # method.") would reach stderr through logging.lastResort: the result line says
     # it all.  Configured logging still sees them (propagation is unchanged).
@@ -154,7 +182,7 @@ def runLoginDetailed(host, port, jid, password, timeout=10.0, starttls=False):
     try:
         try:
             return loop.run_until_complete(
-                _login(host, port, jid, password, timeout, starttls)
+                _login(host, port, jid, password, timeout, starttls, roster)
             )
         except Exception as exc:
             return EXIT_ERROR, f"ERROR {type(exc).__name__}: {exc}"
@@ -169,6 +197,17 @@ def runLoginDetailed(host, port, jid, password, timeout=10.0, starttls=False):
             pass
         loop.close()
         asyncio.set_event_loop(None)
+
+
+def fetchRoster(host, port, jid, password, timeout=10.0):
+    """Log in and fetch the roster: ``(0, {jid: {name, groups, subscription}})``,
+    or ``(exitcode, message)`` when that failed. Blocks the caller."""
+    import json
+
+    code, message = runLoginDetailed(host, port, jid, password, timeout, roster=True)
+    if code == EXIT_OK and message.startswith("ROSTER "):
+        return code, json.loads(message[len("ROSTER "):])
+    return (code if code != EXIT_OK else EXIT_ERROR), message
 
 
 def runLogin(host, port, jid, password, timeout=10.0, starttls=False):
@@ -236,13 +275,16 @@ def main(argv=None):
         action="store_true",
         help="use STARTTLS if offered (certificate not verified)",
     )
+    p.add_argument("--roster", action="store_true",
+                   help="fetch the roster after login and print it as JSON")
     p.add_argument("--debug", action="store_true", help="slixmpp debug log on stderr")
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.CRITICAL, stream=sys.stderr
     )
     code, message = runLoginDetailed(
-        args.host, args.port, args.jid, args.password, args.timeout, args.starttls
+        args.host, args.port, args.jid, args.password, args.timeout, args.starttls,
+        args.roster,
     )
     print(message, flush=True)
     return code

@@ -11,6 +11,7 @@ which picks domain changes up within seconds)::
     xcauth [-c FILE] [--db PATH] cache list
     xcauth [-c FILE] [--db PATH] cache remove JID
     xcauth [-c FILE] [--db PATH] cache clear
+    xcauth [-c FILE] [--db PATH] roster refresh [USER@DOMAIN]
 
 (C{-c} and C{--db} may also come after the command words.)
 
@@ -280,10 +281,42 @@ class CacheOptions(_CommandGroup):
 
 
 
+class RosterRefreshOptions(_DatabaseOptions):
+    """
+    C{roster refresh [USER@DOMAIN]}
+    """
+
+    synopsis = "[USER@DOMAIN]"
+
+    def parseArgs(self, jid: str | None = None) -> None:
+        if jid is not None and "@" not in jid:
+            raise usage.UsageError(f"{jid!r} is not a JID (USER@DOMAIN)")
+        self["jid"] = jid
+
+
+class RosterOptions(_CommandGroup):
+    """
+    C{roster refresh}
+    """
+
+    name = "roster"
+    synopsis = "refresh [USER@DOMAIN]"
+    subCommands = [
+        [
+            "refresh",
+            None,
+            RosterRefreshOptions,
+            "Forget what the roster sync stored for a JID (or for all), so that "
+            "the next login syncs everything again.",
+        ],
+    ]
+
+
 #: The administration commands, as C{subCommands} of the C{xcauth} command.
 SUBCOMMANDS: list[Any] = [
     ["domains", None, DomainsOptions, "Manage per-domain backends (xcauth domains --help)."],
     ["cache", None, CacheOptions, "Inspect and clear the credential cache."],
+    ["roster", None, RosterOptions, "Make the shared roster sync start over."],
 ]
 
 
@@ -391,6 +424,25 @@ def runCache(conn: sqlite3.Connection, options: CacheOptions, out: Any) -> int:
     return 0
 
 
+def runRoster(conn: sqlite3.Connection, options: RosterOptions, out: Any) -> int:
+    """
+    Carry out a C{roster} command; returns the exit status.
+    """
+    from xcauth.rosterstore import forgetRoster
+
+    jid = options.subOptions["jid"]
+    count = forgetRoster(conn, jid)
+    if jid is None:
+        print(f"forgot the roster sync state of {count} JIDs: each is synced again "
+              "at its next login", file=out)
+        return 0
+    if not count:
+        raise AdminError(f"no roster sync state for {jid}")
+    print(f"forgot the roster sync state of {jid}: synced again at its next login",
+          file=out)
+    return 0
+
+
 def run(command: str, options: usage.Options) -> int:
     """
     Carry out one administration command (C{command} is C{domains} or
@@ -404,6 +456,8 @@ def run(command: str, options: usage.Options) -> int:
         try:
             if isinstance(options, DomainsOptions):
                 return runDomains(conn, options, sys.stdout)
+            if isinstance(options, RosterOptions):
+                return runRoster(conn, options, sys.stdout)
             assert isinstance(options, CacheOptions)
             return runCache(conn, options, sys.stdout)
         finally:

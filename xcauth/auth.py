@@ -54,6 +54,10 @@ class Authenticator:
     @param debug: log per-request details at debug level (twistd writes every
         level to its log, and a line per token login costs as much CPU as
         checking the token).
+    @param onLogin: called with C{(user, domain)} after each successful
+        authentication (token, cache or backend), before the answer is
+        delivered; it must return at once (fire and forget: the roster sync
+        only queues the user).  What it raises is logged, never answered.
     """
 
     def __init__(
@@ -64,8 +68,10 @@ class Authenticator:
         cache: CredentialCache | None = None,
         ready: Callable[[], Deferred[None] | None] | None = None,
         debug: bool = False,
+        onLogin: Callable[[str, str], object] | None = None,
     ) -> None:
         self._settingsFor = settingsFor
+        self._onLogin = onLogin
         self._clock = clock
         self._debug = debug
         self.cache = cache
@@ -87,7 +93,19 @@ class Authenticator:
         that is unavailable gives C{None}, unless the cache vouches for the
         password.
         """
-        return self._whenReady(self._authenticate, user, domain, password)
+        d = self._whenReady(self._authenticate, user, domain, password)
+        if self._onLogin is not None:
+            d.addCallback(self._loggedIn, user, domain)
+        return d
+
+    def _loggedIn(self, result: bool | None, user: str, domain: str) -> bool | None:
+        if result is True and self._onLogin is not None:
+            try:
+                self._onLogin(user, domain)
+            except Exception:
+                log.failure("the login hook failed for {user}@{domain}",
+                            user=user, domain=domain)
+        return result
 
     def _authenticate(self, user: str, domain: str, password: str) -> Deferred[bool | None]:
         settings = self._settingsFor(domain)

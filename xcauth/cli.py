@@ -6,7 +6,9 @@ The C{xcauth} command.
   0/1/2.
 - C{xcauth -c FILE -I USER DOMAIN}: does the user exist; prints C{True}/C{False},
   or C{None} when the backend is unavailable; exit status 0/1/2.
-- C{xcauth -c FILE -R USER DOMAIN}: print the shared roster JSON.
+- C{xcauth -c FILE -R USER DOMAIN}: with a roster sync configured
+  (C{roster-sync}), sync the user's shared roster to ejabberd now and print the
+  commands run; otherwise print the shared roster JSON.
 - C{xcauth -c FILE [-t TYPE]}: serve one client on standard input and output in
   the configured framing (as C{extauth_program} of ejabberd, or spawned by
   Prosody, inetd or systemd with C{Accept=yes}); logs go to standard error.
@@ -49,7 +51,12 @@ class Options(ConfigOptions):
     optFlags = ConfigOptions.optFlags + [
         ["auth-test", "A", "Check USER DOMAIN PASSWORD once and print True/False/None."],
         ["isuser-test", "I", "Check whether USER DOMAIN exists: True/False/None."],
-        ["roster-test", "R", "Print the shared roster of USER DOMAIN."],
+        [
+            "roster-test",
+            "R",
+            "Sync the shared roster of USER DOMAIN to ejabberd now and print what "
+            "was done (without roster-sync: print the roster).",
+        ],
     ]
     @property
     def subCommands(self) -> list[Any]:
@@ -133,6 +140,10 @@ async def _oneShot(reactor: Any, options: Options) -> int:
             result: Any = await auth.authenticate(args[0], args[1], args[2])
         elif options["mode"] == "isuser-test":
             result = await auth.isUser(args[0], args[1])
+        elif hub.rosterSync is not None:
+            from xcauth.roster import describeSync
+
+            result = await describeSync(hub.rosterSync, args[0], args[1])
         else:
             roster = await auth.roster(args[0], args[1])
             result = None if roster is None else roster.decode("utf-8")

@@ -22,6 +22,9 @@ DEFAULT_CONFIG_FILE = "/etc/xcauth.conf"
 #: Where the credential cache may live.
 CACHE_STORAGES = ("none", "memory", "db")
 
+#: How the shared roster is synced to ejabberd (see xcauth.roster).
+ROSTER_SYNCS = ("none", "http", "ejabberdctl")
+
 _TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 #: Keys of existing configuration files this version does not act on: accepted
@@ -29,7 +32,6 @@ _TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 IGNORED_KEYS = frozenset(
     {
         "cache-db",
-        "ejabberdctl",
         "domain-db",
         "domains-db",
         "interactive",
@@ -320,6 +322,27 @@ SETTINGS: tuple[Setting, ...] = (
         "and memory).",
         lambda name, text: parseRounds(text),
     ),
+    Setting(
+        "roster-sync", "rosterSync", None,
+        "Sync the Nextcloud groups a user shares to ejabberd shared roster groups "
+        "(and display names to vCard full names) after each login: none, http "
+        "(ejabberd's mod_http_api at roster-api-url) or ejabberdctl (the program at "
+        "ejabberdctl). Default: ejabberdctl when ejabberdctl is set, http when "
+        "roster-api-url is set, else none.",
+    ),
+    Setting(
+        "roster-api-url", "rosterApiURL", None,
+        "ejabberd's HTTP API for the roster sync, e.g. http://127.0.0.1:5281/api",
+    ),
+    Setting(
+        "ejabberdctl", "ejabberdctl", None,
+        "The ejabberdctl program for the roster sync, e.g. /usr/sbin/ejabberdctl",
+    ),
+    Setting(
+        "roster-command-timeout", "rosterCommandTimeout", "10",
+        "Seconds one ejabberd command of the roster sync may take.",
+        _seconds,
+    ),
 )
 
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
@@ -352,6 +375,10 @@ class Config:
     cacheVerificationTTL: float
     cacheUnreachableTTL: float
     bcryptRounds: tuple[int, int]
+    rosterSync: str
+    rosterApiURL: str | None
+    ejabberdctl: str | None
+    rosterCommandTimeout: float
     debug: bool
     listen: tuple[str, ...]
     configFile: str | None
@@ -493,7 +520,10 @@ class ConfigOptions(usage.Options):
         db = values["db"]
         if not db:
             raise ConfigError("db needs the path of the state database")
-        if values["cacheStorage"] == "db":
+        values["rosterSync"] = rosterSync(
+            values["rosterSync"], values["rosterApiURL"], values["ejabberdctl"]
+        )
+        if values["cacheStorage"] == "db" or values["rosterSync"] != "none":
             directory = os.path.dirname(os.path.abspath(db))
             if not os.path.isdir(directory):
                 raise ConfigError(
@@ -506,3 +536,41 @@ class ConfigOptions(usage.Options):
             configFile=self["config-file"],
             **values,
         )
+
+
+def rosterSync(mode: str | None, apiURL: str | None, ejabberdctl: str | None) -> str:
+    """
+    The validated C{roster-sync} mode, implied by C{ejabberdctl=} or
+    C{roster-api-url=} when not given (configurations of older versions
+    enable the sync with C{ejabberdctl=} alone).
+    """
+    if mode is None:
+        if ejabberdctl and apiURL:
+            raise ConfigError(
+                "both ejabberdctl and roster-api-url are set: choose one with "
+                "roster-sync=ejabberdctl or roster-sync=http"
+            )
+        mode = "ejabberdctl" if ejabberdctl else ("http" if apiURL else "none")
+    if mode not in ROSTER_SYNCS:
+        raise ConfigError(
+            f"roster-sync {mode!r} is not valid: use one of " + ", ".join(ROSTER_SYNCS)
+        )
+    if mode == "http":
+        if not apiURL:
+            raise ConfigError(
+                "roster-sync=http needs roster-api-url, e.g. "
+                "roster-api-url=http://127.0.0.1:5281/api"
+            )
+        try:
+            validateURL(apiURL)
+        except ValueError as e:
+            raise ConfigError(f"roster-api-url: {e}") from None
+    if mode == "ejabberdctl":
+        if not ejabberdctl:
+            raise ConfigError(
+                "roster-sync=ejabberdctl needs ejabberdctl=PATH, e.g. "
+                "ejabberdctl=/usr/sbin/ejabberdctl"
+            )
+        if not (os.path.isfile(ejabberdctl) and os.access(ejabberdctl, os.X_OK)):
+            raise ConfigError(f"ejabberdctl {ejabberdctl!r} is not an executable program")
+    return mode

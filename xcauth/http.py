@@ -88,6 +88,7 @@ def makeAgent(
     idleConnections: int = DEFAULT_IDLE_CONNECTIONS,
     idleSeconds: float = DEFAULT_IDLE_SECONDS,
     tlsPolicy: IPolicyForHTTPS | None = None,
+    retryAutomatically: bool = True,
 ) -> tuple[IAgent, HTTPConnectionPool]:
     """
     The daemon's L{Agent} and its connection pool (close the pool on stop).
@@ -97,13 +98,25 @@ def makeAgent(
         service-identity).
     """
     pool = HTTPConnectionPool(reactor, persistent=True)
+    # Each new connection's factory would log "Starting factory ..." and
+    # "Stopping factory ...": two lines per backend connection, hundreds
+    # after a burst of logins.  Twisted offers no public switch; the pool's
+    # factory class is its private _factory (checked on Twisted 22.10 to 26.10).
+    pool._factory = _QuietFactory
     # The default keeps 2 idle connections per host: far too few for hundreds
     # of logins at once, each of which would then open a new connection.
     pool.maxPersistentPerHost = idleConnections
     pool.cachedConnectionTimeout = idleSeconds  # type: ignore[assignment]
-    pool.retryAutomatically = True
+    pool.retryAutomatically = retryAutomatically
     endpoints = _Endpoints(reactor, tlsPolicy or BrowserLikePolicyForHTTPS(), connectTimeout)
     return Agent.usingEndpointFactory(reactor, endpoints, pool=pool), pool
+
+
+_PoolFactory: Any = HTTPConnectionPool._factory
+
+
+class _QuietFactory(_PoolFactory):
+    noisy = False
 
 
 @implementer(IAgentEndpointFactory)

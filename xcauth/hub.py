@@ -23,6 +23,8 @@ from xcauth.framing.base import ServerContext
 from xcauth.http import HTTPRequester, makeAgent
 from xcauth.jsxc import JSXCClient
 from xcauth.keys import PasswordKeys
+from xcauth.roster import ICommandRunner, RosterSync
+from xcauth.rostersetup import makeRosterSync
 from xcauth.store import Store, ThreadWorker, whenFired
 
 #: Threads hashing and checking passwords with bcrypt (CPU-bound: about the
@@ -47,6 +49,8 @@ class Hub(Service):
         hashWorker: ThreadWorker,
         cache: CredentialCache | None,
         pool: HTTPConnectionPool | None,
+        rosterSync: RosterSync | None = None,
+        rosterRunner: ICommandRunner | None = None,
     ) -> None:
         self.context = context
         self.authenticator = context.authenticator
@@ -56,6 +60,8 @@ class Hub(Service):
         self.hashWorker = hashWorker
         self.cache = cache
         self.pool = pool
+        self.rosterSync = rosterSync
+        self.rosterRunner = rosterRunner
 
     def startService(self) -> None:
         """
@@ -76,6 +82,10 @@ class Hub(Service):
 
     async def _stop(self) -> None:
         self.domains.stop()
+        if self.rosterSync is not None:
+            await self.rosterSync.stop()
+        if self.rosterRunner is not None:
+            await self.rosterRunner.close()
         await self.hashWorker.stop()
         if self.cache is not None:
             for d in list(self.cache.pending):
@@ -100,7 +110,11 @@ def buildHub(config: Config, reactor: Any) -> Hub:
     # SQLite: one connection, used from one thread.  The file is created when
     # the cache lives in it; otherwise it is read if (once) it exists.
     dbWorker = ThreadWorker(reactor, "xcauth-db", 1)
-    store = Store(config.db, dbWorker, create=config.cacheStorage == "db")
+    store = Store(
+        config.db,
+        dbWorker,
+        create=config.cacheStorage == "db" or config.rosterSync != "none",
+    )
     domains = DomainTable(
         store,
         DomainSettings(
@@ -114,6 +128,8 @@ def buildHub(config: Config, reactor: Any) -> Hub:
     keys = PasswordKeys()
     hashWorker = ThreadWorker(reactor, "xcauth-bcrypt", BCRYPT_THREADS)
     cache = buildCache(config, store, hashWorker, reactor, keys)
+    # The shared roster sync to ejabberd (None unless configured).
+    rosterSync, rosterRunner = makeRosterSync(config, reactor, domains.settingsFor, store)
     authenticator = Authenticator(
         domains.settingsFor,
         reactor,
@@ -121,6 +137,7 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         cache=cache,
         ready=domains.whenReady,
         debug=config.debug,
+        onLogin=None if rosterSync is None else rosterSync.onLogin,
     )
     context = ServerContext(
         authenticator=authenticator,
@@ -129,7 +146,9 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         maxInFlight=config.maxInFlight,
         debug=config.debug,
     )
-    return Hub(context, domains, store, dbWorker, hashWorker, cache, pool)
+    return Hub(
+        context, domains, store, dbWorker, hashWorker, cache, pool, rosterSync, rosterRunner
+    )
 
 
 def buildCache(

@@ -203,30 +203,35 @@ def _isUserAnswer(parsed: Any) -> Outcome:
     raise BackendUnavailable("unexpected isuser answer")
 
 
-def parseSharedRoster(parsed: Any) -> dict[str, RosterEntry]:
+def parseSharedRoster(answer: Any) -> dict[str, RosterEntry]:
     """
-    The C{sharedRoster} of a JSXC answer: C{{"alice": {"name": "Alice A",
-    "groups": ["G1"]}}}, or C{[]} for none.  Entries that are not of that
-    shape are left out.
+    The shared roster in a JSXC C{sharedroster} answer
+    (C{{"result":"success","data":{"sharedRoster":{USER:{"name":..,"groups":[..]}}}}};
+    an empty one is C{[]}, as PHP encodes an empty array).  Entries that are
+    not objects are skipped, a missing name is C{""}, groups that are not
+    strings are dropped.
 
-    @raise BackendUnavailable: the answer is not a shared roster.
+    @raise BackendUnavailable: the answer is not a successful C{sharedroster}
+        answer.
     """
-    data = parsed.get("data") if parsed.get("result") == "success" else None
+    if not isinstance(answer, dict) or answer.get("result") != "success":
+        raise BackendUnavailable("the sharedroster answer is not a success")
+    data = answer.get("data")
     roster = data.get("sharedRoster") if isinstance(data, dict) else None
-    if roster == []:
+    if roster == [] or roster is None and isinstance(data, dict) and not data:
         return {}
     if not isinstance(roster, dict):
-        raise BackendUnavailable("unexpected sharedroster answer")
-    entries = {}
-    for name, entry in roster.items():
-        if not isinstance(entry, dict):
+        raise BackendUnavailable("the sharedroster answer holds no sharedRoster object")
+    entries: dict[str, RosterEntry] = {}
+    for user, item in roster.items():
+        if not isinstance(item, dict) or not user:
             continue
-        groups = entry.get("groups")
-        if not isinstance(groups, list):
-            groups = []
-        display = entry.get("name")
-        entries[str(name)] = RosterEntry(
-            name=display if isinstance(display, str) else str(name),
-            groups=tuple(g for g in groups if isinstance(g, str)),
+        name = item.get("name")
+        groups = item.get("groups")
+        entries[str(user)] = RosterEntry(
+            name=name if isinstance(name, str) else "",
+            groups=tuple(
+                g for g in (groups if isinstance(groups, list) else []) if isinstance(g, str)
+            ),
         )
     return entries

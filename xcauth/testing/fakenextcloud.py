@@ -20,6 +20,12 @@ C{fault-hangbody}  sends the headers and part of the body, then hangs
 C{slow<N>-}        answers correctly after N milliseconds (C{slow3000-bob})
 =================  ==========================================================
 
+The C{sharedroster} answers can be changed while the fake runs: with a roster
+file (C{--roster-file}, L{FakeJSXC.rosterFile}), a JSON object mapping user
+names to the C{sharedRoster} value to answer for them (read on every request,
+so a test rewrites it to change what Nextcloud says); users it does not name get
+the default answer (every other user, in the group C{Everyone}).
+
 Run C{python -m xcauth.testing.fakenextcloud --help} for the stand-alone server
 used by the demo, the end-to-end tests and the benchmark.
 """
@@ -70,6 +76,8 @@ class FakeJSXC(Resource):
         Nextcloud, whose user names are global.
     @param clock: for added latency.
     @param latency: seconds added to every answer.
+    @param rosterFile: the roster file (see the module's description), or
+        C{None}.
     """
 
     isLeaf = True
@@ -83,8 +91,10 @@ class FakeJSXC(Resource):
         users: dict[str, str],
         clock: IReactorTime,
         latency: float = 0.0,
+        rosterFile: str | None = None,
     ) -> None:
         super().__init__()
+        self.rosterFile = rosterFile
         self.secret = secret
         self.users = users
         self.clock = clock
@@ -196,6 +206,10 @@ class FakeJSXC(Resource):
         if operation == "sharedroster":
             if _baseName(user) not in self.users:
                 return 500, jsonHeaders, _json(_error("User not found.")), fault
+            configured = self._configuredRoster(_baseName(user))
+            if configured is not None:
+                answer = {"result": "success", "data": {"sharedRoster": configured}}
+                return 200, jsonHeaders, _json(answer), fault
             roster = {
                 name: {"name": name.title(), "groups": ["Everyone"]}
                 for name in sorted(self.users)
@@ -203,6 +217,20 @@ class FakeJSXC(Resource):
             }
             return 200, jsonHeaders, _json({"result": "success", "data": {"sharedRoster": roster or []}}), fault
         return 500, jsonHeaders, _json(_error("Unsupported operation.")), None
+
+
+    def _configuredRoster(self, user: str) -> Any:
+        """
+        The C{sharedRoster} of C{user} in the roster file, or C{None}.
+        """
+        if self.rosterFile is None:
+            return None
+        try:
+            with open(self.rosterFile, encoding="utf-8") as f:
+                rosters = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return rosters.get(user) if isinstance(rosters, dict) else None
 
 
 def _baseName(user: str) -> str:
@@ -394,6 +422,8 @@ class Options(usage.Options):
         ["bench-users", None, "0",
          "Also know N users userI with the password passwordI (0 <= I < N)."],
         ["processes", None, "1", "Processes accepting on the same port."],
+        ["roster-file", None, None,
+         "JSON file of sharedRoster answers by user name, read on every request."],
     ]
 
 
@@ -441,6 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         users,
         reactor,
         latency=float(options["latency"]) / 1000.0,
+        rosterFile=options["roster-file"],
     )
     resource.recordRequests = False
     # Site serves HTTPChannel, FastJSXCFactory FastJSXCProtocol: one type for both.

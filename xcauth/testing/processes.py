@@ -149,14 +149,15 @@ class FakeNextcloud(Process):
     """
 
     def __init__(self, directory: str, secret: str = SECRET, latencyMs: float = 0,
-                 port: int = 0):
+                 port: int = 0, extraArgs: Iterable[str] = ()):
         directory = os.path.abspath(directory)
         os.makedirs(directory, exist_ok=True)
         self.portFile = os.path.join(directory, "nextcloud.port")
         self.requestedPort = port
         super().__init__(
             [sys.executable, "-m", "xcauth.testing.fakenextcloud", "--port", str(port),
-             "--secret", secret, "--latency", str(latencyMs), "--port-file", self.portFile],
+             "--secret", secret, "--latency", str(latencyMs), "--port-file", self.portFile,
+             *extraArgs],
             os.path.join(directory, "nextcloud.log"),
         )
         self.port = 0
