@@ -86,10 +86,11 @@ class _ProsodyE2EBase(TestCase):
         self.nextcloud = FakeNextcloud(os.path.join(self.dir, "nextcloud"))
         self.nextcloud.start()
         self.addCleanup(self.nextcloud.stop)
-        # deadline 4.5 s: the daemon still answers a 3 s backend call truthfully,
-        # before Prosody's default 5 s timeout.
+        # deadline 4.5 s and a backend limit of 4 s: the daemon still answers a
+        # 3 s backend call truthfully, before Prosody's default 5 s timeout.
         self.config = writeConfig(
-            os.path.join(self.dir, "xcauth.conf"), self.nextcloud.url, deadline="4.5"
+            os.path.join(self.dir, "xcauth.conf"), self.nextcloud.url, deadline="4.5",
+            timeout="2,4",
         )
         if self.unixSocket:
             # Short path: AF_UNIX paths are limited to ~107 bytes.

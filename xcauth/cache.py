@@ -19,18 +19,19 @@ one hash is made at a time for one user and password.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import attr
-import bcrypt
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xcauth import store
+from xcauth.hashing import HashQueue, QueueFull
 from xcauth.interfaces import ICacheStorage, IWorker, Outcome
 from xcauth.text import printable
 
@@ -42,6 +43,14 @@ BCRYPT_MAX_PASSWORD = 72
 
 #: Users remembered as existing (for isuser during outages), at most.
 MAX_SEEN = 100_000
+
+#: Users whose cached password was confirmed since the daemon started (see
+#: L{CredentialCache}), at most.
+MAX_VERIFIED = 100_000
+
+#: Seconds before the client's deadline at which a password the cache vouches
+#: for is accepted while the backend has still not answered.
+FALLBACK_MARGIN = 1.0
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -151,18 +160,6 @@ class DatabaseStorage:
         return self._db.run(store.deleteCacheEntry, jid).addCallback(lambda _: None)
 
 
-def _checkpw(password: bytes, pwhash: bytes) -> bool:
-    try:
-        return bcrypt.checkpw(password, pwhash)
-    except ValueError:
-        # Not a bcrypt hash (a damaged or foreign row): no match.
-        return False
-
-
-def _hashpw(password: bytes, rounds: int) -> bytes:
-    return bcrypt.hashpw(password, bcrypt.gensalt(rounds))
-
-
 class CredentialCache:
     """
     The decision logic of the cache around one backend call.
@@ -174,7 +171,18 @@ class CredentialCache:
     @param rounds: the bcrypt cost of new hashes.
     @param passwordKey: keyed hashes of passwords, to index hashes being made
         without keeping the password.
+    @param deadline: seconds within which the client needs its answer: a
+        backend that has not answered L{FALLBACK_MARGIN} seconds before it is
+        treated as unavailable for a password the cache vouches for.
+    @param concurrency: bcrypt jobs run at once (the hasher's threads).
     @param debug: log debug details (C{--debug}).
+
+    In front of the bcrypt hashes, a fast verifier: for each user whose
+    cached password was confirmed since the daemon started (by bcrypt or by
+    the backend), a keyed hash of that password (L{xcauth.keys}, a key that
+    exists only in this process's memory) next to the bcrypt hash it matched.
+    While the entry still holds that bcrypt hash, a login is decided in
+    microseconds: the same password matches, any other does not.
     """
 
     def __init__(
@@ -185,10 +193,13 @@ class CredentialCache:
         policy: CachePolicy,
         rounds: int,
         passwordKey: Callable[[str], bytes],
+        deadline: float = 4.0,
+        concurrency: int = 2,
         debug: bool = False,
     ) -> None:
         self.storage = storage
-        self._hasher = hasher
+        self.hashes = HashQueue(hasher, concurrency)
+        self._fallbackAfter = max(deadline - FALLBACK_MARGIN, deadline / 2)
         self._clock = clock
         self.policy = policy
         self._rounds = rounds
@@ -199,6 +210,8 @@ class CredentialCache:
         self._hashing: dict[str, dict[bytes, object]] = {}
         # jid -> when the backend last said the user exists.
         self._seen: dict[str, float] = {}
+        # jid -> (key of the confirmed password, the bcrypt hash it matches).
+        self._verified: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()
         #: Background writes not finished yet (tests wait for them).
         self.pending: set[Deferred[Any]] = set()
 
@@ -208,11 +221,39 @@ class CredentialCache:
             and now - entry.remoteAuth < self.policy.verificationTTL
         )
 
-    def _matches(self, entry: CacheEntry, password: str) -> Deferred[bool]:
+    def _matches(self, jid: str, entry: CacheEntry, password: str) -> Deferred[bool]:
+        """
+        Whether C{password} is the one C{entry} holds: from the fast verifier
+        if it knows the entry's hash, else with bcrypt (a check that finds no
+        room in the bcrypt queue is "no match": the backend decides).
+        """
         data = password.encode("utf-8")
-        if entry.pwhash is None or len(data) > BCRYPT_MAX_PASSWORD:
+        pwhash = entry.pwhash
+        if pwhash is None or len(data) > BCRYPT_MAX_PASSWORD:
             return succeed(False)
-        return self._hasher.run(_checkpw, data, entry.pwhash)
+        key = self.passwordKey(password)
+        known = self._verified.get(jid)
+        if known is not None and known[1] == pwhash:
+            self._verified.move_to_end(jid)
+            return succeed(known[0] == key)
+
+        def checked(matched: bool) -> bool:
+            if matched:
+                self._confirmed(jid, key, pwhash)
+            return matched
+
+        def noRoom(f: Failure) -> bool:
+            f.trap(QueueFull)
+            return False
+
+        d = self.hashes.check(jid, data, pwhash)
+        return d.addCallbacks(checked, noRoom)
+
+    def _confirmed(self, jid: str, key: bytes, pwhash: bytes) -> None:
+        self._verified[jid] = (key, pwhash)
+        self._verified.move_to_end(jid)
+        if len(self._verified) > MAX_VERIFIED:
+            self._verified.popitem(last=False)
 
     def authenticate(
         self, jid: str, password: str, askBackend: Callable[[], Deferred[Outcome]]
@@ -228,16 +269,39 @@ class CredentialCache:
     async def _authenticate(
         self, jid: str, password: str, askBackend: Callable[[], Deferred[Outcome]]
     ) -> bool | None:
+        started = self._clock.seconds()
         entry = await self._lookup(jid)
         matched: bool | None = None
         if entry is not None and self._fresh(entry, self._clock.seconds()):
-            matched = await self._matches(entry, password)
+            matched = await self._matches(jid, entry, password)
             if matched:
                 if self.debug:
                     log.debug("auth from cache for {jid}", jid=printable(jid))
                 self._background(self.storage.touch(jid, self._clock.seconds(), False))
                 return True
-        outcome = await askBackend()
+        backend = askBackend()
+        outcome: Outcome | None = None
+        if self._canVouch(entry, started):
+            spent = self._clock.seconds() - started
+            outcome = await self._answerOrLate(backend, self._fallbackAfter - spent)
+            if outcome is None:
+                # No answer shortly before the client's deadline: the cache
+                # decides if it can (unless the backend answered meanwhile).
+                assert entry is not None
+                if matched is None:
+                    matched = await self._matches(jid, entry, password)
+                if matched and not backend.called:
+                    backend.addErrback(_ignoreCancelled)
+                    backend.cancel()
+                    log.info(
+                        "backend slow: {jid} accepted from the cache after {seconds} s",
+                        jid=printable(jid),
+                        seconds=round(self._clock.seconds() - started, 2),
+                    )
+                    self._background(self.storage.touch(jid, self._clock.seconds(), False))
+                    return True
+        if outcome is None:
+            outcome = await backend
         now = self._clock.seconds()
         if outcome is Outcome.YES:
             self._seen[jid] = now
@@ -250,13 +314,54 @@ class CredentialCache:
         if entry is None or now - entry.remoteAuth >= self.policy.unreachableTTL:
             return None
         if matched is None:
-            matched = await self._matches(entry, password)
+            matched = await self._matches(jid, entry, password)
         if matched:
             log.info(
                 "backend unavailable: {jid} accepted from the cache", jid=printable(jid)
             )
             self._background(self.storage.touch(jid, self._clock.seconds(), False))
         return True if matched else None
+
+    def _canVouch(self, entry: CacheEntry | None, now: float) -> bool:
+        return (
+            entry is not None
+            and entry.pwhash is not None
+            and now - entry.remoteAuth < self.policy.unreachableTTL
+        )
+
+    def _answerOrLate(self, backend: Deferred[Outcome], delay: float) -> Deferred[Outcome | None]:
+        """
+        C{backend}'s outcome, or C{None} if it has none after C{delay} seconds;
+        then C{backend} goes on, and its outcome stays for whoever awaits it.
+        Cancelling the result cancels C{backend}.
+        """
+        if backend.called:
+            answered: Deferred[Outcome | None] = backend.addCallback(lambda o: o)
+            return answered
+        timer: list[Any] = []
+
+        def cancel(_: Deferred[Outcome | None]) -> None:
+            if timer and timer[0].active():
+                timer[0].cancel()
+            backend.addErrback(_ignoreCancelled)
+            backend.cancel()
+
+        result: Deferred[Outcome | None] = Deferred(cancel)
+        timer.append(self._clock.callLater(max(delay, 0.0), result.callback, None))
+
+        def observe(outcome: Any) -> Any:
+            if result.called:
+                return outcome  # late: kept for a later await
+            if timer[0].active():
+                timer[0].cancel()
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+            return None  # handed over
+
+        backend.addBoth(observe)
+        return result
 
     async def _lookup(self, jid: str) -> CacheEntry | None:
         """
@@ -276,6 +381,8 @@ class CredentialCache:
     ) -> None:
         if matching is not None:
             # The cached hash is this password: no new hash needed.
+            if matching.pwhash is not None:
+                self._confirmed(jid, self.passwordKey(password), matching.pwhash)
             self._background(self.storage.touch(jid, now, True))
             return
         data = password.encode("utf-8")
@@ -295,6 +402,7 @@ class CredentialCache:
             del current[key]
             if not current:
                 del self._hashing[jid]
+            self._confirmed(jid, key, pwhash)
             written: Deferred[None] = self.storage.put(jid, pwhash, now)
             return written
 
@@ -304,9 +412,11 @@ class CredentialCache:
                 del current[key]
                 if not current:
                     del self._hashing[jid]
+            if f.check(QueueFull):
+                return  # not cached this time; logged by the queue
             log.failure("cannot cache the password of {jid}", f, jid=printable(jid))
 
-        d = self._hasher.run(_hashpw, data, self._rounds)
+        d = self.hashes.hash(data, self._rounds)
         d.addCallback(store)
         d.addErrback(failed)
         self._background(d)
@@ -316,6 +426,7 @@ class CredentialCache:
         Forget the entry of C{jid} (and any hash of it still being made).
         """
         self._hashing.pop(jid, None)
+        self._verified.pop(jid, None)
         log.info("evicting the cached password of {jid}", jid=printable(jid))
         self._background(self.storage.delete(jid))
 
@@ -358,3 +469,7 @@ class CredentialCache:
             )
 
         return ensureDeferred(self._lookup(jid)).addCallback(check)
+
+
+def _ignoreCancelled(f: Failure) -> None:
+    f.trap(CancelledError)

@@ -270,8 +270,10 @@ SETTINGS: tuple[Setting, ...] = (
         short="s",
     ),
     Setting(
-        "timeout", "timeout", "5,10",
-        "Backend timeouts in seconds: N, or CONNECT,TOTAL.",
+        "timeout", "timeout", "2,3",
+        "Backend timeouts in seconds: N, or CONNECT,TOTAL. Keep TOTAL below the "
+        "deadline: a Nextcloud that has not answered by then counts as "
+        "unavailable, so the credential cache can still answer in time.",
         lambda name, text: parseTimeout(text),
     ),
     Setting(

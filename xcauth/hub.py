@@ -86,6 +86,8 @@ class Hub(Service):
             await self.rosterSync.stop()
         if self.rosterRunner is not None:
             await self.rosterRunner.close()
+        if self.cache is not None:
+            await self.cache.hashes.stop()
         await self.hashWorker.stop()
         if self.cache is not None:
             for d in list(self.cache.pending):
@@ -175,6 +177,8 @@ def buildCache(
         ),
         config.bcryptRounds[0 if persistent else 1],
         keys,
+        deadline=config.deadline,
+        concurrency=BCRYPT_THREADS,
         debug=config.debug,
     )
 
