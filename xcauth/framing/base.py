@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
+from weakref import WeakSet
 
 import attr
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -76,10 +77,14 @@ class XcauthFactory(Factory):
     def __init__(self, protocol: Callable[[ServerContext], Any], context: ServerContext) -> None:
         self.protocol = protocol
         self.context = context
+        #: The connections built here (weakly held: closed ones drop out), for
+        #: answering what is in flight at a stop (L{xcauth.drain}).
+        self.connections: WeakSet[Any] = WeakSet()
 
     def buildProtocol(self, addr: Any) -> Any:
         p = self.protocol(self.context)
         p.factory = self
+        self.connections.add(p)
         return p
 
 
