@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 DEMO_NEXTCLOUD_PORT ?= 23680
+DEMO_LISTEN ?= tcp:23664:interface=127.0.0.1
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
 SYSTEMD_UNIT_DIR ?= /etc/systemd/system
@@ -32,15 +33,12 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 
 venv: $(BIN)/.installed
 
-# Start the fake Nextcloud with demo users beside the daemon; Ctrl-C stops both.
+# Start the fake Nextcloud with demo users beside the daemon (xcauth/testing/demo.py):
+# if its port is taken, nothing starts; Ctrl-C, or a signal to make, stops both.
 # Then: telnet localhost 23664, and type isuser:admin:example.org
 demo: venv
-	@$(BIN)/python -m xcauth.testing.fakenextcloud --port $(DEMO_NEXTCLOUD_PORT) \
-	    --secret demo-secret-change-me & nc=$$!; \
-	trap "kill $$nc 2>/dev/null" EXIT INT TERM; \
-	sleep 1; \
-	$(BIN)/twistd -n --pidfile= xcauth --config-file xcauth.conf \
-	    --listen tcp:23664:interface=127.0.0.1
+	@$(BIN)/python -m xcauth.testing.demo --nextcloud-port $(DEMO_NEXTCLOUD_PORT) \
+	    --listen $(DEMO_LISTEN)
 
 # Debian packages of the real clients the end-to-end tests drive.
 system-packages:
