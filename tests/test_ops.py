@@ -452,3 +452,44 @@ class StartErrorTests(SynchronousTestCase):
         with self.assertRaises(StartError) as e:
             service._cannotListen(OSError("in use"))
         self.assertEqual(str(e.exception), "xcauth: cannot start a listener: in use")
+
+
+class LogRequestsTests(ConfigFiles, SynchronousTestCase):
+    """
+    C{--log-requests all|failures|none}: which requests get their info line.
+    """
+
+    def logged(self, which: str, results: list[object]) -> list[str]:
+        from xcauth.framing.base import RequestTimer
+
+        with capturedLogs() as events:
+            for result in results:
+                RequestTimer(Clock(), "ejabberd", "auth", "alice", "example.org", which)(result)
+        return [e["log_format"].format(**e).split(" via ")[0] for e in events]
+
+    def test_modes(self) -> None:
+        results: list[object] = [True, False, None, b"[]", "error", "cancelled"]
+        self.assertEqual(self.logged("all", results), [
+            "auth true for alice@example.org", "auth false for alice@example.org",
+            "auth unavailable for alice@example.org", "auth 2 bytes for alice@example.org",
+            "auth error for alice@example.org", "auth cancelled for alice@example.org",
+        ])
+        self.assertEqual(self.logged("failures", results), [
+            "auth false for alice@example.org", "auth unavailable for alice@example.org",
+            "auth error for alice@example.org", "auth cancelled for alice@example.org",
+        ])
+        self.assertEqual(self.logged("none", results), [])
+
+    def test_option(self) -> None:
+        self.assertEqual(self.config(BASE).logRequests, "failures")
+        config = self.config(BASE + "log-requests=all\n")
+        self.assertEqual(config.logRequests, "all")
+        hub = buildHub(config, MemoryReactorClock())
+        self.assertEqual(hub.context.logRequests, "all")
+        self.assertEqual(hub.context.timer("prosody", "auth", "a", "b").which, "all")
+        hub.reload(self.config(BASE + "log-requests=none\n"))
+        self.assertEqual(hub.context.timer("prosody", "auth", "a", "b").which, "none")
+        with self.assertRaises(SystemExit) as e:
+            self.config(BASE + "log-requests=some\n")
+        self.assertIn("log-requests 'some' is not valid: use one of all, failures, none",
+                      str(e.exception))

@@ -140,6 +140,23 @@ class ReloadTests(TestCase):
         self.assertEqual(recvExactly(s, 4), TRUE)
         s.close()
 
+    def test_logRequestsChanged(self) -> None:
+        """
+        log-requests=failures after a HUP: a yes is no longer logged, a no is.
+        """
+        s = connect(("127.0.0.1", self.port))
+        s.sendall(ejabberdFrame("auth:alice:example.org:pa:ss w"))
+        self.assertEqual(recvExactly(s, 4), TRUE)
+        writeConfig(self.config, self.nextcloud.url, type="ejabberd", log_requests="failures")
+        self.hangup("configuration reloaded from")
+        s.sendall(ejabberdFrame("auth:alice:example.org:pa:ss w")
+                  + ejabberdFrame("auth:alice:example.org:wrong"))
+        self.assertEqual(recvExactly(s, 8), TRUE + FALSE)
+        s.close()
+        waitFor(lambda: "auth false for alice@example.org" in self.daemon.output(),
+                "the failure logged")
+        self.assertEqual(self.daemon.output().count("auth true for alice@example.org"), 1)
+
     def test_logReopened(self) -> None:
         """
         After logrotate moved the log file away, SIGHUP makes the daemon log

@@ -123,6 +123,7 @@ class Hub(Service):
         context.deadline = config.deadline
         context.maxInFlight = config.maxInFlight
         context.debug = config.debug
+        context.logRequests = config.logRequests
         if isinstance(self.authenticator, Authenticator):
             # The flag it reads on every request (auth.py has no setter).
             self.authenticator._debug = config.debug
@@ -214,6 +215,7 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         deadline=config.deadline,
         maxInFlight=config.maxInFlight,
         debug=config.debug,
+        logRequests=config.logRequests,
     )
     return Hub(
         context, domains, store, dbWorker, hashWorker, cache, pool, rosterSync, rosterRunner,

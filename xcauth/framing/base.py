@@ -39,6 +39,8 @@ class ServerContext:
     @ivar maxInFlight: requests worked on at once per connection; past it the
         connection stops reading until answers have left.
     @ivar debug: log every request's details at debug level too.
+    @ivar logRequests: which requests get their info line: C{all},
+        C{failures} (every answer but a yes) or C{none}.
     """
 
     authenticator: IAuthenticator
@@ -46,6 +48,7 @@ class ServerContext:
     deadline: float = 4.0
     maxInFlight: int = 64
     debug: bool = False
+    logRequests: str = "all"
     _deadlines: Deadlines | None = attr.ib(default=None, init=False, repr=False, eq=False)
 
     def watchDeadline(self, d: Deferred[T]) -> Deferred[T]:
@@ -62,7 +65,7 @@ class ServerContext:
         """
         A L{RequestTimer} for one request, on this context's clock.
         """
-        return RequestTimer(self.clock, framing, operation, user, domain)
+        return RequestTimer(self.clock, framing, operation, user, domain, self.logRequests)
 
 
 class XcauthFactory(Factory):
@@ -356,15 +359,18 @@ class OrderedAnswers:
 class RequestTimer(Generic[T]):
     """
     Logs one line per request when its result is known: framing, operation,
-    user@domain, result and latency.  Never the password.
+    user@domain, result and latency.  Never the password.  With C{which}
+    C{failures}, a yes (C{True}, a roster) is not logged; with C{none}, nothing.
     """
 
     # One per request, alive as long as the request: no instance dict.
-    __slots__ = ("clock", "framing", "operation", "user", "domain", "started")
+    __slots__ = ("clock", "framing", "operation", "user", "domain", "started", "which")
 
     def __init__(
-        self, clock: IReactorTime, framing: str, operation: str, user: str, domain: str
+        self, clock: IReactorTime, framing: str, operation: str, user: str, domain: str,
+        which: str = "all",
     ) -> None:
+        self.which = which
         self.clock = clock
         self.framing = framing
         self.operation = operation
@@ -373,6 +379,10 @@ class RequestTimer(Generic[T]):
         self.started = clock.seconds()
 
     def __call__(self, result: T) -> T:
+        if self.which != "all" and (
+            self.which == "none" or result is True or isinstance(result, bytes)
+        ):
+            return result
         log.info(
             "{operation} {result} for {user}@{domain} via {framing} in {ms} ms",
             operation=self.operation,
