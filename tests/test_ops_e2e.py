@@ -274,3 +274,33 @@ class DaemonModeStartErrorTests(TestCase):
         code, out, err = self.start(XCAUTH_DAEMON, "--listen", "tcp:notaport")
         self.assertNotEqual(code, 0)
         self.assertTrue(err.strip().splitlines()[-1].startswith("xcauth: listen 'tcp:notaport"))
+
+    def test_missingSocketDirectory(self) -> None:
+        """
+        The README's Prosody example without /run/xcauth: the message names
+        the missing directory (not a lock file).
+        """
+        missing = os.path.abspath(self.mktemp())
+        code, out, err = self.start(
+            XCAUTH_DAEMON, "--listen", f"prosody=unix:{missing}/prosody.sock:mode=660"
+        )
+        self.assertNotEqual(code, 0)
+        self.assertEqual(
+            err.strip().splitlines()[-1],
+            f"xcauth: listen 'unix:{missing}/prosody.sock:mode=660': the directory "
+            f"{missing} does not exist (create it, or with systemd set RuntimeDirectory=)",
+        )
+
+    def test_demoSecretRefused(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        config = writeConfig(os.path.join(directory, "x.conf"), "http://127.0.0.1:9/api",
+                             secret="demo-secret-change-me")
+        p = subprocess.run(
+            [TWISTD, "-n", "--pidfile=", "xcauth", "-c", config, "--listen",
+             f"tcp:{freePort()}:interface=127.0.0.1"],
+            capture_output=True, text=True, timeout=30, env=childEnv(), cwd=directory,
+        )
+        self.assertEqual(p.returncode, 1)
+        self.assertTrue(p.stderr.strip().splitlines()[-1].startswith(
+            "xcauth: secret is the demo secret of the sample config file: set secret="))
