@@ -304,3 +304,41 @@ class DaemonModeStartErrorTests(TestCase):
         self.assertEqual(p.returncode, 1)
         self.assertTrue(p.stderr.strip().splitlines()[-1].startswith(
             "xcauth: secret is the demo secret of the sample config file: set secret="))
+
+
+class DaemonModeTests(TestCase):
+    def test_backgroundStartAndStop(self) -> None:
+        """
+        C{xcauth-daemon} without C{-n}: the command returns 0 once the daemon
+        listens; the daemon serves, and SIGTERM stops it and removes its pid
+        file.
+        """
+        directory = os.path.abspath(self.mktemp())
+        nextcloud, config = startBackend(self, directory, type="ejabberd")
+        port = freePort()
+        pidfile = os.path.join(directory, "xcauth.pid")
+        p = subprocess.run(
+            [XCAUTH_DAEMON, f"--pidfile={pidfile}", f"--logfile={directory}/x.log", "xcauth",
+             "-c", config, "--listen", f"tcp:{port}:interface=127.0.0.1"],
+            capture_output=True, text=True, timeout=30, env=childEnv(), cwd=directory,
+        )
+        self.assertEqual((p.returncode, p.stderr), (0, ""))
+        with open(pidfile) as f:
+            pid = int(f.read())
+
+        def stop() -> None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        self.addCleanup(stop)
+        s = connect(("127.0.0.1", port))
+        s.sendall(ejabberdFrame("isuser:alice:example.org"))
+        self.assertEqual(recvExactly(s, 4), TRUE)
+        s.close()
+        os.kill(pid, signal.SIGTERM)
+        waitFor(lambda: not os.path.exists(f"/proc/{pid}"), "the daemon to end", timeout=20)
+        self.assertFalse(os.path.exists(pidfile))
+        with open(f"{directory}/x.log") as f:
+            self.assertIn("xcauth stopped", f.read())
