@@ -493,3 +493,63 @@ class LogRequestsTests(ConfigFiles, SynchronousTestCase):
             self.config(BASE + "log-requests=some\n")
         self.assertIn("log-requests 'some' is not valid: use one of all, failures, none",
                       str(e.exception))
+
+
+class ReopenLogTests(SynchronousTestCase):
+    """
+    The log file twistd opened for C{--logfile}, found through its SIGUSR1
+    handler, is reopened under its name.
+    """
+
+    def installTwistdHandler(self, path: str) -> Any:
+        from twisted.python.logfile import LogFile
+
+        logFile = LogFile.fromFullPath(path)
+        self.addCleanup(logFile.close)
+
+        def rotateLog(signum: int, frame: Any) -> None:  # as twistd's UnixAppLogger
+            logFile.rotate()
+
+        previous = signal.signal(signal.SIGUSR1, rotateLog)
+        self.addCleanup(signal.signal, signal.SIGUSR1, previous)
+        return logFile
+
+    def test_reopened(self) -> None:
+        from xcauth.reload import reopenTwistdLog, twistdLogFile
+
+        path = os.path.abspath(self.mktemp())
+        logFile = self.installTwistdHandler(path)
+        self.assertIs(twistdLogFile(), logFile)
+        logFile.write("before\n")
+        os.rename(path, path + ".1")
+        with capturedLogs():
+            self.assertEqual(reopenTwistdLog(), path)
+        logFile.write("after\n")
+        logFile.flush()
+        with open(path) as f:
+            self.assertEqual(f.read(), "after\n")
+        with open(path + ".1") as f:
+            self.assertEqual(f.read(), "before\n")
+
+    def test_noLogFile(self) -> None:
+        from xcauth.reload import reopenTwistdLog
+
+        previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        self.addCleanup(signal.signal, signal.SIGUSR1, previous)
+        self.assertIsNone(reopenTwistdLog())
+
+    def test_reloadFailureLogged(self) -> None:
+        """
+        An unexpected error while applying is logged; the reload reports failure.
+        """
+
+        class Hub:
+            def reload(self, config: Any) -> list[str]:
+                raise RuntimeError("boom")
+
+        reloader = Reloader(Hub(), lambda: (object(), []), [],  # type: ignore[arg-type]
+                            reopenLog=lambda: None)
+        with capturedLogs() as events:
+            self.assertFalse(reloader.reload())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIn("applying the new configuration failed", repr(events))

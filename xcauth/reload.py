@@ -9,6 +9,7 @@ thread (C{callFromThread}) and returns.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +51,15 @@ def reopenTwistdLog() -> str | None:
     """
     logFile = twistdLogFile()
     if logFile is None:
+        return None
+    path = str(logFile.path)
+    writable = os.access(path, os.W_OK) if os.path.exists(path) else (
+        os.access(os.path.dirname(path) or ".", os.W_OK)
+    )
+    if not writable:
+        # Reopening closes the file first: logging would stop altogether.
+        log.error("cannot reopen the log file {path}: not writable; logging on to the "
+                  "file already open", path=path)
         return None
     log.info("reopening the log file {path}", path=logFile.path)
     logFile.reopen()
@@ -108,7 +118,12 @@ class Reloader:
                 new=", ".join(listener.name for listener in listeners) or "none",
                 old=", ".join(listener.name for listener in self.listeners),
             )
-        for option in self.hub.reload(config):
+        try:
+            restart = self.hub.reload(config)
+        except Exception:
+            log.failure("applying the new configuration failed")
+            return False
+        for option in restart:
             log.warn("{option} changed: it takes effect after a restart", option=option)
         self.hub.domains.refresh()
         log.info(
