@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 DEMO_NEXTCLOUD_PORT ?= 23680
+DEMO_LISTEN ?= tcp:23664:interface=127.0.0.1
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
 SYSTEMD_UNIT_DIR ?= /etc/systemd/system
@@ -12,6 +13,10 @@ SYSTEMD_UNIT_DIR ?= /etc/systemd/system
 XCAUTH_LIBDIR ?= $(PREFIX)/lib/xcauth
 INSTALL_VENV ?= $(XCAUTH_LIBDIR)/venv
 PROSODY_MODULE_DIR ?= $(XCAUTH_LIBDIR)/prosody
+# The interpreter of the installed virtualenv: the system's, which the service's
+# dynamic user can run (not the first python3 on PATH, a pyenv one perhaps,
+# under /root); "make install PYTHON=..." to choose another.
+INSTALL_PYTHON = $(if $(filter command line environment,$(origin PYTHON)),$(PYTHON),/usr/bin/python3)
 
 .PHONY: all venv demo test test-only system-packages lint typecheck bench clean install
 
@@ -28,15 +33,12 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 
 venv: $(BIN)/.installed
 
-# Start the fake Nextcloud with demo users beside the daemon; Ctrl-C stops both.
+# Start the fake Nextcloud with demo users beside the daemon (xcauth/testing/demo.py):
+# if its port is taken, nothing starts; Ctrl-C, or a signal to make, stops both.
 # Then: telnet localhost 23664, and type isuser:admin:example.org
 demo: venv
-	@$(BIN)/python -m xcauth.testing.fakenextcloud --port $(DEMO_NEXTCLOUD_PORT) \
-	    --secret demo-secret-change-me & nc=$$!; \
-	trap "kill $$nc 2>/dev/null" EXIT INT TERM; \
-	sleep 1; \
-	$(BIN)/twistd -n --pidfile= xcauth --config-file xcauth.conf \
-	    --listen tcp:23664:interface=127.0.0.1
+	@$(BIN)/python -m xcauth.testing.demo --nextcloud-port $(DEMO_NEXTCLOUD_PORT) \
+	    --listen $(DEMO_LISTEN)
 
 # Debian packages of the real clients the end-to-end tests drive.
 system-packages:
@@ -71,7 +73,8 @@ clean:
 # With DESTDIR (staging for a package), the virtualenv is built under DESTDIR and
 # its scripts' #! lines and activate files are rewritten to the final path.
 install:
-	$(PYTHON) -m venv $(DESTDIR)$(INSTALL_VENV)
+	scripts/check-service-python $(INSTALL_PYTHON)
+	$(INSTALL_PYTHON) -m venv $(DESTDIR)$(INSTALL_VENV)
 	$(DESTDIR)$(INSTALL_VENV)/bin/pip install --quiet --upgrade pip
 	$(DESTDIR)$(INSTALL_VENV)/bin/pip install --quiet --upgrade .
 	$(DESTDIR)$(INSTALL_VENV)/bin/python -c \
@@ -87,13 +90,22 @@ install:
 	rm -rf build
 	install -d $(DESTDIR)$(PREFIX)/bin
 	ln -sfn $(INSTALL_VENV)/bin/xcauth $(DESTDIR)$(PREFIX)/bin/xcauth
+	ln -sfn $(INSTALL_VENV)/bin/xcauth-daemon $(DESTDIR)$(PREFIX)/bin/xcauth-daemon
 	install -d $(DESTDIR)$(SYSTEMD_UNIT_DIR)
 	install -m 644 systemd/*.socket $(DESTDIR)$(SYSTEMD_UNIT_DIR)/
 	for f in systemd/*.service; do \
 	    sed 's|/usr/local/lib/xcauth/venv/|$(INSTALL_VENV)/|g' "$$f" \
 	        > $(DESTDIR)$(SYSTEMD_UNIT_DIR)/$${f##*/} && \
 	    chmod 644 $(DESTDIR)$(SYSTEMD_UNIT_DIR)/$${f##*/} || exit 1; done
-	test -e $(DESTDIR)$(SYSCONFDIR)/xcauth.conf || \
-	    install -m 640 -D xcauth.conf $(DESTDIR)$(SYSCONFDIR)/xcauth.conf
+	# The sample with its demo backend commented out: the daemon does not
+	# start until url= and secret= are set.
+	install -d $(DESTDIR)$(SYSCONFDIR)
+	test -e $(DESTDIR)$(SYSCONFDIR)/xcauth.conf || { \
+	    umask 027 && sed \
+	        -e "s|^# admin settings, JSXC)\. This sample .*|# admin settings, JSXC). Set both: xcauth does not start without them.|" \
+	        -e "s|^url=.*|#url=https://cloud.example.org/index.php/apps/ojsxc/ajax/externalApi.php|" \
+	        -e "s|^secret=.*|#secret=THE-JSXC-API-SECRET|" \
+	        xcauth.conf > $(DESTDIR)$(SYSCONFDIR)/xcauth.conf && \
+	    chmod 640 $(DESTDIR)$(SYSCONFDIR)/xcauth.conf; }
 	install -d $(DESTDIR)$(PROSODY_MODULE_DIR)
 	install -m 644 prosody/mod_auth_xcauth.lua $(DESTDIR)$(PROSODY_MODULE_DIR)/

@@ -12,7 +12,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.test_cache import ALICE, DOMAIN, Env
+from tests.test_cache import ALICE, Env
 from xcauth.cache import FALLBACK_MARGIN, CachePolicy, CredentialCache, MemoryStorage
 from xcauth.hashing import MAX_CHECKS_PER_USER, HashQueue, QueueFull, hashPassword
 from xcauth.interfaces import Outcome

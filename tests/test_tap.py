@@ -19,6 +19,7 @@ from xcauth.framing.ejabberd import EjabberdAutoProtocol
 from xcauth.framing.postfix import PostfixProtocol
 from xcauth.hub import Hub, buildHub
 from xcauth.jsxc import JSXCClient
+from xcauth.reload import SignalService
 from xcauth.service import XcauthService
 from xcauth.tap import Options, makeService
 from xcauth.testing.processes import writeConfig
@@ -40,7 +41,9 @@ class MakeServiceTests(SynchronousTestCase):
         """
         tuned: list[bool] = []
         self.patch(hubModule, "tuneGarbageCollector", lambda: tuned.append(True))
-        sock = os.path.join(self.mktemp(), "postfix.sock")
+        directory = self.mktemp()
+        os.makedirs(directory)
+        sock = os.path.join(directory, "postfix.sock")
         options = self.options(
             "--listen", "ejabberd=tcp:0:interface=127.0.0.1",
             "--listen", f"postfix=unix:{sock}:mode=600",
@@ -52,7 +55,9 @@ class MakeServiceTests(SynchronousTestCase):
         children = list(service)
         self.assertIs(children[0], service.hub)
         self.assertIsInstance(service.hub, Hub)
-        listeners = children[1:]
+        listeners = children[1:-1]
+        # Last, the SIGHUP (reload) and SIGTERM (drain) handlers.
+        self.assertIsInstance(children[-1], SignalService)
         self.assertEqual(
             [s.name for s in listeners],
             ["ejabberd=tcp:0:interface=127.0.0.1", f"postfix=unix:{sock}:mode=600"],

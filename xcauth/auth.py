@@ -73,7 +73,7 @@ class Authenticator:
         self._settingsFor = settingsFor
         self._onLogin = onLogin
         self._clock = clock
-        self._debug = debug
+        self.debug = debug
         self.cache = cache
         self._ready = ready
         self._passwordKey = passwordKey
@@ -110,7 +110,7 @@ class Authenticator:
     def _authenticate(self, user: str, domain: str, password: str) -> Deferred[bool | None]:
         settings = self._settingsFor(domain)
         if verifyToken(password, user, domain, settings.secrets, self._clock.seconds()):
-            if self._debug:
+            if self.debug:
                 log.debug(
                     "token accepted for {user}@{domain}",
                     user=printable(user),

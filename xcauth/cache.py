@@ -199,7 +199,7 @@ class CredentialCache:
     ) -> None:
         self.storage = storage
         self.hashes = HashQueue(hasher, concurrency)
-        self._fallbackAfter = max(deadline - FALLBACK_MARGIN, deadline / 2)
+        self.setDeadline(deadline)
         self._clock = clock
         self.policy = policy
         self._rounds = rounds
@@ -214,6 +214,12 @@ class CredentialCache:
         self._verified: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()
         #: Background writes not finished yet (tests wait for them).
         self.pending: set[Deferred[Any]] = set()
+
+    def setDeadline(self, deadline: float) -> None:
+        """
+        The seconds within which clients need their answer (see C{deadline}).
+        """
+        self._fallbackAfter = max(deadline - FALLBACK_MARGIN, deadline / 2)
 
     def _fresh(self, entry: CacheEntry, now: float) -> bool:
         return (

@@ -25,6 +25,9 @@ CACHE_STORAGES = ("none", "memory", "db")
 #: How the shared roster is synced to ejabberd (see xcauth.roster).
 ROSTER_SYNCS = ("none", "http", "ejabberdctl")
 
+#: Which requests get their info line (L{xcauth.framing.base.RequestTimer}).
+LOG_REQUESTS = ("all", "failures", "none")
+
 _TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 #: Keys of existing configuration files this version does not act on: accepted
@@ -290,6 +293,12 @@ SETTINGS: tuple[Setting, ...] = (
         _count,
     ),
     Setting(
+        "log-requests", "logRequests", "failures",
+        "Which requests get a log line (operation, user, result, latency): all, "
+        "failures (every answer but a yes) or none.",
+        _choice(LOG_REQUESTS),
+    ),
+    Setting(
         "db", "db", "/var/lib/xcauth/xcauth.sqlite3",
         "The state database (SQLite): per-domain settings and the persistent "
         "credential cache.",
@@ -385,6 +394,7 @@ class Config:
     listen: tuple[str, ...]
     configFile: str | None
     log: str | None
+    logRequests: str = "failures"
 
     @property
     def connectTimeout(self) -> float:

@@ -112,6 +112,22 @@ class DomainTable:
                 self._loop.stop()
             self._loop = None
 
+    def reconfigure(
+        self,
+        globalSettings: DomainSettings,
+        makeClient: Callable[[str, bytes], IBackendClient],
+    ) -> None:
+        """
+        Use new global settings and a new client factory (a configuration
+        reload): the domains read so far are rebuilt with them at once.
+        """
+        self.globalSettings = globalSettings
+        self._makeClient = makeClient
+        self._clients = {}
+        rows, self._rows = self._rows, None
+        if rows is not None:
+            self.apply(rows)
+
     def refresh(self) -> Deferred[None]:
         """
         Read the table once and apply changes.

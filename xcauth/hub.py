@@ -11,6 +11,7 @@ import gc
 from collections.abc import Callable
 from typing import Any
 
+import attr
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.web.client import HTTPConnectionPool
@@ -32,6 +33,18 @@ from xcauth.store import Store, ThreadWorker, whenFired
 #: never wait for these threads.
 BCRYPT_THREADS = 2
 
+#: Options L{Hub.reload} cannot apply (the database, the cache storage and the
+#: roster sync are set up once): C{(option, Config attribute)}.
+RESTART_SETTINGS = (
+    ("db", "db"),
+    ("cache-storage", "cacheStorage"),
+    ("cache-bcrypt-rounds", "bcryptRounds"),
+    ("roster-sync", "rosterSync"),
+    ("roster-api-url", "rosterApiURL"),
+    ("ejabberdctl", "ejabberdctl"),
+    ("roster-command-timeout", "rosterCommandTimeout"),
+)
+
 
 class Hub(Service):
     """
@@ -51,6 +64,9 @@ class Hub(Service):
         pool: HTTPConnectionPool | None,
         rosterSync: RosterSync | None = None,
         rosterRunner: ICommandRunner | None = None,
+        config: Config | None = None,
+        reactor: Any = None,
+        agent: Any = None,
     ) -> None:
         self.context = context
         self.authenticator = context.authenticator
@@ -62,6 +78,62 @@ class Hub(Service):
         self.pool = pool
         self.rosterSync = rosterSync
         self.rosterRunner = rosterRunner
+        #: The configuration in force (L{reload} replaces it).
+        self.config = config
+        self.reactor = reactor
+        self.agent = agent
+        #: Pools replaced by a reload, closed when the hub stops.
+        self._oldPools: list[HTTPConnectionPool] = []
+
+    def reload(self, config: Config) -> list[str]:
+        """
+        Apply C{config} in place, without re-binding anything or reopening the
+        database: the backend clients (URL, secrets, timeouts), the global
+        settings of the domain table (which is then re-read), the request
+        deadline, the in-flight bound, the cache TTLs and the debug flag.
+        Connections stay open; requests already started finish with the
+        settings they started with.
+
+        @return: the options whose new value needs a restart (L{RESTART_SETTINGS}:
+            C{db}, the cache storage, the roster sync); they keep their old value.
+        """
+        old = self.config
+        assert old is not None, "a hub built without its configuration cannot reload"
+        restart = [
+            name
+            for name, attribute in RESTART_SETTINGS
+            if getattr(old, attribute) != getattr(config, attribute)
+        ]
+        if config.connectTimeout != old.connectTimeout or self.agent is None:
+            if self.pool is not None:
+                self._oldPools.append(self.pool)
+            self.agent, self.pool = makeAgent(self.reactor, connectTimeout=config.connectTimeout)
+        makeClient = clientFactory(
+            HTTPRequester(self.agent, self.reactor, timeout=config.totalTimeout)
+        )
+        self.domains.reconfigure(
+            DomainSettings(
+                secrets=config.secrets,
+                authDomain=None,
+                client=makeClient(config.url, config.secrets[0]),
+            ),
+            makeClient,
+        )
+        context = self.context
+        context.deadline = config.deadline
+        context.maxInFlight = config.maxInFlight
+        context.debug = config.debug
+        context.logRequests = config.logRequests
+        if isinstance(self.authenticator, Authenticator):
+            self.authenticator.debug = config.debug
+        if self.cache is not None:
+            self.cache.policy = cachePolicy(config)
+            self.cache.debug = config.debug
+            self.cache.setDeadline(config.deadline)
+        self.config = attr.evolve(
+            config, **{attribute: getattr(old, attribute) for _, attribute in RESTART_SETTINGS}
+        )
+        return restart
 
     def startService(self) -> None:
         """
@@ -94,8 +166,9 @@ class Hub(Service):
                 await whenFired(d)
         await self.store.close()
         await self.dbWorker.stop()
-        if self.pool is not None:
-            await self.pool.closeCachedConnections()
+        for pool in [*self._oldPools, self.pool]:
+            if pool is not None:
+                await pool.closeCachedConnections()
 
 
 def buildHub(config: Config, reactor: Any) -> Hub:
@@ -104,10 +177,7 @@ def buildHub(config: Config, reactor: Any) -> Hub:
     configuration.
     """
     agent, pool = makeAgent(reactor, connectTimeout=config.connectTimeout)
-    http = HTTPRequester(agent, reactor, timeout=config.totalTimeout)
-
-    def makeClient(url: str, secret: bytes) -> JSXCClient:
-        return JSXCClient(http, url, secret)
+    makeClient = clientFactory(HTTPRequester(agent, reactor, timeout=config.totalTimeout))
 
     # SQLite: one connection, used from one thread.  The file is created when
     # the cache lives in it; otherwise it is read if (once) it exists.
@@ -147,9 +217,33 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         deadline=config.deadline,
         maxInFlight=config.maxInFlight,
         debug=config.debug,
+        logRequests=config.logRequests,
     )
     return Hub(
-        context, domains, store, dbWorker, hashWorker, cache, pool, rosterSync, rosterRunner
+        context, domains, store, dbWorker, hashWorker, cache, pool, rosterSync, rosterRunner,
+        config=config, reactor=reactor, agent=agent,
+    )
+
+
+def clientFactory(http: HTTPRequester) -> Callable[[str, bytes], JSXCClient]:
+    """
+    What builds the backend client of one C{(url, secret)} over C{http}.
+    """
+
+    def makeClient(url: str, secret: bytes) -> JSXCClient:
+        return JSXCClient(http, url, secret)
+
+    return makeClient
+
+
+def cachePolicy(config: Config) -> CachePolicy:
+    """
+    The cache TTLs of C{config}.
+    """
+    return CachePolicy(
+        queryTTL=config.cacheQueryTTL,
+        verificationTTL=config.cacheVerificationTTL,
+        unreachableTTL=config.cacheUnreachableTTL,
     )
 
 
@@ -170,11 +264,7 @@ def buildCache(
         DatabaseStorage(store) if persistent else MemoryStorage(),
         hasher,
         clock,
-        CachePolicy(
-            queryTTL=config.cacheQueryTTL,
-            verificationTTL=config.cacheVerificationTTL,
-            unreachableTTL=config.cacheUnreachableTTL,
-        ),
+        cachePolicy(config),
         config.bcryptRounds[0 if persistent else 1],
         keys,
         deadline=config.deadline,

@@ -9,16 +9,23 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.logger import Logger
 
 from xcauth.config import ConfigError
+from xcauth.daemon import StartError
+from xcauth.drain import drainConnections
 from xcauth.framing.base import XcauthFactory
 from xcauth.framing.registry import FRAMINGS
 from xcauth.hub import Hub
 from xcauth.listen import Listener, groupID, listenerService, unixSocketPath
 
 log = Logger()
+
+#: Seconds a stop waits, beyond the request deadline, for answered
+#: connections to close (sending their last answers).
+DRAIN_MARGIN = 2.0
 
 
 class XcauthService(MultiService):
@@ -33,10 +40,12 @@ class XcauthService(MultiService):
         self.reactor = reactor
         hub.setServiceParent(self)
         self.listeners = []
+        self.factories: list[XcauthFactory] = []
         #: UNIX sockets to give to a group once they listen.
         self.socketGroups = [listener for listener in listeners if listener.group]
         for listener in listeners:
             factory = XcauthFactory(FRAMINGS[listener.framing], hub.context)
+            self.factories.append(factory)
             svc = listenerService(listener, factory, reactor)
             svc.setServiceParent(self)
             self.listeners.append(svc)
@@ -74,10 +83,38 @@ class XcauthService(MultiService):
             try:
                 os.chown(path, -1, groupID(listener.entry, group))
             except (ConfigError, OSError) as e:
-                raise SystemExit(
+                raise StartError(
                     f"xcauth: cannot give the socket {path} to group {group}: {e}"
                 ) from None
             log.info("socket {path} given to group {group}", path=path, group=group)
 
     def _cannotListen(self, e: Exception) -> None:
-        raise SystemExit(f"xcauth: cannot start a listener: {e}")
+        raise StartError(f"xcauth: cannot start a listener: {e}") from None
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop accepting connections, let the open ones answer what they have
+        read (within the deadline) and close, then stop the hub.
+        """
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        Service.stopService(self)
+        for svc in reversed(self.listeners):
+            if svc.running:
+                await maybeDeferred(svc.stopService)
+        connections = [c for f in self.factories for c in list(f.connections)]
+        log.info(
+            "stopped listening; answering what {count} open connection(s) asked",
+            count=len(connections),
+        )
+        aborted = await drainConnections(
+            connections, self.reactor, self.hub.context.deadline + DRAIN_MARGIN
+        )
+        if aborted:
+            log.warn("{count} connection(s) did not close in time", count=aborted)
+        for svc in reversed(list(self)):
+            if svc.running and svc is not self.hub:
+                await maybeDeferred(svc.stopService)
+        await maybeDeferred(self.hub.stopService)
+        log.info("xcauth stopped")

@@ -4,11 +4,19 @@ The C{twistd xcauth} plugin: options and C{makeService}.
 
 from __future__ import annotations
 
+import sys
+
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
 
-from xcauth.config import ConfigError, ConfigOptions
-from xcauth.listen import Listener, parseListener, systemdSockets
+from xcauth.config import Config, ConfigError, ConfigOptions
+from xcauth.listen import Listener, parseListener, socketDirectoryProblem, systemdSockets
+
+log = Logger()
+
+#: The secret of the sample config file and of C{make demo}'s fake Nextcloud.
+DEMO_SECRET = b"demo-secret-change-me"
 
 
 class Options(ConfigOptions):
@@ -25,8 +33,15 @@ class Options(ConfigOptions):
     )
 
     listeners: list[Listener]
+    #: The arguments parsed, to read the configuration again on SIGHUP.
+    argv: list[str]
 
     optFlags = ConfigOptions.optFlags + [
+        [
+            "demo",
+            None,
+            "Allow the sample config file's demo secret (make demo does).",
+        ],
         [
             "systemd-sockets",
             None,
@@ -46,6 +61,10 @@ class Options(ConfigOptions):
         after a framing). Replaces the config file's listen entries.
         """
         self["listen"].append(entry)
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def postOptions(self) -> None:
         try:
@@ -70,19 +89,71 @@ class Options(ConfigOptions):
                     "config file"
                 )
             self.listeners = [parseListener(e, config.type) for e in entries]
+            for listener in self.listeners:
+                problem = socketDirectoryProblem(listener)
+                if problem is not None:
+                    raise ConfigError(problem)
+            if DEMO_SECRET in config.secrets and not self["demo"]:
+                raise ConfigError(
+                    "secret is the demo secret of the sample config file: set "
+                    "secret= to the API secret of your Nextcloud's JSXC app "
+                    "(admin settings, JSXC) and url= to its external API"
+                    + (f" in {config.configFile}" if config.configFile else "")
+                )
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
 
-def makeService(options: Options) -> IService:
+class ReloadOptions(Options):
     """
-    The daemon: the shared authentication core and one listener per C{--listen}.
+    The options read again for a reload: errors are raised as
+    L{usage.UsageError} (instead of ending the process), warnings are logged.
     """
-    from twisted.internet import reactor
+
+    def postOptions(self) -> None:
+        self._checkOptions()
+
+    def ignoredKey(self, key: str, value: str | None, where: str) -> None:
+        log.warn(
+            "{where}: option {key!r} is not supported by this version and is ignored",
+            where=where,
+            key=key,
+        )
+
+
+def loadAgain(argv: list[str]) -> tuple[Config, list[Listener]]:
+    """
+    Parse C{argv} (the daemon's own arguments) and read the config file it
+    names as it is now.
+
+    @raise ConfigError: saying what is wrong.
+    """
+    options = ReloadOptions()
+    try:
+        options.parseOptions(argv)
+    except usage.UsageError as e:
+        raise ConfigError(str(e)) from None
+    return options.config, options.listeners
+
+
+def makeService(options: Options, reactor: object = None) -> IService:
+    """
+    The daemon: the shared authentication core, one listener per C{--listen},
+    and the signal handlers (SIGHUP reloads, SIGTERM stops after answering).
+    """
+    if reactor is None:
+        from twisted.internet import reactor as defaultReactor
+
+        reactor = defaultReactor
 
     from xcauth.hub import buildHub, tuneGarbageCollector
+    from xcauth.reload import Reloader, SignalService
     from xcauth.service import XcauthService
 
-    service = XcauthService(buildHub(options.config, reactor), options.listeners, reactor)
+    hub = buildHub(options.config, reactor)
+    service = XcauthService(hub, options.listeners, reactor)
+    argv = list(getattr(options, "argv", []))
+    reloader = Reloader(hub, lambda: loadAgain(argv), options.listeners)
+    SignalService(reactor, reloader.reload).setServiceParent(service)
     tuneGarbageCollector()
     return service

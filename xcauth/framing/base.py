@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
+from weakref import WeakSet
 
 import attr
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -38,6 +39,8 @@ class ServerContext:
     @ivar maxInFlight: requests worked on at once per connection; past it the
         connection stops reading until answers have left.
     @ivar debug: log every request's details at debug level too.
+    @ivar logRequests: which requests get their info line: C{all},
+        C{failures} (every answer but a yes) or C{none}.
     """
 
     authenticator: IAuthenticator
@@ -45,6 +48,7 @@ class ServerContext:
     deadline: float = 4.0
     maxInFlight: int = 64
     debug: bool = False
+    logRequests: str = "all"
     _deadlines: Deadlines | None = attr.ib(default=None, init=False, repr=False, eq=False)
 
     def watchDeadline(self, d: Deferred[T]) -> Deferred[T]:
@@ -61,7 +65,7 @@ class ServerContext:
         """
         A L{RequestTimer} for one request, on this context's clock.
         """
-        return RequestTimer(self.clock, framing, operation, user, domain)
+        return RequestTimer(self.clock, framing, operation, user, domain, self.logRequests)
 
 
 class XcauthFactory(Factory):
@@ -76,10 +80,14 @@ class XcauthFactory(Factory):
     def __init__(self, protocol: Callable[[ServerContext], Any], context: ServerContext) -> None:
         self.protocol = protocol
         self.context = context
+        #: The connections built here (weakly held: closed ones drop out), for
+        #: answering what is in flight at a stop (L{xcauth.drain}).
+        self.connections: WeakSet[Any] = WeakSet()
 
     def buildProtocol(self, addr: Any) -> Any:
         p = self.protocol(self.context)
         p.factory = self
+        self.connections.add(p)
         return p
 
 
@@ -351,15 +359,18 @@ class OrderedAnswers:
 class RequestTimer(Generic[T]):
     """
     Logs one line per request when its result is known: framing, operation,
-    user@domain, result and latency.  Never the password.
+    user@domain, result and latency.  Never the password.  With C{which}
+    C{failures}, a yes (C{True}, a roster) is not logged; with C{none}, nothing.
     """
 
     # One per request, alive as long as the request: no instance dict.
-    __slots__ = ("clock", "framing", "operation", "user", "domain", "started")
+    __slots__ = ("clock", "framing", "operation", "user", "domain", "started", "which")
 
     def __init__(
-        self, clock: IReactorTime, framing: str, operation: str, user: str, domain: str
+        self, clock: IReactorTime, framing: str, operation: str, user: str, domain: str,
+        which: str = "all",
     ) -> None:
+        self.which = which
         self.clock = clock
         self.framing = framing
         self.operation = operation
@@ -368,6 +379,10 @@ class RequestTimer(Generic[T]):
         self.started = clock.seconds()
 
     def __call__(self, result: T) -> T:
+        if self.which != "all" and (
+            self.which == "none" or result is True or isinstance(result, bytes)
+        ):
+            return result
         log.info(
             "{operation} {result} for {user}@{domain} via {framing} in {ms} ms",
             operation=self.operation,

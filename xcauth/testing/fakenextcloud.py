@@ -447,7 +447,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{options}\n{e}") from None
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", int(options["port"])))
+    try:
+        sock.bind(("127.0.0.1", int(options["port"])))
+    except OSError as e:
+        raise SystemExit(
+            f"fake Nextcloud: cannot listen on 127.0.0.1:{options['port']}: {e.strerror}"
+        ) from None
     sock.listen(BACKLOG)
     sock.setblocking(False)
     number = sock.getsockname()[1]

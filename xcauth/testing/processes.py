@@ -179,7 +179,10 @@ class FakeNextcloud(Process):
 def writeConfig(path: str, url: str, secret: str = SECRET, **options: object) -> str:
     """
     Write an xcauth config file; C{options} with C{_} for C{-} in their keys.
+    Every request is logged (C{log-requests=all}) unless C{log_requests} says
+    otherwise: the tests read those lines.
     """
+    options.setdefault("log_requests", "all")
     lines = [f"url={url}", f"secret={secret}"]
     for key, value in options.items():
         key = key.replace("_", "-")
