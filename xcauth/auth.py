@@ -32,6 +32,7 @@ from xcauth.token import verifyToken
 if TYPE_CHECKING:
     from xcauth.cache import CredentialCache
     from xcauth.domains import DomainSettings
+    from xcauth.penalty import PenaltyBox
 
 log = Logger()
 
@@ -54,6 +55,8 @@ class Authenticator:
     @param debug: log per-request details at debug level (twistd writes every
         level to its log, and a line per token login costs as much CPU as
         checking the token).
+    @param penalty: failed logins remembered and held back (L{xcauth.penalty}),
+        or C{None} for none.
     """
 
     def __init__(
@@ -64,7 +67,9 @@ class Authenticator:
         cache: CredentialCache | None = None,
         ready: Callable[[], Deferred[None] | None] | None = None,
         debug: bool = False,
+        penalty: PenaltyBox | None = None,
     ) -> None:
+        self.penalty = penalty
         self._settingsFor = settingsFor
         self._clock = clock
         self._debug = debug
@@ -87,9 +92,11 @@ class Authenticator:
         that is unavailable gives C{None}, unless the cache vouches for the
         password.
         """
-        return self._whenReady(self._authenticate, user, domain, password)
+        return self._whenReady(self._authenticate, user, domain, password, peer)
 
-    def _authenticate(self, user: str, domain: str, password: str) -> Deferred[bool | None]:
+    def _authenticate(
+        self, user: str, domain: str, password: str, peer: str | None = None
+    ) -> Deferred[bool | None]:
         settings = self._settingsFor(domain)
         if verifyToken(password, user, domain, settings.secrets, self._clock.seconds()):
             if self._debug:
@@ -99,7 +106,29 @@ class Authenticator:
                     domain=printable(domain),
                 )
             return succeed(True)
-        key = (user, domain, self._passwordKey(password))
+        passwordKey = self._passwordKey(password)
+        penalty = self.penalty
+        if penalty is not None:
+            jid = f"{user}@{domain}"
+            cache = self.cache
+            return penalty.gate(
+                jid,
+                penalty.who(jid, peer),
+                passwordKey,
+                lambda: self._shared(settings, user, domain, password, passwordKey),
+                None if cache is None else lambda: cache.vouches(jid, password),
+            )
+        return self._shared(settings, user, domain, password, passwordKey)
+
+    def _shared(
+        self,
+        settings: DomainSettings,
+        user: str,
+        domain: str,
+        password: str,
+        passwordKey: bytes,
+    ) -> Deferred[bool | None]:
+        key = (user, domain, passwordKey)
         shared = self._inflight.get(key)
         if shared is None:
             shared = _Shared(self._checkPassword(settings, user, domain, password))
