@@ -8,22 +8,32 @@ L{Hub} service, which starts and stops it.
 from __future__ import annotations
 
 import gc
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 
 from xcauth.auth import Authenticator
 from xcauth.cache import CachePolicy, CredentialCache, DatabaseStorage, MemoryStorage
 from xcauth.config import Config
-from xcauth.domains import DomainSettings, DomainTable
+from xcauth.domains import BackendSpec, DomainSettings, DomainTable
 from xcauth.framing.base import ServerContext
 from xcauth.http import HTTPRequester, makeAgent
+from xcauth.interfaces import BackendUnavailable, IBackendClient
 from xcauth.jsxc import JSXCClient
 from xcauth.keys import PasswordKeys
+from xcauth.ocs import OCSClient, StartupRefused
+from xcauth.penalty import PenaltyBox, PenaltyPolicy
 from xcauth.store import Store, ThreadWorker, whenFired
+from xcauth.throttlewatch import ThrottleWatch, ThrottleWatches
+
+log = Logger()
 
 #: Threads hashing and checking passwords with bcrypt (CPU-bound: about the
 #: number of cores).  A burst of cache checks queues here; tokens and isuser
@@ -47,7 +57,13 @@ class Hub(Service):
         hashWorker: ThreadWorker,
         cache: CredentialCache | None,
         pool: HTTPConnectionPool | None,
+        watches: ThrottleWatches | None = None,
+        startupCheck: Callable[[], Deferred[None]] | None = None,
+        refuse: Callable[[str], None] | None = None,
     ) -> None:
+        self.watches = watches
+        self.startupCheck = startupCheck
+        self.refuse = refuse
         self.context = context
         self.authenticator = context.authenticator
         self.domains = domains
@@ -65,6 +81,23 @@ class Hub(Service):
         self.dbWorker.start()
         self.hashWorker.start()
         self.domains.start()
+        if self.watches is not None:
+            self.watches.start()
+        if self.startupCheck is not None:
+            self.startupCheck().addErrback(self._checkFailed)
+
+    def _checkFailed(self, f: Failure) -> None:
+        if f.check(StartupRefused):
+            if self.refuse is not None:
+                self.refuse(str(f.value))
+            return
+        if f.check(BackendUnavailable):
+            log.warn(
+                "cannot check the Nextcloud service account at start-up: {reason}",
+                reason=str(f.value),
+            )
+            return
+        log.failure("the start-up check failed", f)
 
     def stopService(self) -> Deferred[None]:
         """
@@ -76,6 +109,8 @@ class Hub(Service):
 
     async def _stop(self) -> None:
         self.domains.stop()
+        if self.watches is not None:
+            self.watches.stop()
         await self.hashWorker.stop()
         if self.cache is not None:
             for d in list(self.cache.pending):
@@ -93,9 +128,32 @@ def buildHub(config: Config, reactor: Any) -> Hub:
     """
     agent, pool = makeAgent(reactor, connectTimeout=config.connectTimeout)
     http = HTTPRequester(agent, reactor, timeout=config.totalTimeout)
+    watches = ThrottleWatches()
 
-    def makeClient(url: str, secret: bytes) -> JSXCClient:
-        return JSXCClient(http, url, secret)
+    def makeClient(spec: BackendSpec) -> IBackendClient:
+        if spec.backend == "jsxc":
+            return JSXCClient(http, spec.url, spec.secret)
+        assert spec.serviceUser is not None and spec.servicePassword is not None
+        client = OCSClient(
+            http, spec.url, spec.serviceUser, spec.servicePassword, spec.loginFormat,
+            reactor,
+        )
+        watch = ThrottleWatch(
+            client, reactor, config.throttleCheckInterval, config.throttleWarnDelay
+        )
+        client.onLogin = watch.loginSeen
+        watches.add(watch)
+        return client
+
+    globalSpec = BackendSpec(
+        config.backend,
+        config.url,
+        (config.secrets or (b"",))[0],
+        config.serviceUser,
+        config.servicePassword,
+        config.loginFormat,
+    )
+    globalClient = makeClient(globalSpec)
 
     # SQLite: one connection, used from one thread.  The file is created when
     # the cache lives in it; otherwise it is read if (once) it exists.
@@ -106,10 +164,11 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         DomainSettings(
             secrets=config.secrets,
             authDomain=None,
-            client=makeClient(config.url, config.secrets[0]),
+            client=globalClient,
         ),
         makeClient,
         reactor,
+        globalSpec=globalSpec,
     )
     keys = PasswordKeys()
     hashWorker = ThreadWorker(reactor, "xcauth-bcrypt", BCRYPT_THREADS)
@@ -121,6 +180,16 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         cache=cache,
         ready=domains.whenReady,
         debug=config.debug,
+        penalty=PenaltyBox(
+            reactor,
+            PenaltyPolicy(
+                refusedTTL=config.refusedTTL,
+                baseDelay=config.penaltyDelay,
+                maxDelay=config.penaltyMaxDelay,
+                lockoutAfter=config.penaltyLockoutAfter,
+                lockoutSeconds=config.penaltyLockout,
+            ),
+        ),
     )
     context = ServerContext(
         authenticator=authenticator,
@@ -129,7 +198,30 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         maxInFlight=config.maxInFlight,
         debug=config.debug,
     )
-    return Hub(context, domains, store, dbWorker, hashWorker, cache, pool)
+    check = globalClient.checkPrivileges if isinstance(globalClient, OCSClient) else None
+    return Hub(
+        context, domains, store, dbWorker, hashWorker, cache, pool,
+        watches=watches, startupCheck=check, refuse=lambda m: refuseToRun(reactor, m),
+    )
+
+
+def refuseToRun(reactor: Any, message: str) -> None:
+    """
+    Stop the daemon (or command) because it cannot work as configured: one
+    line C{xcauth: ...} on standard error and in the log, exit status 1.
+
+    twistd offers no exit status for a service that fails after the reactor
+    started, so the process ends with C{os._exit(1)} once the reactor has
+    shut down (the services have stopped and the log is written).
+    """
+    log.critical("xcauth: {message}", message=message)
+    sys.stderr.write(f"xcauth: {message}\n")
+    sys.stderr.flush()
+    reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+    if reactor.running:
+        reactor.stop()
+    else:
+        reactor.callWhenRunning(reactor.stop)
 
 
 def buildCache(

@@ -129,8 +129,8 @@ class OCSClient:
     @param loginFormat: how the login name is made from the XMPP user and the
         domain sent to the backend: C{{user}} or C{{user}@{domain}}.
     @param clock: for the once-per-hour hint and measured delays.
-    @param onSlowLogin: called with C{(seconds, status)} after every password
-        check (for the throttle watch).
+    @param onLogin: called with C{(seconds, status)} after every password
+        check (for the throttle watch); may be set later as C{onLogin}.
     """
 
     def __init__(
@@ -155,7 +155,7 @@ class OCSClient:
             )
         self.loginFormat = loginFormat
         self._clock = clock
-        self._onLogin = onLogin
+        self.onLogin = onLogin
         self._hinted: dict[str, float] = {}
 
     # -- requests --------------------------------------------------------------
@@ -191,15 +191,15 @@ class OCSClient:
         """
         login = self.login(user, domain)
         started = self._clock.seconds() if self._clock is not None else 0.0
-        d = self._get("/ocs/v2.php/cloud/user", basicAuth(login, password))
+        d: Deferred[Any] = self._get("/ocs/v2.php/cloud/user", basicAuth(login, password))
         d.addCallback(self._authAnswer, login, password, started)
         d.addErrback(self._unavailable, "auth", user, domain)
         return d
 
     def _authAnswer(self, answer: Answer, login: str, password: str,
                     started: float) -> Outcome | Deferred[Outcome]:
-        if self._clock is not None and self._onLogin is not None:
-            self._onLogin(self._clock.seconds() - started, answer.code)
+        if self._clock is not None and self.onLogin is not None:
+            self.onLogin(self._clock.seconds() - started, answer.code)
         if answer.code == 200:
             data = _ocsData(answer)
             if not isinstance(data, dict) or not isinstance(data.get("id"), str):
@@ -233,7 +233,7 @@ class OCSClient:
         while len(self._hinted) > MAX_HINTS:
             del self._hinted[next(iter(self._hinted))]
         path = "/remote.php/dav/files/" + quote(login, safe="") + "/"
-        d = self._get(path, basicAuth(login, password), method=b"PROPFIND",
+        d: Deferred[Any] = self._get(path, basicAuth(login, password), method=b"PROPFIND",
                       extra={b"depth": [b"0"]}, query="")
         d.addCallback(self._hintAnswer, login)
         d.addErrback(lambda f: None)
@@ -252,7 +252,7 @@ class OCSClient:
         Whether the user exists, asked with the service account.
         """
         login = self.login(user, domain)
-        d = self._get("/ocs/v2.php/cloud/users/" + quote(login, safe=""), self._serviceAuth)
+        d: Deferred[Any] = self._get("/ocs/v2.php/cloud/users/" + quote(login, safe=""), self._serviceAuth)
         d.addCallback(self._isUserAnswer, login)
         d.addErrback(self._unavailable, "isuser", user, domain)
         return d
@@ -270,7 +270,7 @@ class OCSClient:
 
     def _byEmail(self, login: str) -> Deferred[Outcome]:
         query = "format=json&search=" + quote(login, safe="")
-        d = self._get("/ocs/v2.php/cloud/users/details", self._serviceAuth, query=query)
+        d: Deferred[Any] = self._get("/ocs/v2.php/cloud/users/details", self._serviceAuth, query=query)
 
         def found(answer: Answer) -> Outcome:
             if answer.code != 200:
@@ -294,7 +294,7 @@ class OCSClient:
         The users who share a group with C{user}, with their display names.
         """
         uid = self.login(user, domain)
-        d = self._get("/ocs/v2.php/cloud/users/" + quote(uid, safe="") + "/groups",
+        d: Deferred[Any] = self._get("/ocs/v2.php/cloud/users/" + quote(uid, safe="") + "/groups",
                       self._serviceAuth)
         d.addCallback(self._groupsAnswer, uid)
         return d
@@ -334,11 +334,9 @@ class OCSClient:
                uid: str) -> dict[str, RosterEntry]:
         names: dict[str, str] = {}
         groups: dict[str, list[str]] = {}
-        for gid, (ok, value) in zip(gids, results):
+        for gid, (ok, value) in zip(gids, results, strict=True):
             if not ok:
                 failure: Failure = value
-                if failure.check(BackendUnavailable):
-                    raise failure.value
                 failure.raiseException()
             for member, display in value.items():
                 if member == uid:
@@ -357,7 +355,7 @@ class OCSClient:
             L{StartupRefused} (what to fix) or L{BackendUnavailable}.
         """
         me = quote(self._serviceUser, safe="")
-        d = self._get("/ocs/v2.php/cloud/users/" + me, self._serviceAuth)
+        d: Deferred[Any] = self._get("/ocs/v2.php/cloud/users/" + me, self._serviceAuth)
         d.addCallback(self._ownEntry)
         return d
 
@@ -372,7 +370,7 @@ class OCSClient:
         if answer.code != 200:
             raise _unexpected(answer)
         _ocsData(answer)
-        d = self._get("/ocs/v2.php/cloud/users", self._serviceAuth, query="format=json&limit=2")
+        d: Deferred[Any] = self._get("/ocs/v2.php/cloud/users", self._serviceAuth, query="format=json&limit=2")
         return d.addCallback(self._listAnswer)
 
     def _listAnswer(self, answer: Answer) -> None:
@@ -393,7 +391,7 @@ class OCSClient:
         The brute-force delay and allow-listing of xcauth's address, from the
         (public) capabilities.
         """
-        d = self._get("/ocs/v2.php/cloud/capabilities", None)
+        d: Deferred[Any] = self._get("/ocs/v2.php/cloud/capabilities", None)
         d.addCallback(self._capabilitiesAnswer)
         return d
 

@@ -27,9 +27,9 @@ knows the address.
 
 from __future__ import annotations
 
-import attr
 from collections.abc import Callable
 
+import attr
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -98,13 +98,13 @@ class PenaltyBox:
             del refused[first]
         records = self._records
         while records:
-            first = next(iter(records))
-            record = records[first]
+            oldest = next(iter(records))
+            record = records[oldest]
             stale = (now - record.last >= self.policy.forgetAfter
                      and record.lockedUntil <= now)
             if not stale and len(records) <= limit:
                 break
-            del records[first]
+            del records[oldest]
 
     def refused(self, jid: str, key: bytes) -> bool:
         """

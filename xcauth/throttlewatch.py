@@ -13,7 +13,7 @@ longer than C{warnDelay} seconds.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -84,7 +84,7 @@ class ThrottleWatch:
         """
         Read the capabilities once and warn about what they say.
         """
-        d = self.client.throttleState()
+        d: Deferred[Any] = self.client.throttleState()
         d.addCallbacks(self._seen, self._failed)
         return d
 
@@ -140,3 +140,38 @@ class ThrottleWatch:
                 delay=seconds,
                 howto=ALLOW_LIST_HOWTO,
             )
+
+
+class ThrottleWatches:
+    """
+    The watches of every stock Nextcloud backend in use: started with the
+    daemon, and at once for a backend added later (a new domain).
+    """
+
+    def __init__(self) -> None:
+        self.watches: list[ThrottleWatch] = []
+        self.running = False
+
+    def add(self, watch: ThrottleWatch) -> None:
+        """
+        Watch one more backend.
+        """
+        self.watches.append(watch)
+        if self.running:
+            watch.start()
+
+    def start(self) -> None:
+        """
+        Start every watch.
+        """
+        self.running = True
+        for watch in self.watches:
+            watch.start()
+
+    def stop(self) -> None:
+        """
+        Stop every watch.
+        """
+        self.running = False
+        for watch in self.watches:
+            watch.stop()

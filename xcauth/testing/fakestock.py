@@ -153,7 +153,7 @@ class Throttle:
             return 0.0
         if n > self.maxAttempts:
             return MAX_DELAY
-        return min(FIRST_DELAY * 2**n, MAX_DELAY)
+        return float(min(FIRST_DELAY * 2**n, MAX_DELAY))
 
     def blocked(self, ip: str) -> bool:
         """
