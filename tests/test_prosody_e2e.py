@@ -72,6 +72,8 @@ class _ProsodyE2EBase(TestCase):
     """
 
     unixSocket = False
+    #: Run against the fake stock Nextcloud (backend nextcloud) instead of JSXC.
+    stock = False
     #: xcauth_timeout and xcauth_connections of the Prosody started in setUp.
     prosodyTimeout = 5
     prosodyConnections: int | None = None
@@ -83,13 +85,14 @@ class _ProsodyE2EBase(TestCase):
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
         self.secrets: list[str] = list(PASSWORDS)
-        self.nextcloud = FakeNextcloud(os.path.join(self.dir, "nextcloud"))
+        self.nextcloud = FakeNextcloud(os.path.join(self.dir, "nextcloud"), stock=self.stock)
         self.nextcloud.start()
         self.addCleanup(self.nextcloud.stop)
         # deadline 4.5 s: the daemon still answers a 3 s backend call truthfully,
         # before Prosody's default 5 s timeout.
         self.config = writeConfig(
-            os.path.join(self.dir, "xcauth.conf"), self.nextcloud.url, deadline="4.5"
+            os.path.join(self.dir, "xcauth.conf"), self.nextcloud.url, deadline="4.5",
+            **(self.nextcloud.stockOptions() if self.stock else {}),
         )
         if self.unixSocket:
             # Short path: AF_UNIX paths are limited to ~107 bytes.

@@ -215,8 +215,10 @@ def refuseToRun(reactor: Any, message: str) -> None:
     shut down (the services have stopped and the log is written).
     """
     log.critical("xcauth: {message}", message=message)
-    sys.stderr.write(f"xcauth: {message}\n")
-    sys.stderr.flush()
+    # twistd sends sys.stderr to its log: write to the process's own stderr.
+    stream = sys.__stderr__ or sys.stderr
+    stream.write(f"xcauth: {message}\n")
+    stream.flush()
     reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
     if reactor.running:
         reactor.stop()

@@ -207,8 +207,10 @@ class FakeStockNextcloud(Resource):
         self.clock = clock
         self.users = {u.uid: u for u in (users if users is not None else demoUsers())}
         self.throttle = Throttle(clock, maxAttempts)
-        #: (method, path, login name or None) of every request, in order.
+        #: (method, path, login name or None) of every request, in order
+        #: (not kept by the stand-alone server: it runs long in constant memory).
         self.requests: list[tuple[str, str, str | None]] = []
+        self.recordRequests = True
         #: Basic-auth logins that reached the password check or the throttle.
         self.logins = 0
         #: Answers 429 given.
@@ -281,7 +283,8 @@ class FakeStockNextcloud(Resource):
     def _route(self, request: Request, path: str, ip: str) -> None:
         method = request.method.decode("ascii", "replace")
         credentials = self._credentials(request)
-        self.requests.append((method, path, credentials[0] if credentials else None))
+        if self.recordRequests:
+            self.requests.append((method, path, credentials[0] if credentials else None))
         if path.startswith("/remote.php/dav/"):
             self._dav(method, credentials, ip)
         prefix = "/ocs/v2.php/"
