@@ -364,7 +364,8 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "penalty-max-delay", "penaltyMaxDelay", "2",
-        "The longest delay of a failed login (below deadline).",
+        "The longest delay of a failed login; at most half the deadline is used "
+        "(a value given must be below deadline).",
         _seconds,
     ),
     Setting(
@@ -628,7 +629,9 @@ class ConfigOptions(usage.Options):
         values["secrets"] = splitSecrets(secrets or "")
         if secrets is not None and not values["secrets"]:
             raise ConfigError("the secret setting holds no secret")
-        if values["penaltyMaxDelay"] >= values["deadline"]:
+        if self["penalty-max-delay"] is not None and (
+            values["penaltyMaxDelay"] >= values["deadline"]
+        ):
             raise ConfigError(
                 f"penalty-max-delay {values['penaltyMaxDelay']:g} must be below "
                 f"deadline {values['deadline']:g}"

@@ -185,7 +185,8 @@ def buildHub(config: Config, reactor: Any) -> Hub:
             PenaltyPolicy(
                 refusedTTL=config.refusedTTL,
                 baseDelay=config.penaltyDelay,
-                maxDelay=config.penaltyMaxDelay,
+                # Within the client's deadline, with time left for the backend.
+                maxDelay=min(config.penaltyMaxDelay, config.deadline / 2),
                 lockoutAfter=config.penaltyLockoutAfter,
                 lockoutSeconds=config.penaltyLockout,
             ),
