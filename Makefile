@@ -3,6 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 DEMO_NEXTCLOUD_PORT ?= 23680
+# make demo BACKEND=nextcloud: a stock Nextcloud (OCS API) instead of the JSXC app.
+BACKEND ?= jsxc
+DEMO_CONFIG_jsxc = xcauth.conf
+DEMO_CONFIG_nextcloud = xcauth-nextcloud.conf
+DEMO_FAKE_ARGS_jsxc =
+DEMO_FAKE_ARGS_nextcloud = --stock
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
 SYSTEMD_UNIT_DIR ?= /etc/systemd/system
@@ -30,12 +36,14 @@ venv: $(BIN)/.installed
 
 # Start the fake Nextcloud with demo users beside the daemon; Ctrl-C stops both.
 # Then: telnet localhost 23664, and type isuser:admin:example.org
+# BACKEND=nextcloud: the fake stock Nextcloud and xcauth-nextcloud.conf.
 demo: venv
+	@test -n "$(DEMO_CONFIG_$(BACKEND))" || { echo "BACKEND is jsxc or nextcloud"; exit 2; }
 	@$(BIN)/python -m xcauth.testing.fakenextcloud --port $(DEMO_NEXTCLOUD_PORT) \
-	    --secret demo-secret-change-me & nc=$$!; \
+	    --secret demo-secret-change-me $(DEMO_FAKE_ARGS_$(BACKEND)) & nc=$$!; \
 	trap "kill $$nc 2>/dev/null" EXIT INT TERM; \
 	sleep 1; \
-	$(BIN)/twistd -n --pidfile= xcauth --config-file xcauth.conf \
+	$(BIN)/twistd -n --pidfile= xcauth --config-file $(DEMO_CONFIG_$(BACKEND)) \
 	    --listen tcp:23664:interface=127.0.0.1
 
 # Debian packages of the real clients the end-to-end tests drive.
