@@ -83,8 +83,16 @@ class Hub(Service):
         self.domains.start()
         if self.watches is not None:
             self.watches.start()
-        if self.startupCheck is not None:
-            self.startupCheck().addErrback(self._checkFailed)
+        self.runStartupCheck()
+
+    def runStartupCheck(self) -> Deferred[None] | None:
+        """
+        Run the backend's start-up check (if any): a refusal calls C{refuse}
+        with what to fix; an unavailable backend is only warned about.
+        """
+        if self.startupCheck is None:
+            return None
+        return self.startupCheck().addErrback(self._checkFailed)
 
     def _checkFailed(self, f: Failure) -> None:
         if f.check(StartupRefused):
@@ -143,7 +151,13 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         )
         client.onLogin = watch.loginSeen
         watches.add(watch)
+        if globalBuilt:
+            # A domain's own Nextcloud, added while running: it cannot stop
+            # the daemon, but it can say what is wrong with it.
+            client.checkPrivileges().addErrback(_domainCheckFailed, client.url)
         return client
+
+    globalBuilt: list[bool] = []
 
     globalSpec = BackendSpec(
         config.backend,
@@ -154,6 +168,7 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         config.loginFormat,
     )
     globalClient = makeClient(globalSpec)
+    globalBuilt.append(True)
 
     # SQLite: one connection, used from one thread.  The file is created when
     # the cache lives in it; otherwise it is read if (once) it exists.
@@ -204,6 +219,16 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         context, domains, store, dbWorker, hashWorker, cache, pool,
         watches=watches, startupCheck=check, refuse=lambda m: refuseToRun(reactor, m),
     )
+
+
+def _domainCheckFailed(f: Failure, url: str) -> None:
+    if f.check(StartupRefused):
+        log.error("a domain's backend will not work: {reason}", reason=str(f.value))
+    elif f.check(BackendUnavailable):
+        log.warn("cannot check the service account of {url}: {reason}", url=url,
+                 reason=str(f.value))
+    else:
+        log.failure("checking the service account of {url} failed", f, url=url)
 
 
 def refuseToRun(reactor: Any, message: str) -> None:
