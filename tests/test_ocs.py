@@ -94,6 +94,10 @@ class AuthTests(StockTestCase):
         self.assertIs(self.result(self.client.auth("alice", DOMAIN, "nope")), Outcome.NO)
         self.assertEqual(self.nextcloud.throttle.count("127.0.0.1"), 1)
 
+    def test_emptyPassword(self) -> None:
+        self.assertIs(self.result(self.client.auth("alice", DOMAIN, "")), Outcome.NO)
+        self.assertEqual(self.nextcloud.requests, [])
+
     def test_unknownUser(self) -> None:
         self.assertIs(self.result(self.client.auth("nobody", DOMAIN, "x")), Outcome.NO)
 

@@ -380,6 +380,18 @@ SETTINGS: tuple[Setting, ...] = (
         parseTTL,
     ),
     Setting(
+        "penalty-forget", "penaltyForget", "1h",
+        "A user's failures are forgotten this long after the last one (unless in a "
+        "cool-down).",
+        parseTTL,
+    ),
+    Setting(
+        "penalty-max-entries", "penaltyMaxEntries", "100000",
+        "Users and refused passwords remembered at most (the oldest are forgotten "
+        "first), bounding the memory a flood of failed logins can use.",
+        _count,
+    ),
+    Setting(
         "throttle-check-interval", "throttleCheckInterval", "5m",
         "Backend nextcloud: how often Nextcloud's capabilities are read to check "
         "that xcauth's address is on the brute-force allow-list.",
@@ -477,6 +489,8 @@ class Config:
     penaltyMaxDelay: float
     penaltyLockoutAfter: int
     penaltyLockout: float
+    penaltyForget: float
+    penaltyMaxEntries: int
     throttleCheckInterval: float
     throttleWarnDelay: float
     timeout: tuple[float, float]

@@ -204,6 +204,8 @@ def buildHub(config: Config, reactor: Any) -> Hub:
                 maxDelay=min(config.penaltyMaxDelay, config.deadline / 2),
                 lockoutAfter=config.penaltyLockoutAfter,
                 lockoutSeconds=config.penaltyLockout,
+                forgetAfter=config.penaltyForget,
+                maxEntries=config.penaltyMaxEntries,
             ),
         ),
     )

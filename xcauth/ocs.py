@@ -189,6 +189,9 @@ class OCSClient:
         """
         Check a password (or app password) with Nextcloud's Basic-auth login.
         """
+        if not password:
+            # Nextcloud ignores Basic credentials without a password.
+            return succeed(Outcome.NO)
         login = self.login(user, domain)
         started = self._clock.seconds() if self._clock is not None else 0.0
         d: Deferred[Any] = self._get("/ocs/v2.php/cloud/user", basicAuth(login, password))
