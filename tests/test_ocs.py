@@ -6,12 +6,16 @@ L{FakeStockNextcloud}, through the production request path
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from xcauth.http import HTTPRequester
@@ -334,3 +338,72 @@ class StartupTests(StockTestCase):
         d = self.client.throttleState()
         self.agent.flush()
         self.assertEqual(self.successResultOf(d), ThrottleState(0.0, True))
+
+
+class _Canned:
+    """
+    A resource answering every request with one status and body.
+    """
+
+    isLeaf = True
+
+    def __init__(self, code: int, body: bytes) -> None:
+        self.code = code
+        self.body = body
+
+    def render(self, request: Any) -> bytes:
+        request.setResponseCode(self.code)
+        return self.body
+
+    def getChildWithDefault(self, name: bytes, request: Any) -> Any:
+        return self
+
+    def putChild(self, path: bytes, child: Any) -> None:
+        pass
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.sampled_from(["ocs", "meta", "data", "id", "users", "groups",
+                                       "displayname", "email", "message", "x"]),
+                      children, max_size=4),
+    max_leaves=12,
+)
+
+
+class AnyAnswerTests(SynchronousTestCase):
+    """
+    Whatever Nextcloud (or something in front of it) answers, the client
+    answers with an L{Outcome} or fails with L{BackendUnavailable}.
+    """
+
+    @given(st.sampled_from([200, 401, 404, 403, 429, 500, 302]),
+           st.one_of(st.binary(max_size=120),
+                     _json.map(lambda v: json.dumps(v).encode())))
+    def test_anyAnswer(self, code: int, body: bytes) -> None:
+        from twisted.web.resource import IResource
+        from zope.interface import directlyProvides
+
+        clock = Clock()
+        resource = _Canned(code, body)
+        directlyProvides(resource, IResource)
+        agent = RequestTraversalAgent(resource)
+        client = stockClient(agent, clock)
+        for d in (client.auth("alice", DOMAIN, "pw"), client.isUser("alice", DOMAIN)):
+            agent.flush()
+            self.assertIn(self.successResultOf(d), list(Outcome))
+        d = client.sharedRoster("alice", DOMAIN)
+        agent.flush()
+        results: list[Any] = []
+        d.addBoth(results.append)
+        self.assertEqual(len(results), 1)
+        if isinstance(results[0], Failure):
+            self.assertTrue(results[0].check(BackendUnavailable), results[0])
+        else:
+            self.assertIsInstance(results[0], dict)
+        if code in (200, 401):
+            d = client.throttleState()
+            agent.flush()
+            d.addErrback(lambda f: f.trap(BackendUnavailable))
+            self.successResultOf(d)
