@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from xcauth import store
 from xcauth.config import ConfigOptions
-from xcauth.hub import Hub, buildHub
+from xcauth.hub import Gate, Hub, bothReady, buildHub
 from xcauth.jsxc import JSXCClient
 from xcauth.ocs import OCSClient, StartupRefused
 
@@ -73,14 +73,38 @@ class RefusalTests(SynchronousTestCase):
         return hub, refused
 
     def test_refused(self) -> None:
+        """
+        A refusal calls C{refuse}; requests wait (they are answered by the
+        framing's deadline, then the process ends).
+        """
         hub, refused = self.hub(lambda: fail(StartupRefused("make it an administrator")))
+        hub.gate = Gate()
         self.successResultOf(hub.runStartupCheck())  # type: ignore[arg-type]
         self.assertEqual(refused, ["make it an administrator"])
+        self.assertIsNotNone(hub.gate.whenOpen())
+
+    def test_requestsWaitForCheck(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        gate = Gate()
+        checked: Deferred[None] = Deferred()
+        hub, refused = self.hub(lambda: checked)
+        hub.gate = gate
+        ready = bothReady(lambda: None, gate)
+        waiting = ready()
+        assert waiting is not None
+        hub.runStartupCheck()
+        self.assertNoResult(waiting)
+        checked.callback(None)
+        self.successResultOf(waiting)
+        self.assertIsNone(ready())
 
     def test_passesOrUnavailable(self) -> None:
         from xcauth.interfaces import BackendUnavailable
 
         for check in (lambda: succeed(None), lambda: fail(BackendUnavailable("down"))):
             hub, refused = self.hub(check)
+            hub.gate = Gate()
             self.successResultOf(hub.runStartupCheck())  # type: ignore[arg-type]
             self.assertEqual(refused, [])
+            self.assertIsNone(hub.gate.whenOpen())

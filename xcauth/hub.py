@@ -41,6 +41,54 @@ log = Logger()
 BCRYPT_THREADS = 2
 
 
+class Gate:
+    """
+    Requests wait here until the start-up check has passed (or could not be
+    made), so that nothing is answered by a backend that is about to be
+    refused.
+    """
+
+    def __init__(self, opened: bool = False) -> None:
+        self.opened = opened
+        self._waiting: list[Deferred[None]] = []
+
+    def whenOpen(self) -> Deferred[None] | None:
+        """
+        C{None} once open; before, a L{Deferred} firing when it opens.
+        """
+        if self.opened:
+            return None
+        d: Deferred[None] = Deferred(lambda d: self._waiting.remove(d))
+        self._waiting.append(d)
+        return d
+
+    def open(self) -> None:
+        """
+        Let every waiting and later request through.
+        """
+        self.opened = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+
+def bothReady(
+    first: Callable[[], Deferred[None] | None], gate: Gate
+) -> Callable[[], Deferred[None] | None]:
+    """
+    A C{ready} function for the authenticator: C{first} (the domain table's),
+    then the gate.
+    """
+
+    def ready() -> Deferred[None] | None:
+        waiting = first()
+        if waiting is None:
+            return gate.whenOpen()
+        return waiting.addCallback(lambda _: gate.whenOpen())
+
+    return ready
+
+
 class Hub(Service):
     """
     Runs what every listener shares: starts the worker threads and the domain
@@ -60,7 +108,9 @@ class Hub(Service):
         watches: ThrottleWatches | None = None,
         startupCheck: Callable[[], Deferred[None]] | None = None,
         refuse: Callable[[str], None] | None = None,
+        gate: Gate | None = None,
     ) -> None:
+        self.gate = gate
         self.watches = watches
         self.startupCheck = startupCheck
         self.refuse = refuse
@@ -91,14 +141,23 @@ class Hub(Service):
         with what to fix; an unavailable backend is only warned about.
         """
         if self.startupCheck is None:
+            self._open()
             return None
-        return self.startupCheck().addErrback(self._checkFailed)
+        d = self.startupCheck()
+        d.addCallback(lambda _: self._open())
+        return d.addErrback(self._checkFailed)
+
+    def _open(self) -> None:
+        if self.gate is not None:
+            self.gate.open()
 
     def _checkFailed(self, f: Failure) -> None:
         if f.check(StartupRefused):
+            # The gate stays shut: nothing is answered from this backend.
             if self.refuse is not None:
                 self.refuse(str(f.value))
             return
+        self._open()
         if f.check(BackendUnavailable):
             log.warn(
                 "cannot check the Nextcloud service account at start-up: {reason}",
@@ -185,6 +244,8 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         reactor,
         globalSpec=globalSpec,
     )
+    check = globalClient.checkPrivileges if isinstance(globalClient, OCSClient) else None
+    gate = Gate(opened=check is None)
     keys = PasswordKeys()
     hashWorker = ThreadWorker(reactor, "xcauth-bcrypt", BCRYPT_THREADS)
     cache = buildCache(config, store, hashWorker, reactor, keys)
@@ -193,7 +254,7 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         reactor,
         keys,
         cache=cache,
-        ready=domains.whenReady,
+        ready=bothReady(domains.whenReady, gate),
         debug=config.debug,
         penalty=PenaltyBox(
             reactor,
@@ -216,10 +277,10 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         maxInFlight=config.maxInFlight,
         debug=config.debug,
     )
-    check = globalClient.checkPrivileges if isinstance(globalClient, OCSClient) else None
     return Hub(
         context, domains, store, dbWorker, hashWorker, cache, pool,
         watches=watches, startupCheck=check, refuse=lambda m: refuseToRun(reactor, m),
+        gate=gate,
     )
 
 
