@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 DEMO_NEXTCLOUD_PORT ?= 23680
 DEMO_LISTEN ?= tcp:23664:interface=127.0.0.1
+# make demo BACKEND=nextcloud: a stock Nextcloud (OCS API) instead of the JSXC app.
+BACKEND ?= jsxc
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
 SYSTEMD_UNIT_DIR ?= /etc/systemd/system
@@ -36,9 +38,10 @@ venv: $(BIN)/.installed
 # Start the fake Nextcloud with demo users beside the daemon (xcauth/testing/demo.py):
 # if its port is taken, nothing starts; Ctrl-C, or a signal to make, stops both.
 # Then: telnet localhost 23664, and type isuser:admin:example.org
+# BACKEND=nextcloud: the fake stock Nextcloud and xcauth-nextcloud.conf.
 demo: venv
 	@$(BIN)/python -m xcauth.testing.demo --nextcloud-port $(DEMO_NEXTCLOUD_PORT) \
-	    --listen $(DEMO_LISTEN)
+	    --listen $(DEMO_LISTEN) --backend $(BACKEND)
 
 # Debian packages of the real clients the end-to-end tests drive.
 system-packages:
@@ -72,6 +75,9 @@ clean:
 
 # With DESTDIR (staging for a package), the virtualenv is built under DESTDIR and
 # its scripts' #! lines and activate files are rewritten to the final path.
+# The installed virtualenv gets every dependency of its own: a PYTHONPATH of the
+# caller's would make pip skip those it can import from there.
+install: export PYTHONPATH :=
 install:
 	scripts/check-service-python $(INSTALL_PYTHON)
 	$(INSTALL_PYTHON) -m venv $(DESTDIR)$(INSTALL_VENV)

@@ -60,6 +60,8 @@ class EjabberdExtauthMixin:
     """
 
     skip = _skipReason()
+    #: Run against the fake stock Nextcloud (backend nextcloud) instead of JSXC.
+    stock = False
 
     def setUp(self) -> None:
         self.directory = os.path.abspath(self.mktemp())
@@ -67,6 +69,7 @@ class EjabberdExtauthMixin:
         self.nextcloud, self.config = startBackend(
             self,
             self.directory,
+            stock=self.stock,
             type="ejabberd",
             deadline="15",
             timeout="10,15",

@@ -95,11 +95,16 @@ class MailTestCase(TestCase):
     The fake Nextcloud and a daemon with the listeners C{listenArgs} returns.
     """
 
+    #: Run against the fake stock Nextcloud (backend nextcloud) instead of JSXC.
+    stock = False
+
     def setUp(self) -> None:
         # A short directory: a UNIX socket path is limited to 107 bytes.
         self.dir = tempfile.mkdtemp(prefix="xcauth-mail-")
         self.addCleanup(shutil.rmtree, self.dir, True)
-        self.nextcloud, self.config = startBackend(self, self.dir, deadline="2")
+        self.nextcloud, self.config = startBackend(
+            self, self.dir, deadline="2", stock=self.stock
+        )
         self.daemon = self.startDaemon()
 
     def startDaemon(self) -> Daemon:

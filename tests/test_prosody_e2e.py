@@ -72,6 +72,8 @@ class _ProsodyE2EBase(TestCase):
     """
 
     unixSocket = False
+    #: Run against the fake stock Nextcloud (backend nextcloud) instead of JSXC.
+    stock = False
     #: xcauth_timeout and xcauth_connections of the Prosody started in setUp.
     prosodyTimeout = 5
     prosodyConnections: int | None = None
@@ -83,7 +85,7 @@ class _ProsodyE2EBase(TestCase):
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
         self.secrets: list[str] = list(PASSWORDS)
-        self.nextcloud = FakeNextcloud(os.path.join(self.dir, "nextcloud"))
+        self.nextcloud = FakeNextcloud(os.path.join(self.dir, "nextcloud"), stock=self.stock)
         self.nextcloud.start()
         self.addCleanup(self.nextcloud.stop)
         # deadline 4.5 s and a backend limit of 4 s: the daemon still answers a
@@ -91,6 +93,7 @@ class _ProsodyE2EBase(TestCase):
         self.config = writeConfig(
             os.path.join(self.dir, "xcauth.conf"), self.nextcloud.url, deadline="4.5",
             timeout="2,4",
+            **(self.nextcloud.stockOptions() if self.stock else {}),
         )
         if self.unixSocket:
             # Short path: AF_UNIX paths are limited to ~107 bytes.

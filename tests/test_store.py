@@ -24,7 +24,7 @@ from tests.fakes import jsxc
 from xcauth import store
 from xcauth.auth import Authenticator
 from xcauth.cache import CachePolicy, CredentialCache, DatabaseStorage
-from xcauth.domains import DomainSettings, DomainTable
+from xcauth.domains import BackendSpec, DomainSettings, DomainTable
 from xcauth.keys import PasswordKeys
 from xcauth.testing.fakenextcloud import DEMO_USERS, FakeJSXC, makeSite
 from xcauth.testing.processes import childEnv
@@ -105,9 +105,21 @@ class SchemaTests(SynchronousTestCase):
         before.close()
         conn = store.connect(self.path)
         try:
-            self.assertEqual(tableInfo(conn), info)
+            # The old columns are as they were; the backend columns of the
+            # domains table are added after them, empty.
+            after = tableInfo(conn)
+            added = {t: after[t][len(info[t]):] for t in info}
+            self.assertEqual({t: after[t][: len(info[t])] for t in info}, info)
             self.assertEqual(
-                {t: conn.execute(f"SELECT * FROM {t}").fetchall() for t in store.TABLES},
+                [c[1] for c in added["domains"]],
+                ["backend", "serviceuser", "servicepassword", "loginformat"],
+            )
+            self.assertEqual({t: c for t, c in added.items() if c and t != "domains"}, {})
+            self.assertEqual(
+                {
+                    t: [r[: len(info[t])] for r in conn.execute(f"SELECT * FROM {t}")]
+                    for t in store.TABLES
+                },
                 rows,
             )
             self.assertEqual(store.schemaVersion(conn), store.SCHEMA_VERSION)
@@ -259,12 +271,12 @@ class OldDatabaseInUseTests(SynchronousTestCase):
         self.router = Router()
         self.made: list[tuple[str, bytes]] = []
 
-        def makeClient(url: str, secret: bytes) -> Any:
-            self.made.append((url, secret))
-            return jsxc(self.router, url, secret, self.clock, 10)
+        def makeClient(spec: BackendSpec) -> Any:
+            self.made.append((spec.url, spec.secret))
+            return jsxc(self.router, spec.url, spec.secret, self.clock, 10)
 
         globalSettings = DomainSettings(
-            (GLOBAL_SECRET,), None, makeClient(GLOBAL_URL, GLOBAL_SECRET)
+            (GLOBAL_SECRET,), None, makeClient(BackendSpec("jsxc", GLOBAL_URL, GLOBAL_SECRET))
         )
         self.table = DomainTable(self.db, globalSettings, makeClient, self.clock, 5.0)
         self.cache = CredentialCache(

@@ -32,7 +32,9 @@ from twisted.python import usage
 
 from xcauth import store
 from xcauth.config import (
+    BACKENDS,
     DEFAULT_CONFIG_FILE,
+    LOGIN_FORMATS,
     ConfigError,
     default,
     readConfigFile,
@@ -157,9 +159,24 @@ class _DomainEdit(_DomainArg):
             "The domain name the backend knows the users under "
             "(default: the XMPP domain).",
         ],
+        ["backend", None, None, "jsxc (the JSXC app) or nextcloud (stock Nextcloud, "
+         "--url is then its base URL)."],
+        ["service-user", None, None, "Backend nextcloud: the service account's login."],
+        ["service-password", None, None,
+         "Backend nextcloud: the service account's app password."],
+        ["login-format", None, None, "Backend nextcloud: {user} or {user}@{domain}."],
     ]
 
     def postOptions(self) -> None:
+        if self["backend"] is not None and self["backend"] not in BACKENDS:
+            raise usage.UsageError(
+                f"--backend {self['backend']!r}: use one of " + ", ".join(BACKENDS)
+            )
+        if self["login-format"] is not None and self["login-format"] not in LOGIN_FORMATS:
+            raise usage.UsageError(
+                f"--login-format {self['login-format']!r}: use one of "
+                + ", ".join(LOGIN_FORMATS)
+            )
         if self["url"] is not None:
             try:
                 validateURL(self["url"])
@@ -169,15 +186,46 @@ class _DomainEdit(_DomainArg):
             raise usage.UsageError("--secret must not be empty")
 
 
+#: Options of C{domains set} and the columns they change.
+_EDITABLE = {
+    "url": "authurl",
+    "secret": "authsecret",
+    "authdomain": "authdomain",
+    "backend": "backend",
+    "service-user": "serviceuser",
+    "service-password": "servicepassword",
+    "login-format": "loginformat",
+}
+
+
+def _backendColumns(sub: usage.Options) -> dict[str, str | None]:
+    return {
+        _EDITABLE[k]: sub[k]
+        for k in ("backend", "service-user", "service-password", "login-format")
+        if sub[k] is not None
+    }
+
+
 class DomainAddOptions(_DomainEdit):
     """
     C{domains add DOMAIN --url URL --secret SECRET [--authdomain NAME]}
     """
 
-    synopsis = "DOMAIN --url URL --secret SECRET [--authdomain NAME]"
+    synopsis = (
+        "DOMAIN --url URL --secret SECRET [--authdomain NAME]\n"
+        "       DOMAIN --backend nextcloud --url BASE-URL --service-user LOGIN "
+        "--service-password APP-PASSWORD [--login-format FORMAT] [--secret TOKEN-KEY]"
+    )
 
     def postOptions(self) -> None:
-        if self["url"] is None or self["secret"] is None:
+        if self["backend"] == "nextcloud":
+            missing = [f"--{k}" for k in ("url", "service-user", "service-password")
+                       if self[k] is None]
+            if missing:
+                raise usage.UsageError(
+                    "domains add --backend nextcloud needs " + ", ".join(missing)
+                )
+        elif self["url"] is None or self["secret"] is None:
             raise usage.UsageError("domains add needs --url and --secret")
         super().postOptions()
 
@@ -190,9 +238,10 @@ class DomainSetOptions(_DomainEdit):
     synopsis = "DOMAIN [--url URL] [--secret SECRET] [--authdomain NAME]"
 
     def postOptions(self) -> None:
-        if all(self[k] is None for k in ("url", "secret", "authdomain")):
+        if all(self[k] is None for k in _EDITABLE):
             raise usage.UsageError(
-                "domains set needs at least one of --url, --secret, --authdomain"
+                "domains set needs at least one of "
+                + ", ".join(f"--{k}" for k in _EDITABLE)
             )
         super().postOptions()
 
@@ -350,17 +399,25 @@ def runDomains(conn: sqlite3.Connection, options: DomainsOptions, out: Any) -> i
         if not rows:
             print("no domains (every domain uses the global url and secret)", file=out)
         for row in rows:
-            print(
+            line = (
                 f"{row.xmppdomain}\turl={row.authurl or '(global)'}\t"
                 f"authdomain={row.authdomain or row.xmppdomain}\t"
-                f"secret={'********' if row.authsecret else '(global)'}",
-                file=out,
+                f"secret={'********' if row.authsecret else '(global)'}"
             )
+            if row.backend or row.serviceuser or row.servicepassword:
+                line += (
+                    f"\tbackend={row.backend or '(global)'}"
+                    f"\tservice-user={row.serviceuser or '(global)'}"
+                    f"\tservice-password={'********' if row.servicepassword else '(global)'}"
+                )
+            print(line, file=out)
         return 0
     domain = sub["domain"]
     if command == "add":
+        secret = sub["secret"].strip() if sub["secret"] is not None else None
         if not store.addDomain(
-            conn, domain, sub["url"], sub["secret"].strip(), sub["authdomain"] or None
+            conn, domain, sub["url"], secret, sub["authdomain"] or None,
+            **_backendColumns(sub),
         ):
             raise AdminError(
                 f"domain {domain} exists already; change it with 'domains set'"
@@ -375,6 +432,7 @@ def runDomains(conn: sqlite3.Connection, options: DomainsOptions, out: Any) -> i
             changes["authsecret"] = sub["secret"].strip()
         if sub["authdomain"] is not None:
             changes["authdomain"] = sub["authdomain"] or None
+        changes.update(_backendColumns(sub))
         if not store.updateDomain(conn, domain, **changes):
             raise AdminError(f"unknown domain {domain}; add it with 'domains add'")
         print(f"changed domain {domain}: {', '.join(sorted(changes))}", file=out)
@@ -392,6 +450,14 @@ def runDomains(conn: sqlite3.Connection, options: DomainsOptions, out: Any) -> i
     print(f"url:        {found.authurl or '(global)'}", file=out)
     print(f"authdomain: {found.authdomain or found.xmppdomain}", file=out)
     print(f"secret:     {secret}", file=out)
+    if found.backend or found.serviceuser or found.servicepassword or found.loginformat:
+        password = (
+            found.servicepassword if sub["show-secret"] else maskSecret(found.servicepassword)
+        )
+        print(f"backend:    {found.backend or '(global)'}", file=out)
+        print(f"service-user: {found.serviceuser or '(global)'}", file=out)
+        print(f"service-password: {password}", file=out)
+        print(f"login-format: {found.loginformat or '(global)'}", file=out)
     return 0
 
 

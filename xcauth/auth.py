@@ -32,6 +32,7 @@ from xcauth.token import verifyToken
 if TYPE_CHECKING:
     from xcauth.cache import CredentialCache
     from xcauth.domains import DomainSettings
+    from xcauth.penalty import PenaltyBox
 
 log = Logger()
 
@@ -58,6 +59,8 @@ class Authenticator:
         authentication (token, cache or backend), before the answer is
         delivered; it must return at once (fire and forget: the roster sync
         only queues the user).  What it raises is logged, never answered.
+    @param penalty: failed logins remembered and held back (L{xcauth.penalty}),
+        or C{None} for none.
     """
 
     def __init__(
@@ -69,7 +72,9 @@ class Authenticator:
         ready: Callable[[], Deferred[None] | None] | None = None,
         debug: bool = False,
         onLogin: Callable[[str, str], object] | None = None,
+        penalty: PenaltyBox | None = None,
     ) -> None:
+        self.penalty = penalty
         self._settingsFor = settingsFor
         self._onLogin = onLogin
         self._clock = clock
@@ -93,7 +98,7 @@ class Authenticator:
         that is unavailable gives C{None}, unless the cache vouches for the
         password.
         """
-        d = self._whenReady(self._authenticate, user, domain, password)
+        d = self._whenReady(self._authenticate, user, domain, password, peer)
         if self._onLogin is not None:
             d.addCallback(self._loggedIn, user, domain)
         return d
@@ -104,10 +109,12 @@ class Authenticator:
                 self._onLogin(user, domain)
             except Exception:
                 log.failure("the login hook failed for {user}@{domain}",
-                            user=user, domain=domain)
+                            user=printable(user), domain=printable(domain))
         return result
 
-    def _authenticate(self, user: str, domain: str, password: str) -> Deferred[bool | None]:
+    def _authenticate(
+        self, user: str, domain: str, password: str, peer: str | None = None
+    ) -> Deferred[bool | None]:
         settings = self._settingsFor(domain)
         if verifyToken(password, user, domain, settings.secrets, self._clock.seconds()):
             if self.debug:
@@ -117,7 +124,29 @@ class Authenticator:
                     domain=printable(domain),
                 )
             return succeed(True)
-        key = (user, domain, self._passwordKey(password))
+        passwordKey = self._passwordKey(password)
+        penalty = self.penalty
+        if penalty is not None:
+            jid = f"{user}@{domain}"
+            cache = self.cache
+            return penalty.gate(
+                jid,
+                penalty.who(jid, peer),
+                passwordKey,
+                lambda: self._shared(settings, user, domain, password, passwordKey),
+                None if cache is None else lambda: cache.vouches(jid, password),
+            )
+        return self._shared(settings, user, domain, password, passwordKey)
+
+    def _shared(
+        self,
+        settings: DomainSettings,
+        user: str,
+        domain: str,
+        password: str,
+        passwordKey: bytes,
+    ) -> Deferred[bool | None]:
+        key = (user, domain, passwordKey)
         shared = self._inflight.get(key)
         if shared is None:
             shared = _Shared(self._checkPassword(settings, user, domain, password))

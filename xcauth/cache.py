@@ -369,6 +369,21 @@ class CredentialCache:
         backend.addBoth(observe)
         return result
 
+    def vouches(self, jid: str, password: str) -> Deferred[bool]:
+        """
+        Whether the cache alone accepts C{password} for C{jid}: the entry
+        matches and was verified by the backend within the unreachable TTL
+        (used while the user is in a cool-down, without asking the backend).
+        """
+        return ensureDeferred(self._vouches(jid, password))
+
+    async def _vouches(self, jid: str, password: str) -> bool:
+        entry = await self._lookup(jid)
+        now = self._clock.seconds()
+        if entry is None or now - entry.remoteAuth >= self.policy.unreachableTTL:
+            return False
+        return bool(await self._matches(jid, entry, password))
+
     async def _lookup(self, jid: str) -> CacheEntry | None:
         """
         The entry of C{jid}; a storage that fails (a damaged or locked

@@ -14,6 +14,8 @@ The C{xcauth} command.
   Prosody, inetd or systemd with C{Accept=yes}); logs go to standard error.
 - C{xcauth [-c FILE] [--db PATH] domains ...|cache ...}: administer the state
   database (see L{xcauth.admin}).
+- C{xcauth [-c FILE] token USER DOMAIN [--ttl 1h]}: print a time-limited token
+  (see L{xcauth.tokencmd}).
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ class Options(ConfigOptions):
         """
         if any(self.get(mode) for mode in ("auth-test", "isuser-test", "roster-test")):
             return []
-        return SUBCOMMANDS
+        from xcauth.tokencmd import SUBCOMMAND
+
+        return SUBCOMMANDS + [SUBCOMMAND]
 
     def opt_version(self) -> None:
         """
@@ -191,6 +195,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"xcauth: {e}", file=sys.stderr)
         print("Run 'xcauth --help' for the options.", file=sys.stderr)
         raise SystemExit(2) from None
+    if options.subCommand == "token":
+        from xcauth import tokencmd
+
+        raise SystemExit(tokencmd.run(options.subOptions))
     if options.subCommand is not None:
         from xcauth import admin
 

@@ -28,6 +28,12 @@ ROSTER_SYNCS = ("none", "http", "ejabberdctl")
 #: Which requests get their info line (L{xcauth.framing.base.RequestTimer}).
 LOG_REQUESTS = ("all", "failures", "none")
 
+#: The backends: the JSXC app's signed API, or a stock Nextcloud's OCS API.
+BACKENDS = ("jsxc", "nextcloud")
+
+#: How the Nextcloud login name is made for the nextcloud backend.
+LOGIN_FORMATS = ("{user}", "{user}@{domain}")
+
 _TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 #: Keys of existing configuration files this version does not act on: accepted
@@ -197,6 +203,52 @@ def splitSecrets(text: str) -> tuple[bytes, ...]:
     return tuple(s.strip().encode("utf-8") for s in text.split(",") if s.strip())
 
 
+def readSecretFile(path: str, name: str = "service-password-file") -> str:
+    """
+    The first line of the file C{path}; a bare file name is looked up in
+    C{$CREDENTIALS_DIRECTORY} (a systemd credential) when that is set.
+    """
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and os.sep not in path:
+        path = os.path.join(credentials, path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.readline().strip()
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}: {path} is not valid UTF-8") from None
+    if not text:
+        raise ConfigError(f"{name}: {path} is empty")
+    return text
+
+
+def checkNextcloudBackend(values: dict[str, Any]) -> None:
+    """
+    Check the options of C{backend = nextcloud} (and read the password file).
+    """
+    if not values["serviceUser"]:
+        raise ConfigError(
+            "backend nextcloud needs service-user (a Nextcloud administrator or "
+            "group administrator that looks up users)"
+        )
+    given = [values["servicePassword"], values["servicePasswordFile"]]
+    if all(given):
+        raise ConfigError("give service-password or service-password-file, not both")
+    if values["servicePasswordFile"]:
+        values["servicePassword"] = readSecretFile(values["servicePasswordFile"])
+    if not values["servicePassword"]:
+        raise ConfigError(
+            "backend nextcloud needs service-password-file (or service-password): "
+            "an app password of the service account"
+        )
+    if "/apps/ojsxc/" in values["url"]:
+        raise ConfigError(
+            f"url {values['url']!r} is the JSXC app's API: backend nextcloud needs "
+            "Nextcloud's base URL, e.g. https://cloud.example.org"
+        )
+
+
 def _choice(choices: Iterable[str]) -> Callable[[str, str], str]:
     allowed = tuple(choices)
 
@@ -260,17 +312,101 @@ SETTINGS: tuple[Setting, ...] = (
         short="t",
     ),
     Setting(
+        "backend", "backend", "jsxc",
+        "How Nextcloud is asked: jsxc (the JSXC app's external API, for existing "
+        "installations) or nextcloud (a stock Nextcloud's OCS API, no app needed).",
+        _choice(BACKENDS),
+    ),
+    Setting(
         "url", "url", None,
-        "URL of the JSXC external API, e.g. "
-        "https://cloud.example.org/index.php/apps/ojsxc/ajax/externalApi.php",
+        "For backend jsxc the URL of the JSXC external API, e.g. "
+        "https://cloud.example.org/index.php/apps/ojsxc/ajax/externalApi.php; for "
+        "backend nextcloud Nextcloud's base URL, e.g. https://cloud.example.org "
+        "or https://example.org/nextcloud",
         short="u",
     ),
     Setting(
         "secret", "secrets", None,
-        "The JSXC API secret. Several comma-separated secrets are allowed while "
+        "The JSXC API secret (optional for backend nextcloud: then only the key "
+        "of time-limited tokens). Several comma-separated secrets are allowed while "
         "rotating: tokens made with any are accepted, requests are signed with the "
         "first.",
         short="s",
+    ),
+    Setting(
+        "service-user", "serviceUser", None,
+        "Backend nextcloud: the login name of the service account that looks up "
+        "users and groups (an administrator, or group administrator of the XMPP "
+        "users' groups).",
+    ),
+    Setting(
+        "service-password", "servicePassword", None,
+        "Backend nextcloud: an app password of the service account (prefer "
+        "service-password-file).",
+    ),
+    Setting(
+        "service-password-file", "servicePasswordFile", None,
+        "Backend nextcloud: a file holding the service account's app password; a "
+        "bare name is looked up in $CREDENTIALS_DIRECTORY (systemd LoadCredential=).",
+    ),
+    Setting(
+        "login-format", "loginFormat", "{user}",
+        "Backend nextcloud: the Nextcloud login name of an XMPP user: {user}, or "
+        "{user}@{domain} (e-mail logins).",
+        _choice(LOGIN_FORMATS),
+    ),
+    Setting(
+        "refused-password-ttl", "refusedTTL", "10m",
+        "A refused password of a user is refused again locally for this long "
+        "(a client retrying a stale password reaches Nextcloud once).",
+        parseTTL,
+    ),
+    Setting(
+        "penalty-delay", "penaltyDelay", "0.5",
+        "Seconds a failed login is answered late after the first failure, doubling "
+        "with each consecutive failure of the user up to penalty-max-delay.",
+        _seconds,
+    ),
+    Setting(
+        "penalty-max-delay", "penaltyMaxDelay", "2",
+        "The longest delay of a failed login; at most half the deadline is used "
+        "(a value given must be below deadline).",
+        _seconds,
+    ),
+    Setting(
+        "penalty-lockout-after", "penaltyLockoutAfter", "5",
+        "After this many distinct wrong passwords a user is refused locally for "
+        "penalty-lockout (a password the credential cache vouches for still works).",
+        _count,
+    ),
+    Setting(
+        "penalty-lockout", "penaltyLockout", "15m",
+        "The cool-down after penalty-lockout-after distinct wrong passwords.",
+        parseTTL,
+    ),
+    Setting(
+        "penalty-forget", "penaltyForget", "1h",
+        "A user's failures are forgotten this long after the last one (unless in a "
+        "cool-down).",
+        parseTTL,
+    ),
+    Setting(
+        "penalty-max-entries", "penaltyMaxEntries", "100000",
+        "Users and refused passwords remembered at most (the oldest are forgotten "
+        "first), bounding the memory a flood of failed logins can use.",
+        _count,
+    ),
+    Setting(
+        "throttle-check-interval", "throttleCheckInterval", "5m",
+        "Backend nextcloud: how often Nextcloud's capabilities are read to check "
+        "that xcauth's address is on the brute-force allow-list.",
+        parseTTL,
+    ),
+    Setting(
+        "throttle-warn-delay", "throttleWarnDelay", "1",
+        "Backend nextcloud: warn when Nextcloud delays logins by this many seconds "
+        "or more (brute-force protection).",
+        _seconds,
     ),
     Setting(
         "timeout", "timeout", "2,3",
@@ -377,6 +513,20 @@ class Config:
     type: str
     url: str
     secrets: tuple[bytes, ...]
+    backend: str
+    serviceUser: str | None
+    servicePassword: str | None = attr.ib(repr=False)
+    servicePasswordFile: str | None
+    loginFormat: str
+    refusedTTL: float
+    penaltyDelay: float
+    penaltyMaxDelay: float
+    penaltyLockoutAfter: int
+    penaltyLockout: float
+    penaltyForget: float
+    penaltyMaxEntries: int
+    throttleCheckInterval: float
+    throttleWarnDelay: float
     timeout: tuple[float, float]
     deadline: float
     maxInFlight: int
@@ -522,13 +672,23 @@ class ConfigOptions(usage.Options):
             validateURL(values["url"])
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if not values["secrets"]:
+        if values["backend"] == "nextcloud":
+            checkNextcloudBackend(values)
+        elif not values["secrets"]:
             raise ConfigError(
                 "no API secret: set secret=... in the config file or give --secret"
             )
-        values["secrets"] = splitSecrets(values["secrets"])
-        if not values["secrets"]:
+        secrets = values["secrets"]
+        values["secrets"] = splitSecrets(secrets or "")
+        if secrets is not None and not values["secrets"]:
             raise ConfigError("the secret setting holds no secret")
+        if self["penalty-max-delay"] is not None and (
+            values["penaltyMaxDelay"] >= values["deadline"]
+        ):
+            raise ConfigError(
+                f"penalty-max-delay {values['penaltyMaxDelay']:g} must be below "
+                f"deadline {values['deadline']:g}"
+            )
         db = values["db"]
         if not db:
             raise ConfigError("db needs the path of the state database")

@@ -30,6 +30,27 @@ REFRESH_SECONDS = 5.0
 
 
 @attr.s(frozen=True, auto_attribs=True)
+class BackendSpec:
+    """
+    What a backend client is built from.
+
+    @ivar backend: C{jsxc} or C{nextcloud}.
+    @ivar url: the JSXC API URL, or Nextcloud's base URL.
+    @ivar secret: the JSXC signing secret (C{b""} for the nextcloud backend).
+    @ivar serviceUser: the nextcloud backend's service account.
+    @ivar servicePassword: its app password.
+    @ivar loginFormat: the nextcloud backend's login name format.
+    """
+
+    backend: str
+    url: str
+    secret: bytes = attr.ib(default=b"", repr=False)
+    serviceUser: str | None = None
+    servicePassword: str | None = attr.ib(default=None, repr=False)
+    loginFormat: str = "{user}"
+
+
+@attr.s(frozen=True, auto_attribs=True)
 class DomainSettings:
     """
     How to authenticate users of one XMPP domain.
@@ -51,27 +72,35 @@ class DomainTable:
 
     @param db: the state database.
     @param globalSettings: the settings of domains that are not listed.
-    @param makeClient: builds a backend client for C{(url, secret)}.
+    @param makeClient: builds a backend client for a L{BackendSpec}.
     @param clock: schedules the refreshes.
     @param interval: seconds between refreshes.
+    @param globalSpec: what the global client was built from (default: the
+        JSXC backend at the global client's URL with the first global secret).
     """
 
     def __init__(
         self,
         db: store.Store,
         globalSettings: DomainSettings,
-        makeClient: Callable[[str, bytes], IBackendClient],
+        makeClient: Callable[[BackendSpec], IBackendClient],
         clock: IReactorTime,
         interval: float = REFRESH_SECONDS,
+        globalSpec: BackendSpec | None = None,
     ) -> None:
         self._db = db
         self.globalSettings = globalSettings
+        if globalSpec is None:
+            globalSpec = BackendSpec(
+                "jsxc", globalSettings.client.url, (globalSettings.secrets or (b"",))[0]
+            )
+        self.globalSpec = globalSpec
         self._makeClient = makeClient
         self._clock = clock
         self._interval = interval
         self._settings: dict[str, DomainSettings] = {}
         self._rows: list[store.DomainRow] | None = None
-        self._clients: dict[tuple[str, bytes], IBackendClient] = {}
+        self._clients: dict[BackendSpec, IBackendClient] = {}
         self._loop: LoopingCall | None = None
         self._loaded = False
         self._waiting: list[Deferred[None]] = []
@@ -115,13 +144,15 @@ class DomainTable:
     def reconfigure(
         self,
         globalSettings: DomainSettings,
-        makeClient: Callable[[str, bytes], IBackendClient],
+        makeClient: Callable[[BackendSpec], IBackendClient],
+        globalSpec: BackendSpec,
     ) -> None:
         """
         Use new global settings and a new client factory (a configuration
         reload): the domains read so far are rebuilt with them at once.
         """
         self.globalSettings = globalSettings
+        self.globalSpec = globalSpec
         self._makeClient = makeClient
         self._clients = {}
         rows, self._rows = self._rows, None
@@ -167,12 +198,15 @@ class DomainTable:
             return
         self._rows = rows
         settings: dict[str, DomainSettings] = {}
-        clients: dict[tuple[str, bytes], IBackendClient] = {}
+        clients: dict[BackendSpec, IBackendClient] = {}
         g = self.globalSettings
         for row in rows:
+            secrets = splitSecrets(row.authsecret or "") or g.secrets
             try:
-                url = row.authurl or g.client.url
-                validateURL(url)
+                key = rowSpec(row, self.globalSpec, secrets)
+                client = clients.get(key) or self._clients.get(key)
+                if client is None:
+                    client = self._makeClient(key)
             except ValueError as e:
                 log.error(
                     "domain {domain} in the database is ignored: {error}",
@@ -180,11 +214,6 @@ class DomainTable:
                     error=str(e),
                 )
                 continue
-            secrets = splitSecrets(row.authsecret or "") or g.secrets
-            key = (url, secrets[0])
-            client = clients.get(key) or self._clients.get(key)
-            if client is None:
-                client = self._makeClient(url, secrets[0])
             clients[key] = client
             settings[row.xmppdomain] = DomainSettings(
                 secrets=secrets, authDomain=row.authdomain or None, client=client
@@ -196,3 +225,32 @@ class DomainTable:
             count=len(settings),
         )
 
+
+def rowSpec(
+    row: store.DomainRow, g: BackendSpec, secrets: tuple[bytes, ...]
+) -> BackendSpec:
+    """
+    The backend of a C{domains} row: its own columns, the global settings for
+    those it leaves empty.  A row with a URL but no backend (written before
+    there was a choice) is the JSXC app's.
+
+    @raise ValueError: the row cannot work (what to fix).
+    """
+    backend = row.backend or ("jsxc" if row.authurl else g.backend)
+    if backend not in ("jsxc", "nextcloud"):
+        raise ValueError(f"unknown backend {backend!r}")
+    sameKind = backend == g.backend
+    url = row.authurl or (g.url if sameKind else "")
+    if not url:
+        raise ValueError(f"backend {backend} needs a url")
+    validateURL(url)
+    if backend == "jsxc":
+        if not secrets:
+            raise ValueError("backend jsxc needs a secret")
+        return BackendSpec("jsxc", url, secrets[0])
+    user = row.serviceuser or (g.serviceUser if sameKind else None)
+    password = row.servicepassword or (g.servicePassword if sameKind else None)
+    if not user or not password:
+        raise ValueError("backend nextcloud needs a service user and its app password")
+    loginFormat = row.loginformat or (g.loginFormat if sameKind else "{user}")
+    return BackendSpec("nextcloud", url, b"", user, password, loginFormat)

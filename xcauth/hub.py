@@ -8,25 +8,35 @@ L{Hub} service, which starts and stops it.
 from __future__ import annotations
 
 import gc
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import attr
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 
 from xcauth.auth import Authenticator
 from xcauth.cache import CachePolicy, CredentialCache, DatabaseStorage, MemoryStorage
 from xcauth.config import Config
-from xcauth.domains import DomainSettings, DomainTable
+from xcauth.domains import BackendSpec, DomainSettings, DomainTable
 from xcauth.framing.base import ServerContext
 from xcauth.http import HTTPRequester, makeAgent
+from xcauth.interfaces import BackendUnavailable, IBackendClient
 from xcauth.jsxc import JSXCClient
 from xcauth.keys import PasswordKeys
+from xcauth.ocs import OCSClient, StartupRefused
+from xcauth.penalty import PenaltyBox, PenaltyPolicy
 from xcauth.roster import ICommandRunner, RosterSync
 from xcauth.rostersetup import makeRosterSync
 from xcauth.store import Store, ThreadWorker, whenFired
+from xcauth.throttlewatch import ThrottleWatch, ThrottleWatches
+
+log = Logger()
 
 #: Threads hashing and checking passwords with bcrypt (CPU-bound: about the
 #: number of cores).  A burst of cache checks queues here; tokens and isuser
@@ -44,6 +54,54 @@ RESTART_SETTINGS = (
     ("ejabberdctl", "ejabberdctl"),
     ("roster-command-timeout", "rosterCommandTimeout"),
 )
+
+
+class Gate:
+    """
+    Requests wait here until the start-up check has passed (or could not be
+    made), so that nothing is answered by a backend that is about to be
+    refused.
+    """
+
+    def __init__(self, opened: bool = False) -> None:
+        self.opened = opened
+        self._waiting: list[Deferred[None]] = []
+
+    def whenOpen(self) -> Deferred[None] | None:
+        """
+        C{None} once open; before, a L{Deferred} firing when it opens.
+        """
+        if self.opened:
+            return None
+        d: Deferred[None] = Deferred(lambda d: self._waiting.remove(d))
+        self._waiting.append(d)
+        return d
+
+    def open(self) -> None:
+        """
+        Let every waiting and later request through.
+        """
+        self.opened = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+
+def bothReady(
+    first: Callable[[], Deferred[None] | None], gate: Gate
+) -> Callable[[], Deferred[None] | None]:
+    """
+    A C{ready} function for the authenticator: C{first} (the domain table's),
+    then the gate.
+    """
+
+    def ready() -> Deferred[None] | None:
+        waiting = first()
+        if waiting is None:
+            return gate.whenOpen()
+        return waiting.addCallback(lambda _: gate.whenOpen())
+
+    return ready
 
 
 class Hub(Service):
@@ -67,7 +125,15 @@ class Hub(Service):
         config: Config | None = None,
         reactor: Any = None,
         agent: Any = None,
+        watches: ThrottleWatches | None = None,
+        startupCheck: Callable[[], Deferred[None]] | None = None,
+        refuse: Callable[[str], None] | None = None,
+        gate: Gate | None = None,
     ) -> None:
+        self.gate = gate
+        self.watches = watches
+        self.startupCheck = startupCheck
+        self.refuse = refuse
         self.context = context
         self.authenticator = context.authenticator
         self.domains = domains
@@ -108,17 +174,25 @@ class Hub(Service):
             if self.pool is not None:
                 self._oldPools.append(self.pool)
             self.agent, self.pool = makeAgent(self.reactor, connectTimeout=config.connectTimeout)
+        if self.watches is not None:
+            self.watches.stop()
+        self.watches = ThrottleWatches()
         makeClient = clientFactory(
-            HTTPRequester(self.agent, self.reactor, timeout=config.totalTimeout)
+            HTTPRequester(self.agent, self.reactor, timeout=config.totalTimeout),
+            self.reactor,
+            config,
+            self.watches,
         )
+        spec = globalSpec(config)
         self.domains.reconfigure(
             DomainSettings(
-                secrets=config.secrets,
-                authDomain=None,
-                client=makeClient(config.url, config.secrets[0]),
+                secrets=config.secrets, authDomain=None, client=makeClient(spec, False)
             ),
             makeClient,
+            spec,
         )
+        if self.running:
+            self.watches.start()
         context = self.context
         context.deadline = config.deadline
         context.maxInFlight = config.maxInFlight
@@ -143,6 +217,40 @@ class Hub(Service):
         self.dbWorker.start()
         self.hashWorker.start()
         self.domains.start()
+        if self.watches is not None:
+            self.watches.start()
+        self.runStartupCheck()
+
+    def runStartupCheck(self) -> Deferred[None] | None:
+        """
+        Run the backend's start-up check (if any): a refusal calls C{refuse}
+        with what to fix; an unavailable backend is only warned about.
+        """
+        if self.startupCheck is None:
+            self._open()
+            return None
+        d = self.startupCheck()
+        d.addCallback(lambda _: self._open())
+        return d.addErrback(self._checkFailed)
+
+    def _open(self) -> None:
+        if self.gate is not None:
+            self.gate.open()
+
+    def _checkFailed(self, f: Failure) -> None:
+        if f.check(StartupRefused):
+            # The gate stays shut: nothing is answered from this backend.
+            if self.refuse is not None:
+                self.refuse(str(f.value))
+            return
+        self._open()
+        if f.check(BackendUnavailable):
+            log.warn(
+                "cannot check the Nextcloud service account at start-up: {reason}",
+                reason=str(f.value),
+            )
+            return
+        log.failure("the start-up check failed", f)
 
     def stopService(self) -> Deferred[None]:
         """
@@ -154,6 +262,8 @@ class Hub(Service):
 
     async def _stop(self) -> None:
         self.domains.stop()
+        if self.watches is not None:
+            self.watches.stop()
         if self.rosterSync is not None:
             await self.rosterSync.stop()
         if self.rosterRunner is not None:
@@ -177,7 +287,12 @@ def buildHub(config: Config, reactor: Any) -> Hub:
     configuration.
     """
     agent, pool = makeAgent(reactor, connectTimeout=config.connectTimeout)
-    makeClient = clientFactory(HTTPRequester(agent, reactor, timeout=config.totalTimeout))
+    watches = ThrottleWatches()
+    makeClient = clientFactory(
+        HTTPRequester(agent, reactor, timeout=config.totalTimeout), reactor, config, watches
+    )
+    spec = globalSpec(config)
+    globalClient = makeClient(spec, False)
 
     # SQLite: one connection, used from one thread.  The file is created when
     # the cache lives in it; otherwise it is read if (once) it exists.
@@ -189,14 +304,13 @@ def buildHub(config: Config, reactor: Any) -> Hub:
     )
     domains = DomainTable(
         store,
-        DomainSettings(
-            secrets=config.secrets,
-            authDomain=None,
-            client=makeClient(config.url, config.secrets[0]),
-        ),
+        DomainSettings(secrets=config.secrets, authDomain=None, client=globalClient),
         makeClient,
         reactor,
+        globalSpec=spec,
     )
+    check = globalClient.checkPrivileges if isinstance(globalClient, OCSClient) else None
+    gate = Gate(opened=check is None)
     keys = PasswordKeys()
     hashWorker = ThreadWorker(reactor, "xcauth-bcrypt", BCRYPT_THREADS)
     cache = buildCache(config, store, hashWorker, reactor, keys)
@@ -207,9 +321,22 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         reactor,
         keys,
         cache=cache,
-        ready=domains.whenReady,
+        ready=bothReady(domains.whenReady, gate),
         debug=config.debug,
         onLogin=None if rosterSync is None else rosterSync.onLogin,
+        penalty=PenaltyBox(
+            reactor,
+            PenaltyPolicy(
+                refusedTTL=config.refusedTTL,
+                baseDelay=config.penaltyDelay,
+                # Within the client's deadline, with time left for the backend.
+                maxDelay=min(config.penaltyMaxDelay, config.deadline / 2),
+                lockoutAfter=config.penaltyLockoutAfter,
+                lockoutSeconds=config.penaltyLockout,
+                forgetAfter=config.penaltyForget,
+                maxEntries=config.penaltyMaxEntries,
+            ),
+        ),
     )
     context = ServerContext(
         authenticator=authenticator,
@@ -221,19 +348,84 @@ def buildHub(config: Config, reactor: Any) -> Hub:
     )
     return Hub(
         context, domains, store, dbWorker, hashWorker, cache, pool, rosterSync, rosterRunner,
-        config=config, reactor=reactor, agent=agent,
+        config=config, reactor=reactor, agent=agent, watches=watches, startupCheck=check,
+        refuse=lambda m: refuseToRun(reactor, m), gate=gate,
     )
 
 
-def clientFactory(http: HTTPRequester) -> Callable[[str, bytes], JSXCClient]:
+def globalSpec(config: Config) -> BackendSpec:
     """
-    What builds the backend client of one C{(url, secret)} over C{http}.
+    What the global backend client (of domains not in the table) is built from.
+    """
+    return BackendSpec(
+        config.backend,
+        config.url,
+        (config.secrets or (b"",))[0],
+        config.serviceUser,
+        config.servicePassword,
+        config.loginFormat,
+    )
+
+
+def clientFactory(
+    http: HTTPRequester, reactor: Any, config: Config, watches: ThrottleWatches
+) -> Callable[..., IBackendClient]:
+    """
+    What builds the backend client of one L{BackendSpec} over C{http}: the
+    JSXC client, or the OCS client of a stock Nextcloud with its throttle
+    watch.  A client built for a domain of the table (C{forDomain}) checks its
+    service account and logs what is wrong: it cannot stop the daemon.
     """
 
-    def makeClient(url: str, secret: bytes) -> JSXCClient:
-        return JSXCClient(http, url, secret)
+    def makeClient(spec: BackendSpec, forDomain: bool = True) -> IBackendClient:
+        if spec.backend == "jsxc":
+            return JSXCClient(http, spec.url, spec.secret)
+        assert spec.serviceUser is not None and spec.servicePassword is not None
+        client = OCSClient(
+            http, spec.url, spec.serviceUser, spec.servicePassword, spec.loginFormat,
+            reactor,
+        )
+        watch = ThrottleWatch(
+            client, reactor, config.throttleCheckInterval, config.throttleWarnDelay
+        )
+        client.onLogin = watch.loginSeen
+        watches.add(watch)
+        if forDomain:
+            client.checkPrivileges().addErrback(_domainCheckFailed, client.url)
+        return client
 
     return makeClient
+
+
+def _domainCheckFailed(f: Failure, url: str) -> None:
+    if f.check(StartupRefused):
+        log.error("a domain's backend will not work: {reason}", reason=str(f.value))
+    elif f.check(BackendUnavailable):
+        log.warn("cannot check the service account of {url}: {reason}", url=url,
+                 reason=str(f.value))
+    else:
+        log.failure("checking the service account of {url} failed", f, url=url)
+
+
+def refuseToRun(reactor: Any, message: str) -> None:
+    """
+    Stop the daemon (or command) because it cannot work as configured: one
+    line C{xcauth: ...} on standard error and in the log, exit status 1.
+
+    twistd offers no exit status for a service that fails after the reactor
+    started, so the process ends with C{os._exit(1)} once the reactor has
+    shut down (the services have stopped and the log is written).
+    """
+    log.critical("xcauth: {message}", message=message)
+    # twistd sends sys.stderr to its log: write to the process's own stderr.
+    stream = sys.__stderr__ or sys.stderr
+    stream.write(f"xcauth: {message}\n")
+    stream.flush()
+    reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+    if reactor.running:
+        reactor.stop()
+    else:
+        reactor.callWhenRunning(reactor.stop)
 
 
 def cachePolicy(config: Config) -> CachePolicy:

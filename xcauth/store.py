@@ -59,6 +59,12 @@ TABLES: dict[str, list[tuple[str, str]]] = {
         ("regcontact", "TEXT"),
         ("regfirst", "TIMESTAMP DEFAULT CURRENT_TIMESTAMP"),
         ("reglatest", "TIMESTAMP DEFAULT CURRENT_TIMESTAMP"),
+        # The backend of the domain (NULL: jsxc when authurl is set, else the
+        # global backend) and the nextcloud backend's service account.
+        ("backend", "TEXT"),
+        ("serviceuser", "TEXT"),
+        ("servicepassword", "TEXT"),
+        ("loginformat", "TEXT"),
     ],
     "authcache": [
         ("jid", "TEXT PRIMARY KEY"),
@@ -250,6 +256,16 @@ class DomainRow:
     authsecret: str | None
     authurl: str | None
     authdomain: str | None
+    backend: str | None = None
+    serviceuser: str | None = None
+    servicepassword: str | None = attr.ib(default=None, repr=False)
+    loginformat: str | None = None
+
+
+_DOMAIN_COLUMNS = (
+    "xmppdomain, authsecret, authurl, authdomain, backend, serviceuser, "
+    "servicepassword, loginformat"
+)
 
 
 def listDomains(conn: sqlite3.Connection) -> list[DomainRow]:
@@ -257,8 +273,7 @@ def listDomains(conn: sqlite3.Connection) -> list[DomainRow]:
     All domains, sorted by name.
     """
     rows = conn.execute(
-        "SELECT xmppdomain, authsecret, authurl, authdomain FROM domains "
-        "ORDER BY xmppdomain"
+        f"SELECT {_DOMAIN_COLUMNS} FROM domains ORDER BY xmppdomain"
     ).fetchall()
     return [DomainRow(*row) for row in rows]
 
@@ -268,8 +283,7 @@ def getDomain(conn: sqlite3.Connection, domain: str) -> DomainRow | None:
     One domain, or C{None}.
     """
     row = conn.execute(
-        "SELECT xmppdomain, authsecret, authurl, authdomain FROM domains "
-        "WHERE xmppdomain = ?",
+        f"SELECT {_DOMAIN_COLUMNS} FROM domains WHERE xmppdomain = ?",
         (domain,),
     ).fetchone()
     return None if row is None else DomainRow(*row)
@@ -279,29 +293,40 @@ def addDomain(
     conn: sqlite3.Connection,
     domain: str,
     url: str,
-    secret: str,
+    secret: str | None,
     authDomain: str | None,
+    **backend: str | None,
 ) -> bool:
     """
     Add a domain; C{False} if it exists already.
+
+    @param backend: the columns C{backend}, C{serviceuser},
+        C{servicepassword}, C{loginformat} to set.
     """
+    allowed = {"backend", "serviceuser", "servicepassword", "loginformat"}
+    if not set(backend) <= allowed:
+        raise ValueError(f"unknown columns {sorted(set(backend) - allowed)}")
+    names = sorted(backend)
+    columns = ", ".join(["xmppdomain", "authsecret", "authurl", "authdomain"] + names)
+    marks = ", ".join("?" * (4 + len(names)))
     with transaction(conn):
         if getDomain(conn, domain) is not None:
             return False
         conn.execute(
-            "INSERT INTO domains (xmppdomain, authsecret, authurl, authdomain) "
-            "VALUES (?, ?, ?, ?)",
-            (domain, secret, url, authDomain),
+            f"INSERT INTO domains ({columns}) VALUES ({marks})",
+            [domain, secret, url, authDomain] + [backend[n] for n in names],
         )
     return True
 
 
 def updateDomain(conn: sqlite3.Connection, domain: str, **changes: str | None) -> bool:
     """
-    Change the given columns (C{authsecret}, C{authurl}, C{authdomain}) of a
+    Change the given columns (C{authsecret}, C{authurl}, C{authdomain},
+    C{backend}, C{serviceuser}, C{servicepassword}, C{loginformat}) of a
     domain; C{False} if there is no such domain.
     """
-    allowed = {"authsecret", "authurl", "authdomain"}
+    allowed = {"authsecret", "authurl", "authdomain", "backend", "serviceuser",
+               "servicepassword", "loginformat"}
     if not set(changes) <= allowed:
         raise ValueError(f"unknown columns {sorted(set(changes) - allowed)}")
     with transaction(conn):

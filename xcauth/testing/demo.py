@@ -29,6 +29,9 @@ from xcauth.testing.fakenextcloud import API_PATH, _dieWithParent
 
 DEMO_SECRET = "demo-secret-change-me"
 
+#: The sample configuration of each backend.
+SAMPLES = {"jsxc": "xcauth.conf", "nextcloud": "xcauth-nextcloud.conf"}
+
 #: Seconds the fake Nextcloud gets to listen, and each child to stop.
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -38,8 +41,17 @@ class Options(usage.Options):
     optParameters = [
         ["nextcloud-port", None, "23680", "Port of the fake Nextcloud on 127.0.0.1."],
         ["listen", None, "tcp:23664:interface=127.0.0.1", "Where the daemon listens."],
-        ["config-file", "c", "xcauth.conf", "The daemon's config file (the sample)."],
+        ["config-file", "c", None,
+         "The daemon's config file [default: the sample of the backend]."],
+        ["backend", None, "jsxc",
+         "jsxc (the JSXC app's API) or nextcloud (a stock Nextcloud's OCS API)."],
     ]
+
+    def postOptions(self) -> None:
+        if self["backend"] not in SAMPLES:
+            raise usage.UsageError("--backend is jsxc or nextcloud")
+        if self["config-file"] is None:
+            self["config-file"] = SAMPLES[self["backend"]]
 
 
 class Stop(Exception):
@@ -87,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         nextcloud = subprocess.Popen(
             [sys.executable, "-m", "xcauth.testing.fakenextcloud",
              "--port", options["nextcloud-port"], "--secret", DEMO_SECRET,
-             "--port-file", portFile],
+             "--port-file", portFile]
+            + (["--stock"] if options["backend"] == "nextcloud" else []),
         )
         deadline = time.monotonic() + START_TIMEOUT
         while not os.path.exists(portFile):
@@ -104,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         daemon = subprocess.Popen(
             [os.path.join(bin, "twistd"), "-n", "--pidfile=", "xcauth", "--demo",
              "--config-file", options["config-file"], "--listen", options["listen"],
-             "--url", f"http://127.0.0.1:{port}{API_PATH.decode()}"],
+             "--url", f"http://127.0.0.1:{port}"
+             + (API_PATH.decode() if options["backend"] == "jsxc" else "")],
         )
         while True:
             for name, process in (("the daemon", daemon), ("the fake Nextcloud", nextcloud)):

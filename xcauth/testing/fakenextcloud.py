@@ -413,6 +413,10 @@ class Options(usage.Options):
     optFlags = [
         ["fast", None, "Serve with a minimal HTTP/1.1 server (FastJSXCProtocol, for "
                        "the benchmark) instead of twisted.web."],
+        ["stock", None, "Be a stock Nextcloud without the JSXC app (OCS API, "
+                        "brute-force throttle: xcauth.testing.fakestock)."],
+        ["allow-listed", None, "With --stock: put 127.0.0.1 on the brute-force "
+                               "allow-list."],
     ]
     optParameters = [
         ["port", "p", "0", "TCP port on 127.0.0.1 (0: any free port)."],
@@ -424,6 +428,9 @@ class Options(usage.Options):
         ["processes", None, "1", "Processes accepting on the same port."],
         ["roster-file", None, None,
          "JSON file of sharedRoster answers by user name, read on every request."],
+        ["max-attempts", None, "10",
+         "With --stock: auth.bruteforce.max-attempts (failures in 30 minutes "
+         "before 429)."],
     ]
 
 
@@ -469,6 +476,28 @@ def main(argv: list[str] | None = None) -> None:
 
     from twisted.internet import reactor
 
+    if options["stock"]:
+        from xcauth.testing.fakestock import FakeStockNextcloud, makeStockSite
+
+        stock = FakeStockNextcloud(reactor, maxAttempts=int(options["max-attempts"]))
+        stock.recordRequests = False
+        if options["allow-listed"]:
+            stock.allowList("127.0.0.1")
+        site: ServerFactory[Any] = makeStockSite(stock)
+        IReactorSocket(reactor).adoptStreamPort(sock.fileno(), socket.AF_INET, site)
+        sock.close()
+        if options["port-file"]:
+            with open(options["port-file"] + ".tmp", "w") as f:
+                f.write(f"{number}\n")
+            os.replace(options["port-file"] + ".tmp", options["port-file"])
+        print(
+            f"fake stock Nextcloud on http://127.0.0.1:{number}/ users: "
+            f"{', '.join(sorted(stock.users))}",
+            file=sys.stderr,
+            flush=True,
+        )
+        reactor.run()
+        return
     users = dict(DEMO_USERS)
     users.update(benchUsers(int(options["bench-users"])))
     resource = FakeJSXC(

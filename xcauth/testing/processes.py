@@ -145,19 +145,24 @@ class Process:
 
 class FakeNextcloud(Process):
     """
-    The fake JSXC API (L{xcauth.testing.fakenextcloud}) on a free loopback port.
+    The fake JSXC API (L{xcauth.testing.fakenextcloud}) on a free loopback port,
+    or with C{stock=True} the fake stock Nextcloud (L{xcauth.testing.fakestock};
+    C{stockArgs} are more of its options, e.g. C{["--allow-listed"]}).
     """
 
     def __init__(self, directory: str, secret: str = SECRET, latencyMs: float = 0,
-                 port: int = 0, extraArgs: Iterable[str] = ()):
+                 port: int = 0, stock: bool = False, stockArgs: Iterable[str] = (),
+                 extraArgs: Iterable[str] = ()) -> None:
         directory = os.path.abspath(directory)
         os.makedirs(directory, exist_ok=True)
         self.portFile = os.path.join(directory, "nextcloud.port")
         self.requestedPort = port
+        self.stock = stock
+        extra = ["--stock", *stockArgs] if stock else []
         super().__init__(
             [sys.executable, "-m", "xcauth.testing.fakenextcloud", "--port", str(port),
              "--secret", secret, "--latency", str(latencyMs), "--port-file", self.portFile,
-             *extraArgs],
+             *extra, *extraArgs],
             os.path.join(directory, "nextcloud.log"),
         )
         self.port = 0
@@ -173,19 +178,33 @@ class FakeNextcloud(Process):
 
     @property
     def url(self) -> str:
+        if self.stock:
+            return f"http://127.0.0.1:{self.port}/nextcloud"
         return f"http://127.0.0.1:{self.port}/index.php/apps/ojsxc/ajax/externalApi.php"
+
+    def stockOptions(self) -> dict[str, str]:
+        """
+        The config options of the stock backend with the fake's privileged
+        service account (for L{writeConfig}).
+        """
+        from xcauth.testing.fakestock import SERVICE_PASSWORD, SERVICE_USER
+
+        return {"backend": "nextcloud", "service_user": SERVICE_USER,
+                "service_password": SERVICE_PASSWORD}
 
 
 def writeConfig(path: str, url: str, secret: str = SECRET, **options: object) -> str:
     """
-    Write an xcauth config file; C{options} with C{_} for C{-} in their keys.
-    Every request is logged (C{log-requests=all}) unless C{log_requests} says
-    otherwise: the tests read those lines.
+    Write an xcauth config file; C{options} with C{_} for C{-} in their keys
+    (C{None}: left out).  Every request is logged (C{log-requests=all}) unless
+    C{log_requests} says otherwise: the tests read those lines.
     """
     options.setdefault("log_requests", "all")
     lines = [f"url={url}", f"secret={secret}"]
     for key, value in options.items():
         key = key.replace("_", "-")
+        if value is None:
+            continue
         if isinstance(value, (list, tuple)):
             lines.extend(f"{key}={v}" for v in value)
         elif value is True:
@@ -198,16 +217,21 @@ def writeConfig(path: str, url: str, secret: str = SECRET, **options: object) ->
     return path
 
 
-def startBackend(testCase: Any, directory: str, **options: Any) -> tuple[FakeNextcloud, str]:
+def startBackend(testCase: Any, directory: str, stock: bool = False,
+                 stockArgs: Iterable[str] = (), **options: Any) -> tuple[FakeNextcloud, str]:
     """
     Start the fake Nextcloud in C{directory} (stopped when C{testCase} ends) and
     write C{directory/xcauth.conf} pointing at it, with C{options} as for
-    L{writeConfig}.  Returns the fake and the config file's path.
+    L{writeConfig}.  With C{stock=True}, the fake stock Nextcloud and the
+    nextcloud backend with its service account (C{options} may override them).
+    Returns the fake and the config file's path.
     """
     os.makedirs(directory, exist_ok=True)
-    nextcloud = FakeNextcloud(directory)
+    nextcloud = FakeNextcloud(directory, stock=stock, stockArgs=stockArgs)
     testCase.addCleanup(nextcloud.stop)
     nextcloud.start()
+    if stock:
+        options = {**nextcloud.stockOptions(), **options}
     config = writeConfig(os.path.join(directory, "xcauth.conf"), nextcloud.url, **options)
     return nextcloud, config
 
