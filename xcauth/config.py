@@ -204,6 +204,7 @@ class Config:
     cacheVerificationTTL: float = 86400.0
     cacheUnreachableTTL: float = 7 * 86400.0
     bcryptRounds: tuple[int, int] = (12, 4)
+    dovecotDefaultDomain: str | None = None
 
 
 class ConfigOptions(usage.Options):
@@ -235,7 +236,7 @@ class ConfigOptions(usage.Options):
             "t",
             None,
             "Framing of listeners that do not name one: prosody, generic, ejabberd, "
-            "ejabberd-line, saslauthd, postfix. [default: generic]",
+            "ejabberd-line, saslauthd, postfix, dovecot. [default: generic]",
         ],
         [
             "url",
@@ -315,6 +316,13 @@ class ConfigOptions(usage.Options):
             None,
             "bcrypt cost of cached passwords: PERSISTENT,MEMORY (for "
             "cache-storage db and memory). [default: 12,4]",
+        ],
+        [
+            "dovecot-default-domain",
+            None,
+            None,
+            "Domain of dovecot-framing logins that name none (no @ and no realm=), "
+            "such as Prosody's mod_auth_dovecot sends; without it they fail.",
         ],
     ]
 
@@ -446,4 +454,5 @@ class ConfigOptions(usage.Options):
                 "cache-unreachable-ttl", self["cache-unreachable-ttl"]
             ),
             bcryptRounds=parseRounds(self["cache-bcrypt-rounds"]),
+            dovecotDefaultDomain=self["dovecot-default-domain"] or None,
         )

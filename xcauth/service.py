@@ -102,6 +102,7 @@ class Backend(Service):
             deadline=config.deadline,
             maxInFlight=config.maxInFlight,
             debug=config.debug,
+            defaultDomain=config.dovecotDefaultDomain,
         )
 
     def makeClient(self, url: str, secret: bytes) -> NextcloudClient:

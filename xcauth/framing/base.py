@@ -37,6 +37,8 @@ class ServerContext:
     @ivar maxInFlight: requests worked on at once per connection; past it the
         connection stops reading until answers have left.
     @ivar debug: log every request's details at debug level too.
+    @ivar defaultDomain: the domain of logins that name none (the C{dovecot}
+        framing's C{dovecot-default-domain}); C{None}: such logins fail.
     """
 
     authenticator: IAuthenticator
@@ -44,6 +46,7 @@ class ServerContext:
     deadline: float = 4.0
     maxInFlight: int = 64
     debug: bool = False
+    defaultDomain: str | None = None
     _deadlines: Deadlines | None = attr.ib(default=None, init=False, repr=False, eq=False)
 
     def watchDeadline(self, d: Deferred[T]) -> Deferred[T]:

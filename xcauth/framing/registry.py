@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from xcauth.framing.dovecot import DovecotProtocol
 from xcauth.framing.ejabberd import EjabberdAutoProtocol, EjabberdProtocol
 from xcauth.framing.lines import EjabberdLineProtocol, XMPPLineProtocol
 from xcauth.framing.postfix import PostfixProtocol
@@ -21,6 +22,7 @@ FRAMINGS: dict[str, Callable[[], Any]] = {
     "ejabberd-line": EjabberdLineProtocol,
     "saslauthd": SaslauthdProtocol,
     "postfix": PostfixProtocol,
+    "dovecot": DovecotProtocol,
 }
 
 #: Protocol classes for stdin/stdout, where the framing is known: an ejabberd
