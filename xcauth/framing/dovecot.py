@@ -427,7 +427,10 @@ class DovecotProtocol(LineReceiver):
             self.transport.write(failLine(requestId, "reason=Authentication request timed out"))
             return
         if not request.waitingForClient:
+            work, request.work = request.work, None
             self._answer(request, failLine(requestId, "reason=Unexpected continuation"))
+            if work is not None:
+                work.cancel()
             return
         request.waitingForClient = False
         decoded = decodeBase64(unescape(data))
@@ -437,7 +440,7 @@ class DovecotProtocol(LineReceiver):
                 failLine(requestId, "code=invalid_base64", "reason=Invalid base64 data in continued response"),
             )
             return
-        self._step(request, decoded)
+        self._step(request, decoded, initial=False)
 
     def _cancel(self, rest: bytes) -> None:
         requestId = _parseId(rest)
