@@ -534,13 +534,49 @@ class ExchangeTests(_Base, SynchronousTestCase):
 
     def test_tooManyWaiting(self) -> None:
         """
-        Requests left waiting for a CONT are bounded too.
+        Requests left waiting for a CONT are bounded too: past the bound a
+        new one fails temporarily.
         """
         limit = dovecot.MAX_OPEN_FACTOR * self.protocol.context.maxInFlight
         self.send(b"".join(b"AUTH\t%d\tLOGIN\tservice=smtp\n" % n for n in range(1, limit + 1)))
-        self.assertFalse(self.transport.disconnecting)
+        self.answers()
         self.send(b"AUTH\t999999\tLOGIN\tservice=smtp\n")
-        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(
+            self.answers(),
+            b"FAIL\t999999\tcode=temp_fail\ttemp\treason=Temporary authentication failure\n",
+        )
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_abandonedLogin(self) -> None:
+        """
+        A request nobody continues is forgotten after CONT_TIMEOUT (Prosody's
+        module never cancels a LOGIN its XMPP client gave up); its id is free
+        again, and a late CONT is told it timed out.
+        """
+        self.send(b"AUTH\t5\tLOGIN\tservice=xmpp\tresp==\n")
+        self.assertEqual(self.answers(), b"CONT\t5\tVXNlcm5hbWU6\n")
+        self.clock.advance(dovecot.CONT_TIMEOUT - 1)
+        self.send(b"CONT\t5\t" + b64("alice") + b"\n")
+        self.assertEqual(self.answers(), b"CONT\t5\tUGFzc3dvcmQ6\n")
+        self.clock.advance(dovecot.CONT_TIMEOUT)
+        self.assertEqual(self.protocol._requests, {})
+        self.send(b"CONT\t5\t" + b64("pw") + b"\n")
+        self.assertEqual(self.answers(), b"FAIL\t5\treason=Authentication request timed out\n")
+        self.assertEqual(self.auth.calls, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_timersStopped(self) -> None:
+        """
+        Answered, cancelled and closed requests leave no timer behind.
+        """
+        self.send(b"AUTH\t1\tLOGIN\tservice=smtp\n")
+        self.send(b"CONT\t1\t" + b64("alice") + b"\n")
+        self.send(b"CONT\t1\t" + b64("pw") + b"\n")
+        self.fire(0, True)
+        self.send(b"AUTH\t2\tLOGIN\tservice=smtp\nCANCEL\t2\n")
+        self.send(b"AUTH\t3\tPLAIN\tservice=smtp\n")
+        self.protocol.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class PostfixTests(_Base, SynchronousTestCase):

@@ -61,6 +61,7 @@ from typing import Any
 
 import attr
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
@@ -79,6 +80,12 @@ MAX_LINE = 16384
 #: and its connection is closed.  Work in flight is bounded by
 #: C{--max-in-flight} itself: past it the connection is not read.
 MAX_OPEN_FACTOR = 4
+
+#: Seconds a request waits for the client's C{CONT} before it is forgotten
+#: (Dovecot's C{MASTER_AUTH_SERVER_TIMEOUT_SECS}); a later C{CONT} is answered
+#: "Authentication request timed out".  Prosody's module never cancels a
+#: LOGIN that its XMPP client abandons after the first challenge.
+CONT_TIMEOUT = 150.0
 
 #: The protocol version this server speaks.
 MAJOR_VERSION = 1
@@ -328,6 +335,17 @@ class _Request:
     user: bytes | None = None
     waitingForClient: bool = False
     work: Deferred[Any] | None = None
+    timer: IDelayedCall | None = None
+
+    def stopWaiting(self) -> None:
+        """
+        The client answered (or the request is over): no more timeout.
+        """
+        self.waitingForClient = False
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
 
 
 class DovecotProtocol(LineReceiver):
@@ -400,7 +418,13 @@ class DovecotProtocol(LineReceiver):
             self._protocolError(f"AUTH with id {parsed.id}, which is already in use")
             return
         if len(self._requests) >= MAX_OPEN_FACTOR * self.context.maxInFlight:
-            self._protocolError("too many requests left waiting for a continuation")
+            log.warn(
+                "{framing} client has {count} requests open (most waiting for its "
+                "CONT); refusing another for now",
+                framing=self.framing,
+                count=len(self._requests),
+            )
+            self.transport.write(tempFailLine(parsed.id))
             return
         request = _Request(parsed)
         self._requests[parsed.id] = request
@@ -432,7 +456,7 @@ class DovecotProtocol(LineReceiver):
             if work is not None:
                 work.cancel()
             return
-        request.waitingForClient = False
+        request.stopWaiting()
         decoded = decodeBase64(unescape(data))
         if decoded is None:
             self._answer(
@@ -448,6 +472,8 @@ class DovecotProtocol(LineReceiver):
             self._protocolError("broken CANCEL line")
             return
         request = self._requests.pop(requestId, None)
+        if request is not None:
+            request.stopWaiting()
         if request is not None and request.work is not None:
             work, request.work = request.work, None
             work.cancel()
@@ -498,7 +524,19 @@ class DovecotProtocol(LineReceiver):
 
     def _challenge(self, request: _Request, challenge: bytes) -> None:
         request.waitingForClient = True
+        request.timer = self.context.clock.callLater(CONT_TIMEOUT, self._abandoned, request)
         self.transport.write(contLine(request.command.id, challenge))
+
+    def _abandoned(self, request: _Request) -> None:
+        request.timer = None
+        if self._current(request):
+            log.info(
+                "{framing} request {id} forgotten: no CONT within {timeout} s",
+                framing=self.framing,
+                id=request.command.id,
+                timeout=CONT_TIMEOUT,
+            )
+            del self._requests[request.command.id]
 
     def _reject(self, request: _Request, reason: str) -> None:
         log.info(
@@ -601,6 +639,7 @@ class DovecotProtocol(LineReceiver):
             return
         if self._requests.get(request.command.id) is request:
             del self._requests[request.command.id]
+        request.stopWaiting()
         self.transport.write(line)
         self._checkLoad()
 
@@ -646,6 +685,8 @@ class DovecotProtocol(LineReceiver):
 
     def _cancelAll(self) -> None:
         pending = [r.work for r in self._requests.values() if r.work is not None]
+        for r in self._requests.values():
+            r.stopWaiting()
         self._requests.clear()
         for d in pending:
             d.cancel()
