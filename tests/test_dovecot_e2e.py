@@ -169,10 +169,10 @@ def _plain(user: str, password: str) -> str:
     return base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
 
 
-class _PostfixBase(TestCase):
+class _PostfixBase:
     """
     The fake Nextcloud, xcauth with a C{dovecot} listener, and Postfix using
-    it; subclasses say where the listener is.
+    it; subclasses (with L{TestCase}) say where the listener is.
     """
 
     def setUp(self) -> None:
@@ -283,7 +283,7 @@ class _PostfixBase(TestCase):
         self.assertEqual(results, [235, 235, 235])
 
 
-class PostfixUNIXTests(_PostfixBase):
+class PostfixUNIXTests(_PostfixBase, TestCase):
     """
     smtpd_sasl_path = private/xcauth-auth: the socket in Postfix's queue
     directory, where a chrooted smtpd finds it; given to group postfix.
@@ -310,7 +310,7 @@ class PostfixUNIXTests(_PostfixBase):
         self.assertEqual(grp.getgrgid(st.st_gid).gr_name, "postfix")
 
 
-class PostfixTCPTests(_PostfixBase):
+class PostfixTCPTests(_PostfixBase, TestCase):
     """
     smtpd_sasl_path = inet:127.0.0.1:PORT.
     """
@@ -435,10 +435,19 @@ class ProsodyUNIXDefaultDomainTests(_ProsodyBase):
         With the backend down the login fails temporarily
         (temporary-auth-failure), and the connection stays usable.
         """
+        self.assertLogin("alice", "pa:ss w", EXIT_OK)
+        port = self.nextcloud.port
         self.nextcloud.stop()
         code, line = self.login("alice", "pa:ss w")
         self.assertEqual(code, EXIT_AUTHFAIL, line)
         self.assertIn("temporary-auth-failure", line)
+        self.nextcloud = FakeNextcloud(os.path.join(self.dir, "nc2"), port=port)
+        self.addCleanup(self.nextcloud.stop)
+        self.nextcloud.start()
+        self.assertLogin("alice", "pa:ss w", EXIT_OK)
+        # One connection all along: mod_auth_dovecot reconnects only after an error.
+        self.assertEqual(self.daemon.output().count("auth true for alice@"), 2)
+        self.assertEqual(self.prosody.logText().count("sending handshake to dovecot"), 1)
 
 
 class ProsodyTCPAppendHostTests(_ProsodyBase):
