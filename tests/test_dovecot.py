@@ -774,8 +774,28 @@ class WiringTests(SynchronousTestCase):
     def test_registry(self) -> None:
         self.assertIs(FRAMINGS["dovecot"], DovecotProtocol)
 
+    def test_socketUnits(self) -> None:
+        """
+        Every dovecot socket unit's FileDescriptorName= selects the framing,
+        and xcauth.service is ordered after it.
+        """
+        import glob
+        import os
+
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        units = sorted(glob.glob(os.path.join(here, "systemd", "xcauth-dovecot*.socket")))
+        self.assertEqual(len(units), 3)
+        with open(os.path.join(here, "systemd", "xcauth.service")) as f:
+            service = f.read()
+        for unit in units:
+            with open(unit) as f:
+                text = f.read()
+            name = re.search(r"^FileDescriptorName=(\S+)$", text, re.M).group(1)  # type: ignore[union-attr]
+            self.assertEqual(framingFromSystemdName(f"systemd:domain=UNIX:name={name}"), "dovecot")
+            self.assertIn(os.path.basename(unit), service)
+
     def test_systemdNames(self) -> None:
-        for name in ("dovecot", "dovecot-v6", "dovecot-unix"):
+        for name in ("dovecot", "dovecot-v6", "dovecot-tcp", "dovecot-tcp-v6"):
             self.assertEqual(
                 framingFromSystemdName(f"systemd:domain=UNIX:name={name}"), "dovecot"
             )
