@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import signal
 import smtplib
@@ -62,7 +63,7 @@ class PostfixInstance:
     C{DIR/maillog}.  The system's Postfix is never touched.
     """
 
-    def __init__(self, directory: str, saslPath: str, port: int) -> None:
+    def __init__(self, directory: str, saslPath: str, port: int, chroot: bool = False) -> None:
         self.dir = os.path.abspath(directory)
         self.conf = os.path.join(self.dir, "conf")
         self.queue = os.path.join(self.dir, "queue")
@@ -70,6 +71,7 @@ class PostfixInstance:
         self.log = os.path.join(self.dir, "maillog")
         self.saslPath = saslPath
         self.port = port
+        self.chroot = chroot
         self.started = False
 
     def write(self) -> None:
@@ -99,7 +101,7 @@ class PostfixInstance:
             )
         with open(os.path.join(self.conf, "master.cf"), "w") as f:
             f.write(
-                f"127.0.0.1:{self.port} inet n - n - - smtpd\n"
+                f"127.0.0.1:{self.port} inet n - {'y' if self.chroot else 'n'} - - smtpd\n"
                 "postlog unix-dgram n - n - 1 postlogd\n"
                 # smtpd looks up local recipients (and more) through these.
                 "proxymap unix - - n - - proxymap\n"
@@ -175,6 +177,9 @@ class _PostfixBase:
     it; subclasses (with L{TestCase}) say where the listener is.
     """
 
+    #: Run smtpd chrooted in the queue directory, as Debian does.
+    chroot = False
+
     def setUp(self) -> None:
         if not os.access(POSTFIX, os.X_OK):
             raise SkipTest(f"{POSTFIX} is not installed (Debian package postfix)")
@@ -187,7 +192,7 @@ class _PostfixBase:
         os.chmod(self.dir, 0o755)
         self.nextcloud, self.config = startBackend(self, os.path.join(self.dir, "nc"), deadline="2")
         self.secrets = list(PASSWORDS)
-        self.postfix = PostfixInstance(self.dir, self.saslPath(), freePort())
+        self.postfix = PostfixInstance(self.dir, self.saslPath(), freePort(), self.chroot)
         private = os.path.join(self.postfix.queue, "private")
         os.makedirs(private, mode=0o700, exist_ok=True)
         shutil.chown(private, "postfix")
@@ -286,8 +291,11 @@ class _PostfixBase:
 class PostfixUNIXTests(_PostfixBase, TestCase):
     """
     smtpd_sasl_path = private/xcauth-auth: the socket in Postfix's queue
-    directory, where a chrooted smtpd finds it; given to group postfix.
+    directory, given to group postfix; smtpd runs chrooted in the queue
+    directory, as Debian's master.cf has it.
     """
+
+    chroot = True
 
     def saslPath(self) -> str:
         return "private/xcauth-auth"
@@ -308,6 +316,17 @@ class PostfixUNIXTests(_PostfixBase, TestCase):
         st = os.stat(self.socketPath())
         self.assertEqual(stat.S_IMODE(st.st_mode), 0o660)
         self.assertEqual(grp.getgrgid(st.st_gid).gr_name, "postfix")
+        # The smtpd that answered the start-up probe (and waits for the next
+        # client) is chrooted in the queue directory.
+        self.assertEqual(self.authPlain("alice@example.org", "pa:ss w")[0], 235)
+        pids = set(re.findall(r"postfix/smtpd\[(\d+)\]", self.postfix.logText()))
+        roots = set()
+        for pid in pids:
+            try:
+                roots.add(os.readlink(f"/proc/{pid}/root"))
+            except OSError:
+                pass
+        self.assertIn(self.postfix.queue, roots)
 
 
 class PostfixTCPTests(_PostfixBase, TestCase):

@@ -4,8 +4,8 @@ The Dovecot authentication protocol, server side (C{dovecot}), for Postfix
 clients of Dovecot's C{auth-client} socket.  Mechanisms: PLAIN and LOGIN.
 
 Lines end in LF; fields are separated by TAB, and a value escapes TAB, CR, LF
-and C{\\1} as C{\\1t}, C{\\1r}, C{\\1n}, C{\\1 1} (Dovecot 2.3's
-C{str_tabunescape}: also C{\\1 0} for NUL; any other character after C{\\1}
+and the byte 0x01 as 0x01 followed by C{t}, C{r}, C{n}, C{1} (Dovecot 2.3's
+C{str_tabunescape}: also 0x01 C{0} for NUL; any other character after 0x01
 stands for itself).  As Dovecot's auth server (2.3.19) does:
 
  - On connect the server sends C{VERSION 1 2}, one C{MECH NAME plaintext} line
