@@ -497,6 +497,22 @@ class ExchangeTests(_Base, SynchronousTestCase):
     def test_unknownCommand(self) -> None:
         self.assertClosed(b"HELLO\tthere\n")
 
+    def test_unknownCommandNotLogged(self) -> None:
+        """
+        A line that is no command name is not shown in the log (it might be
+        a password).
+        """
+        with capturedLogs() as events:
+            self.send(PASSWORD.encode() + b"!\n")
+        self.assertTrue(self.transport.disconnecting)
+        text = "".join(formatEvent(e) for e in events)
+        self.assertIn("unknown command of 16 bytes (not shown)", text)
+        self.assertNotIn(PASSWORD, text)
+
+    def test_crlf(self) -> None:
+        self.send(b"AUTH\t1\tPLAIN\tservice=xmpp\tresp=" + plain("alice", "pw") + b"\r\n")
+        self.assertEqual(self.auth.calls[0][1], ("alice", "example.org", "pw"))
+
     def test_unknownMechanism(self) -> None:
         self.assertClosed(b"AUTH\t1\tCRAM-MD5\tservice=smtp\n")
 

@@ -56,6 +56,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -190,6 +191,20 @@ def parseCPID(line: bytes) -> int | None:
     return int(value)
 
 
+_NAME = re.compile(rb"\A[A-Za-z0-9_-]{1,32}\Z")
+
+
+def _safeName(name: bytes) -> str:
+    """
+    A command or mechanism name for a log line, quoted, if it looks like one;
+    anything else (which a confused client might fill with a password) is
+    described, not shown.
+    """
+    if _NAME.match(name):
+        return repr(name.decode("ascii"))
+    return f"of {len(name)} bytes (not shown)"
+
+
 def _parseId(text: bytes) -> int | None:
     if not text.isdigit() or len(text) > 10:
         return None
@@ -249,7 +264,7 @@ def parseAuth(fields: Sequence[bytes], minor: int) -> AuthCommand | ProtocolErro
     except UnicodeDecodeError:
         return ProtocolError("AUTH with a mechanism name that is not ASCII")
     if mechanism.upper() not in {m for m, _ in MECHANISMS}:
-        return ProtocolError(f"unsupported mechanism {printable(mechanism)[:40]!r}")
+        return ProtocolError(f"unsupported mechanism {_safeName(fields[1])}")
     params: dict[str, str] = {}
     response: bytes | None = None
     rest = list(fields[2:])
@@ -374,6 +389,8 @@ class DovecotProtocol(LineReceiver):
         self.transport.write(handshake(os.getpid(), self._connectionNumber(), os.urandom(16)))
 
     def _connectionNumber(self) -> int:
+        # CUID: connections of this listener counted on its factory, as Dovecot
+        # counts them per process (only unique, never interpreted).
         factory = getattr(self, "factory", None)
         number = getattr(factory, "dovecotConnections", 0) + 1
         if factory is not None:
@@ -384,6 +401,9 @@ class DovecotProtocol(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         if self._closed:
             return
+        if line.endswith(b"\r"):
+            # Dovecot's line reader accepts CRLF too.
+            line = line[:-1]
         if self._minor is None:
             version = parseVersion(line)
             if version is None or version[0] != MAJOR_VERSION:
@@ -406,7 +426,7 @@ class DovecotProtocol(LineReceiver):
         elif command == b"CANCEL":
             self._cancel(rest)
         else:
-            self._protocolError(f"unknown command {printable(command.decode('utf-8', 'replace'))[:40]!r}")
+            self._protocolError(f"unknown command {_safeName(command)}")
 
     def _auth(self, rest: bytes) -> None:
         assert self._minor is not None
