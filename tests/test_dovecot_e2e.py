@@ -11,7 +11,9 @@ C{twistd xcauth} daemon against the fake Nextcloud, and
  - an isolated Prosody (L{tests.prosody.ProsodyInstance}) with
    C{authentication = "dovecot"} (C{mod_auth_dovecot} of Debian's
    C{prosody-modules}), a real XMPP client (slixmpp, L{tests.xmpplogin})
-   logging in over the UNIX socket and over TCP.
+   logging in over the UNIX socket and over TCP;
+ - Debian's C{systemd-socket-activate} passing sockets named as the
+   C{xcauth-dovecot*.socket} units name them.
 
 Skipped only when Postfix (or Prosody with mod_auth_dovecot) is not installed,
 or Postfix cannot be started for want of root.
@@ -487,3 +489,47 @@ class ProsodyTCPAppendHostTests(_ProsodyBase):
 
     def test_logins(self) -> None:
         self.checkLogins()
+
+
+class SystemdDovecotSocketsTests(TestCase):
+    """
+    C{--systemd-sockets} with the socket units' names (C{dovecot} on a UNIX
+    socket, C{dovecot-tcp} on loopback), passed by Debian's real
+    C{systemd-socket-activate}: both serve the dovecot framing.
+    """
+
+    def test_socketNames(self) -> None:
+        from tests.harness import connect, recvLine
+        from tests.test_systemd_e2e import ACTIVATE, SocketActivated
+
+        if ACTIVATE is None:
+            raise SkipTest("systemd-socket-activate not installed (apt-get install systemd)")
+        directory = tempfile.mkdtemp(prefix="xcauth-ds-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        nextcloud, config = startBackend(self, os.path.join(directory, "nc"))
+        unixPath = os.path.join(directory, "dovecot-auth")
+        tcp = ("127.0.0.1", freePort())
+        p = SocketActivated(
+            directory,
+            [(unixPath, "dovecot"), (f"{tcp[0]}:{tcp[1]}", "dovecot-tcp")],
+            ["-c", config, "--systemd-sockets"],
+        )
+        self.addCleanup(p.stop)
+        p.start()
+        waitFor(lambda: p.output().count("Listening on") == 2, "systemd-socket-activate listening",
+                process=p.process)
+        for address in (unixPath, tcp):
+            with connect(address, 30) as s:
+                s.sendall(b"VERSION\t1\t1\nCPID\t7\nAUTH\t1\tPLAIN\tservice=smtp\tresp="
+                          + _plain("alice@example.org", "pa:ss w").encode() + b"\n")
+                lines = []
+                while not lines or not lines[-1].startswith(b"OK"):
+                    lines.append(recvLine(s))
+                    self.assertNotEqual(lines[-1], b"", lines)
+                self.assertEqual(lines[0], b"VERSION\t1\t2")
+                self.assertIn(b"DONE", lines)
+                self.assertEqual(lines[-1], b"OK\t1\tuser=alice@example.org")
+        log = p.daemonOutput()
+        self.assertIn("listening: dovecot=systemd:domain=UNIX:name=dovecot", log)
+        self.assertIn("listening: dovecot=systemd:domain=INET:name=dovecot-tcp", log)
+        self.assertNotIn("pa:ss w", log)
