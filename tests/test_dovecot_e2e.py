@@ -268,7 +268,9 @@ class _PostfixBase:
         self.assertIn("auth false for bob@example.org via dovecot", log)
         # (235 also proves the OK line's user= was read: without it Postfix
         # fails the login, "missing Dovecot server OK username field".)
-        self.assertIn("SASL LOGIN authentication failed", self.postfix.logText())
+        # Postfix's log is written by postlogd, a little later.
+        waitFor(lambda: "SASL LOGIN authentication failed" in self.postfix.logText(),
+                "Postfix to log the failed LOGIN", timeout=10)
 
     def test_backendDown(self) -> None:
         """
@@ -321,6 +323,7 @@ class PostfixUNIXTests(_PostfixBase, TestCase):
         # The smtpd that answered the start-up probe (and waits for the next
         # client) is chrooted in the queue directory.
         self.assertEqual(self.authPlain("alice@example.org", "pa:ss w")[0], 235)
+        waitFor(lambda: "postfix/smtpd[" in self.postfix.logText(), "smtpd's log lines", timeout=10)
         pids = set(re.findall(r"postfix/smtpd\[(\d+)\]", self.postfix.logText()))
         roots = set()
         for pid in pids:
