@@ -37,8 +37,8 @@ stands for itself).  As Dovecot's auth server (2.3.19) does:
 Several requests may be in flight on one connection; each is answered when
 its work completes (the ids tell the answers apart).  When the backend is
 unavailable or misses the deadline the answer is a temporary failure,
-C{FAIL ID code=temp_fail temp reason=...}.  Postfix (every version up to 3.10)
-ignores both flags and would tell the mail client 535, "wrong password"; it
+C{FAIL ID code=temp_fail temp reason=...}.  Postfix (3.7, and the newer
+C{xsasl_dovecot_server.c} sources read) ignores both flags and would tell the mail client 535, "wrong password"; it
 answers 454 "temporary failure" only when the connection to the auth server is
 lost.  So for a client of protocol 1.0 (Postfix announces C{VERSION 1 0}; it
 sends one request at a time per connection) a temporary failure closes the
