@@ -765,13 +765,31 @@ class PropertyTests(SynchronousTestCase):
         data = PROSODY_HELLO + b"".join(requests)
         self.assertEqual(session(USERS, data, chunks), session(USERS, data, []))
 
-    @given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=6), st.booleans())
-    def test_anyBytes(self, data: bytes, chunks: list[int], handshaken: bool) -> None:
+    @given(
+        st.lists(st.sampled_from([b"AUTH\t", b"CONT\t", b"CANCEL\t", b"1", b"2", b"\t",
+                                  b"PLAIN", b"LOGIN", b"service=x", b"resp=", b"AGFAYgBj",
+                                  b"YQ==", b"=", b"\n", b"\x01", b"realm=r"]), max_size=40),
+        st.lists(st.integers(0, 400), max_size=8),
+    )
+    def test_chunkingOfFragments(self, pieces: list[bytes], chunks: list[int]) -> None:
         """
-        Any bytes, before or after a valid handshake, never crash: every
-        answer is a well-formed OK, FAIL or CONT line.
+        Streams built from the protocol's own words (mostly invalid) give the
+        same replies however they are cut.
         """
-        prefix = PROSODY_HELLO if handshaken else b""
+        data = PROSODY_HELLO + b"".join(pieces)
+        self.assertEqual(session(USERS, data, chunks), session(USERS, data, []))
+
+    @given(
+        st.binary(max_size=300),
+        st.lists(st.integers(0, 300), max_size=6),
+        st.sampled_from([b"", PROSODY_HELLO, POSTFIX_HELLO, b"VERSION\t1\t2\nCPID\t1\n"]),
+    )
+    def test_anyBytes(self, data: bytes, chunks: list[int], prefix: bytes) -> None:
+        """
+        Any bytes, before or after a valid handshake (of each protocol minor
+        version), never crash: every answer is a well-formed OK, FAIL or CONT
+        line.
+        """
         out = session(USERS, prefix + data, chunks).removesuffix(b"<closed>")
         for line in out.split(b"\n")[:-1]:
             self.assertRegex(line, rb"\A(OK|FAIL|CONT)\t\d+(\t[^\t\n]*)*\Z")
