@@ -97,7 +97,7 @@ class PureFunctionTests(SynchronousTestCase):
         character stands for itself; a \\1 at the end is dropped.
         """
         self.assertEqual(unescape(b"a\x01tb\x01nc\x01rd\x011e\x010f"), b"a\tb\nc\rd\x01e\0f")
-        self.assertEqual(unescape(b"a\x01lb"), b"alb")
+        self.assertEqual(unescape(b"a\x01lb\x01xc"), b"a\nbxc")
         self.assertEqual(unescape(b"ab\x01"), b"ab")
         self.assertEqual(unescape(b"plain"), b"plain")
 
@@ -282,7 +282,7 @@ class ExchangeTests(_Base, SynchronousTestCase):
     def test_wrongPassword(self) -> None:
         self.send(b"AUTH\t3\tPLAIN\tservice=xmpp\tresp=" + plain("alice", "wrong") + b"\n")
         self.fire(0, False)
-        self.assertEqual(self.answers(), b"FAIL\t3\n")
+        self.assertEqual(self.answers(), b"FAIL\t3\tuser=alice\n")
         self.assertFalse(self.transport.disconnecting)
 
     def test_unavailable(self) -> None:
@@ -294,7 +294,7 @@ class ExchangeTests(_Base, SynchronousTestCase):
         self.fire(0, None)
         self.assertEqual(
             self.answers(),
-            b"FAIL\t4\tcode=temp_fail\ttemp\treason=Temporary authentication failure\n",
+            b"FAIL\t4\tuser=alice\tcode=temp_fail\ttemp\treason=Temporary authentication failure\n",
         )
         self.assertFalse(self.transport.disconnecting)
 
@@ -308,7 +308,7 @@ class ExchangeTests(_Base, SynchronousTestCase):
         self.assertEqual(self.answers(), b"")
         self.clock.advance(0.2)
         self.assertEqual(self.auth.cancelled, [("alice", "example.org", "pw")])
-        self.assertIn(b"FAIL\t5\tcode=temp_fail\ttemp\t", self.answers())
+        self.assertIn(b"FAIL\t5\tuser=alice\tcode=temp_fail\ttemp\t", self.answers())
 
     def test_authzDiffers(self) -> None:
         """
@@ -342,15 +342,16 @@ class ExchangeTests(_Base, SynchronousTestCase):
 
     def test_realm(self) -> None:
         """
-        A login without @ takes the domain from realm= (escapes undone).
+        A login without @ takes the domain from realm= (escapes undone),
+        before the default domain.
         """
-        self.protocol.context.defaultDomain = None
+        self.protocol.context.defaultDomain = "default.example"
         self.send(
-            b"AUTH\t1\tPLAIN\tservice=xmpp\trealm=ex\x01lample.org\tresp="
+            b"AUTH\t1\tPLAIN\tservice=xmpp\trealm=e\x01xample.org\tresp="
             + plain("alice", "pw")
             + b"\n"
         )
-        self.assertEqual(self.auth.calls[0][1], ("alice", "exlample.org", "pw"))
+        self.assertEqual(self.auth.calls[0][1], ("alice", "example.org", "pw"))
 
     def test_plainWithoutResponse(self) -> None:
         """
@@ -424,16 +425,16 @@ class ExchangeTests(_Base, SynchronousTestCase):
         self.fire(1, True)
         self.assertEqual(self.answers(), b"OK\t2\tuser=bob\n")
         self.fire(2, False)
-        self.assertEqual(self.answers(), b"FAIL\t3\n")
+        self.assertEqual(self.answers(), b"FAIL\t3\tuser=carol\n")
         self.fire(0, None)
-        self.assertIn(b"FAIL\t1\tcode=temp_fail", self.answers())
+        self.assertIn(b"FAIL\t1\tuser=alice\tcode=temp_fail", self.answers())
 
     def test_idReusedAfterAnswer(self) -> None:
         self.send(b"AUTH\t1\tPLAIN\tservice=xmpp\tresp=" + plain("alice", "pw") + b"\n")
         self.fire(0, True)
         self.send(b"AUTH\t1\tPLAIN\tservice=xmpp\tresp=" + plain("alice", "pw") + b"\n")
         self.fire(1, False)
-        self.assertEqual(self.answers(), b"OK\t1\tuser=alice\nFAIL\t1\n")
+        self.assertEqual(self.answers(), b"OK\t1\tuser=alice\nFAIL\t1\tuser=alice\n")
 
     def test_invalidBase64(self) -> None:
         self.send(b"AUTH\t1\tPLAIN\tservice=xmpp\tresp=AG*\n")
@@ -621,7 +622,7 @@ class PostfixTests(_Base, SynchronousTestCase):
         self.send(b"CONT\t2\t" + b64("alice@example.org") + b"\n")
         self.send(b"CONT\t2\t" + b64("pw") + b"\n")
         self.fire(0, False)
-        self.assertEqual(self.answers(), b"CONT\t2\tUGFzc3dvcmQ6\nFAIL\t2\n")
+        self.assertEqual(self.answers(), b"CONT\t2\tUGFzc3dvcmQ6\nFAIL\t2\tuser=alice@example.org\n")
 
     def test_unavailableCloses(self) -> None:
         """
@@ -687,7 +688,7 @@ class FlowControlTests(SynchronousTestCase):
         clock.advance(0)
         self.assertEqual(transport.producerState, "producing")
         self.assertEqual(
-            transport.value().split(b"DONE\n")[1], b"OK\t2\tuser=u2\nOK\t3\tuser=u3\nFAIL\t1\n"
+            transport.value().split(b"DONE\n")[1], b"OK\t2\tuser=u2\nOK\t3\tuser=u3\nFAIL\t1\tuser=u1\n"
         )
 
 

@@ -6,7 +6,8 @@ clients of Dovecot's C{auth-client} socket.  Mechanisms: PLAIN and LOGIN.
 Lines end in LF; fields are separated by TAB, and a value escapes TAB, CR, LF
 and the byte 0x01 as 0x01 followed by C{t}, C{r}, C{n}, C{1} (Dovecot 2.3's
 C{str_tabunescape}: also 0x01 C{0} for NUL; any other character after 0x01
-stands for itself).  As Dovecot's auth server (2.3.19) does:
+stands for itself; C{l} for LF, from older documentation, is read too).  As
+Dovecot's auth server (2.3.19) does:
 
  - On connect the server sends C{VERSION 1 2}, one C{MECH NAME plaintext} line
    per mechanism, C{SPID}, C{CUID}, C{COOKIE} (32 hex digits) and C{DONE},
@@ -24,8 +25,8 @@ stands for itself).  As Dovecot's auth server (2.3.19) does:
  - C{CONT ID BASE64} answers a challenge; a CONT for an id that is not waiting
    for one is answered C{FAIL ID reason=...}; C{CANCEL ID} forgets a request.
  - Answers: C{OK ID user=LOGIN} (the login as the client gave it: Prosody's
-   module nodepreps this name into the JID's local part), C{FAIL ID} for a
-   wrong password, C{FAIL ID code=authz_fail authz reason=...} when the PLAIN
+   module nodepreps this name into the JID's local part), C{FAIL ID user=LOGIN}
+   for a wrong password (C{FAIL ID} for data that names no login), C{FAIL ID code=authz_fail authz reason=...} when the PLAIN
    authorization identity names another user, C{FAIL ID code=invalid_base64
    reason=...} for broken base64.  (Dovecot 2.3 sends C{code=...}, 2.2 and the
    Prosody module use the bare flags C{temp} and C{authz}: both are sent.)
@@ -37,7 +38,7 @@ stands for itself).  As Dovecot's auth server (2.3.19) does:
 Several requests may be in flight on one connection; each is answered when
 its work completes (the ids tell the answers apart).  When the backend is
 unavailable or misses the deadline the answer is a temporary failure,
-C{FAIL ID code=temp_fail temp reason=...}.  Postfix (3.7, and the newer
+C{FAIL ID user=LOGIN code=temp_fail temp reason=...}.  Postfix (3.7, and the newer
 C{xsasl_dovecot_server.c} sources read) ignores both flags and would tell the mail client 535, "wrong password"; it
 answers 454 "temporary failure" only when the connection to the auth server is
 lost.  So for a client of protocol 1.0 (Postfix announces C{VERSION 1 0}; it
@@ -103,13 +104,23 @@ LOGIN_PASSWORD_PROMPT = b"Password:"
 TEMP_REASON = "Temporary authentication failure"
 AUTHZ_REASON = "Authorization identity differs from the login"
 
-_UNESCAPES = {ord("0"): b"\0", ord("1"): b"\1", ord("t"): b"\t", ord("r"): b"\r", ord("n"): b"\n"}
+# 0x01 "l" is LF in the protocol's older documentation (Dovecot 2.3's
+# unescaping reads it as "l"); no client escapes a plain "l", so both are LF.
+_UNESCAPES = {
+    ord("0"): b"\0",
+    ord("1"): b"\1",
+    ord("t"): b"\t",
+    ord("r"): b"\r",
+    ord("n"): b"\n",
+    ord("l"): b"\n",
+}
 
 
 def unescape(value: bytes) -> bytes:
     """
-    Undo Dovecot's tab escaping (C{\\1} followed by C{0 1 t r n}; any other
-    character after C{\\1} stands for itself; a C{\\1} at the end is dropped).
+    Undo Dovecot's tab escaping (0x01 followed by C{0 1 t r n}, or C{l} for
+    LF as older documentation has it; any other character after 0x01 stands
+    for itself; a 0x01 at the end is dropped).
     """
     if b"\1" not in value:
         return value
@@ -326,11 +337,13 @@ def failLine(requestId: int, *extra: str) -> bytes:
     return formatLine(b"FAIL", b"%d" % requestId, *(e.encode("utf-8") for e in extra))
 
 
-def tempFailLine(requestId: int) -> bytes:
+def tempFailLine(requestId: int, login: str | None = None) -> bytes:
     """
-    A temporary failure, in Dovecot 2.3's and 2.2's words.
+    A temporary failure, in Dovecot 2.3's and 2.2's words (with the login,
+    when known, as Dovecot sends it).
     """
-    return failLine(requestId, "code=temp_fail", "temp", "reason=" + TEMP_REASON)
+    user = [] if login is None else ["user=" + login]
+    return failLine(requestId, *user, "code=temp_fail", "temp", "reason=" + TEMP_REASON)
 
 
 def contLine(requestId: int, challenge: bytes) -> bytes:
@@ -347,7 +360,10 @@ class _Request:
     """
 
     command: AuthCommand
+    #: LOGIN's user name, once the client sent it.
     user: bytes | None = None
+    #: The login being checked (for the answer).
+    login: str | None = None
     waitingForClient: bool = False
     work: Deferred[Any] | None = None
     timer: IDelayedCall | None = None
@@ -584,6 +600,7 @@ class DovecotProtocol(LineReceiver):
             )
             return
         user, domain = split
+        request.login = login
         timer: RequestTimer[bool | None] = RequestTimer(self.framing, "auth", user, domain)
         work = timer.observe(
             self.context.authenticator.authenticate(
@@ -622,7 +639,9 @@ class DovecotProtocol(LineReceiver):
         elif result is None:
             self._tempFail(request)
         else:
-            self._answer(request, failLine(requestId))
+            # The protocol says user= "should always be sent if the userid is
+            # known"; Dovecot does.
+            self._answer(request, failLine(requestId, "user=" + login))
 
     def _workFailed(self, f: Failure, request: _Request) -> None:
         request.work = None
@@ -651,7 +670,7 @@ class DovecotProtocol(LineReceiver):
             )
             self._close()
             return
-        self._answer(request, tempFailLine(request.command.id))
+        self._answer(request, tempFailLine(request.command.id, request.login))
 
     # -- output and flow control ---------------------------------------------
     def _answer(self, request: _Request, line: bytes) -> None:
