@@ -497,6 +497,8 @@ class ExchangeTests(_Base, SynchronousTestCase):
 
     def test_unknownCommand(self) -> None:
         self.assertClosed(b"HELLO\tthere\n")
+        # Closed in order (answers already written still leave), not reset.
+        self.assertFalse(self.transport.disconnected)
 
     def test_unknownCommandNotLogged(self) -> None:
         """
@@ -633,6 +635,9 @@ class PostfixTests(_Base, SynchronousTestCase):
         self.fire(0, None)
         self.assertEqual(self.answers(), b"")
         self.assertTrue(self.transport.disconnecting)
+        # Reset, not closed: Postfix's next write on a closed TCP connection
+        # would succeed and its next login fail as well.
+        self.assertTrue(self.transport.disconnected)
 
     def test_deadlineCloses(self) -> None:
         self.send(b"AUTH\t1\tPLAIN\tservice=smtp\tresp=" + plain("alice@example.org", "pw") + b"\n")

@@ -230,17 +230,19 @@ class _PostfixBase:
             self.assertIn("PLAIN", smtp.esmtp_features.get("auth", ""))
             return smtp.docmd("AUTH", "PLAIN " + _plain(user, password))
 
-    def authLogin(self, user: str, password: str) -> tuple[int, bytes]:
+    def authLogin(self, user: str, password: str, rounds: bool = False) -> tuple[int, bytes]:
         """
-        AUTH LOGIN without an initial response: two 334 rounds.
+        AUTH LOGIN without an initial response: two 334 rounds (required with
+        C{rounds}; otherwise an answer to AUTH LOGIN itself is returned).
         """
         encode = lambda s: base64.b64encode(s.encode()).decode("ascii")  # noqa: E731
         self.secrets.append(encode(password))
         with smtplib.SMTP("127.0.0.1", self.postfix.port, timeout=30) as smtp:
             smtp.ehlo("client.example")
             code, prompt = smtp.docmd("AUTH", "LOGIN")
-            if code != 334:
+            if code != 334 and not rounds:
                 return code, prompt
+            self.assertEqual(code, 334, prompt)
             self.assertEqual(base64.b64decode(prompt), b"Username:")
             code, prompt = smtp.docmd(encode(user))
             self.assertEqual((code, base64.b64decode(prompt)), (334, b"Password:"))
@@ -272,6 +274,21 @@ class _PostfixBase:
         waitFor(lambda: "SASL LOGIN authentication failed" in self.postfix.logText(),
                 "Postfix to log the failed LOGIN", timeout=10)
 
+    def test_deadlineAndFaults(self) -> None:
+        """
+        A backend answer later than the deadline (2 s), a hanging backend and
+        a broken one are temporary failures (454); a login right after is
+        answered normally.
+        """
+        started = time.monotonic()
+        code, message = self.authPlain("slow5000-alice@example.org", "pa:ss w")
+        self.assertEqual(code, 454, message)
+        self.assertLess(time.monotonic() - started, 4.5)
+        self.assertEqual(self.authPlain("fault-hang@example.org", "pa:ss w")[0], 454)
+        self.assertEqual(self.authPlain("fault-500html@example.org", "pa:ss w")[0], 454)
+        self.assertEqual(self.authPlain("alice@example.org", "pa:ss w")[0], 235)
+        self.assertIn("dovecot request got no answer within 2.0 s", self.daemon.output())
+
     def test_backendDown(self) -> None:
         """
         454 (temporary) while the backend is down, and logins work again once
@@ -281,7 +298,9 @@ class _PostfixBase:
         self.nextcloud.stop()
         code, message = self.authPlain("alice@example.org", "pa:ss w")
         self.assertEqual(code, 454, message)
-        code, message = self.authLogin("bob@example.org", "bob's secret")
+        # The next login on the same smtpd gets through to xcauth (both LOGIN
+        # rounds): the reset connection does not fail it by itself.
+        code, message = self.authLogin("bob@example.org", "bob's secret", rounds=True)
         self.assertEqual(code, 454, message)
         # Back, on the same port: the same smtpd processes log in again.
         port = self.nextcloud.port

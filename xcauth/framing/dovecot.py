@@ -42,8 +42,8 @@ C{FAIL ID user=LOGIN code=temp_fail temp reason=...}.  Postfix (3.7, and the new
 C{xsasl_dovecot_server.c} sources read) ignores both flags and would tell the mail client 535, "wrong password"; it
 answers 454 "temporary failure" only when the connection to the auth server is
 lost.  So for a client of protocol 1.0 (Postfix announces C{VERSION 1 0}; it
-sends one request at a time per connection) a temporary failure closes the
-connection instead of answering.
+sends one request at a time per connection) a temporary failure resets the
+connection (TCP RST) instead of answering.
 
 A login C{user@domain} is split at its last C{@}; a login without C{@} takes
 the domain from the request's C{realm=} field, else from the configured
@@ -663,12 +663,16 @@ class DovecotProtocol(LineReceiver):
         if self._minor == 0:
             # Postfix reads any FAIL as "wrong password" (535); only a lost
             # connection makes it answer 454, "try again later".
+            # Aborted (a TCP reset), not closed: after a plain close Postfix's
+            # next write on the dead TCP connection would still succeed, its
+            # read see the end, and the next login fail too.  After a reset
+            # the write fails and Postfix reconnects at once.
             log.info(
                 "temporary failure via {framing}: closing the connection of a "
                 "protocol 1.0 client (Postfix) so that it fails temporarily",
                 framing=self.framing,
             )
-            self._close()
+            self._close(abort=True)
             return
         self._answer(request, tempFailLine(request.command.id, request.login))
 
@@ -713,13 +717,16 @@ class DovecotProtocol(LineReceiver):
     def lineLengthExceeded(self, line: bytes) -> None:
         self._protocolError(f"a line over {self.MAX_LENGTH} bytes")
 
-    def _close(self) -> None:
+    def _close(self, abort: bool = False) -> None:
         if self._closed:
             return
         self._closed = True
         self.pauseProducing()
         self.clearLineBuffer()
-        self.transport.loseConnection()
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
         self._cancelAll()
 
     def _cancelAll(self) -> None:
