@@ -697,6 +697,31 @@ class FlowControlTests(SynchronousTestCase):
         )
 
 
+class IsolationTests(SynchronousTestCase):
+    def test_otherConnectionsUnaffected(self) -> None:
+        """
+        A connection that breaks the protocol is closed; another connection
+        of the same listener, with a request in flight, carries on.
+        """
+        auth = ManualAuthenticator()
+        good, goodTransport, clock = connect(DovecotProtocol, auth)
+        good.context.defaultDomain = "example.org"
+        from twisted.internet.testing import StringTransport
+
+        bad = good.factory.buildProtocol(None)
+        badTransport = StringTransport()
+        bad.makeConnection(badTransport)
+        good.dataReceived(PROSODY_HELLO + b"AUTH\t1\tPLAIN\tservice=x\tresp=" + plain("alice", "pw") + b"\n")
+        bad.dataReceived(PROSODY_HELLO + b"AUTH\t1\tPLAIN\tservice=x\tresp=" + plain("bob", "pw") + b"\n")
+        bad.dataReceived(b"AUTH\t1\tPLAIN\tservice=x\n\xff\x00garbage\n")
+        self.assertTrue(badTransport.disconnecting)
+        bad.connectionLost(None)
+        self.assertEqual(auth.cancelled, [("bob", "example.org", "pw")])
+        self.assertFalse(goodTransport.disconnecting)
+        auth.calls[0][2].callback(True)
+        self.assertTrue(goodTransport.value().endswith(b"DONE\nOK\t1\tuser=alice\n"))
+
+
 class LoggingTests(SynchronousTestCase):
     def test_noSecretsLogged(self) -> None:
         """
