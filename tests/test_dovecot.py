@@ -551,6 +551,32 @@ class ExchangeTests(_Base, SynchronousTestCase):
         self.assertEqual(len(self.auth.cancelled), 2)
         self.assertEqual(self.answers(), b"")
 
+    def test_halfClose(self) -> None:
+        """
+        The client closes its side after its requests (socat, nc): the work
+        in flight is answered, then the connection closes; a request waiting
+        for a CONT is dropped.
+        """
+        self.send(b"AUTH\t1\tPLAIN\tservice=x\tresp=" + plain("alice", "pw") + b"\n")
+        self.send(b"AUTH\t2\tLOGIN\tservice=x\n")
+        self.answers()
+        self.protocol.readConnectionLost()
+        self.assertFalse(self.transport.disconnecting)
+        self.fire(0, True)
+        self.assertEqual(self.answers(), b"OK\t1\tuser=alice\n")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_halfCloseIdle(self) -> None:
+        self.protocol.readConnectionLost()
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_writeConnectionLost(self) -> None:
+        self.send(b"AUTH\t1\tPLAIN\tservice=x\tresp=" + plain("alice", "pw") + b"\n")
+        self.protocol.writeConnectionLost()
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(len(self.auth.cancelled), 1)
+
     def test_tooManyWaiting(self) -> None:
         """
         Requests left waiting for a CONT are bounded too: past the bound a

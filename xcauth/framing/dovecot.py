@@ -36,7 +36,9 @@ Dovecot's auth server (2.3.19) does:
    L{MAX_LINE} bytes.
 
 Several requests may be in flight on one connection; each is answered when
-its work completes (the ids tell the answers apart).  When the backend is
+its work completes (the ids tell the answers apart).  A client that closes its
+side (C{socat}, C{nc}) still gets the answers to the work in flight, then the
+connection closes.  When the backend is
 unavailable or misses the deadline the answer is a temporary failure,
 C{FAIL ID user=LOGIN code=temp_fail temp reason=...}.  Postfix (3.7, and the newer
 C{xsasl_dovecot_server.c} sources read) ignores both flags and would tell the mail client 535, "wrong password"; it
@@ -63,10 +65,11 @@ from typing import Any
 
 import attr
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from xcauth.framing.base import RequestTimer, ServerContext, printable
 
@@ -379,6 +382,7 @@ class _Request:
             self.timer = None
 
 
+@implementer(IHalfCloseableProtocol)
 class DovecotProtocol(LineReceiver):
     """
     A client of Dovecot's authentication protocol (Postfix, Prosody's
@@ -396,6 +400,8 @@ class DovecotProtocol(LineReceiver):
     _minor: int | None = None
     _cpid: int | None = None
     _closed = False
+    #: The client closed its side.
+    _eof = False
     _pausedForLoad = False
     #: Requests whose work (the authenticator) is in flight.
     _working = 0
@@ -632,6 +638,7 @@ class DovecotProtocol(LineReceiver):
         self._working -= 1
         if not self._current(request):
             self._checkLoad()
+            self._closeIfDone()
             return
         requestId = request.command.id
         if result is True:
@@ -648,6 +655,7 @@ class DovecotProtocol(LineReceiver):
         self._working -= 1
         if not self._current(request):
             self._checkLoad()
+            self._closeIfDone()
             return
         if f.check(CancelledError, TimeoutError):
             log.warn(
@@ -685,6 +693,7 @@ class DovecotProtocol(LineReceiver):
         request.stopWaiting()
         self.transport.write(line)
         self._checkLoad()
+        self._closeIfDone()
 
     def _busy(self) -> int:
         return self._working
@@ -736,6 +745,29 @@ class DovecotProtocol(LineReceiver):
         self._requests.clear()
         for d in pending:
             d.cancel()
+
+    def readConnectionLost(self) -> None:
+        """
+        The client closed its side (C{socat}, C{nc} after a pasted session):
+        answer the requests being worked on, then close.  Requests waiting for
+        a C{CONT} can get none and are dropped.
+        """
+        self._eof = True
+        for requestId, request in list(self._requests.items()):
+            if request.work is None:
+                request.stopWaiting()
+                del self._requests[requestId]
+        self._closeIfDone()
+
+    def writeConnectionLost(self) -> None:
+        """
+        Nobody reads the answers any more: give up.
+        """
+        self._close()
+
+    def _closeIfDone(self) -> None:
+        if self._eof and not self._working:
+            self._close()
 
     def connectionLost(self, reason: Any = None) -> None:
         self._closed = True
