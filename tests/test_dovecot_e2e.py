@@ -48,6 +48,14 @@ HOST = "example.org"
 PASSWORDS = ["pa:ss w", "pässwörd", "wrong-Passw0rd", "bob's secret"]
 
 
+#: The check by hand the README shows (password "pa:ss w").
+CHECK_BY_HAND = (
+    "printf 'VERSION\\t1\\t1\\nCPID\\t1\\nAUTH\\t1\\tPLAIN\\tservice=smtp\\tresp=%s\\n' "
+    "\"$(printf '\\0alice@example.org\\0pa:ss w' | base64)\" "
+    "| socat - UNIX-CONNECT:/run/xcauth/dovecot-auth"
+)
+
+
 def _scripted(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """
     Run a Postfix command with a pseudo-terminal as its standard error: only
@@ -552,6 +560,13 @@ class SystemdDovecotSocketsTests(TestCase):
                 self.assertEqual(lines[0], b"VERSION\t1\t2")
                 self.assertIn(b"DONE", lines)
                 self.assertEqual(lines[-2:], [b"OK\t1\tuser=alice@example.org", b""])
+        # The README's check by hand, with Debian's socat.
+        if shutil.which("socat"):
+            command = CHECK_BY_HAND.replace("/run/xcauth/dovecot-auth", unixPath)
+            result = subprocess.run(["sh", "-c", command], capture_output=True, timeout=30)
+            self.assertTrue(
+                result.stdout.endswith(b"DONE\nOK\t1\tuser=alice@example.org\n"), result
+            )
         log = p.daemonOutput()
         self.assertIn("listening: dovecot=systemd:domain=UNIX:name=dovecot", log)
         self.assertIn("listening: dovecot=systemd:domain=INET:name=dovecot-tcp", log)
