@@ -308,7 +308,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "type", "type", "generic",
         "Framing of listeners that do not name one: prosody, generic, ejabberd, "
-        "ejabberd-line, saslauthd, postfix.",
+        "ejabberd-line, saslauthd, postfix, dovecot.",
         short="t",
     ),
     Setting(
@@ -470,6 +470,11 @@ SETTINGS: tuple[Setting, ...] = (
         lambda name, text: parseRounds(text),
     ),
     Setting(
+        "dovecot-default-domain", "dovecotDefaultDomain", None,
+        "Domain of dovecot-framing logins that name none (no @ and no realm=), such "
+        "as Prosody's mod_auth_dovecot sends; without it they fail.",
+    ),
+    Setting(
         "roster-sync", "rosterSync", None,
         "Sync the Nextcloud groups a user shares to ejabberd shared roster groups "
         "(and display names to vCard full names) after each login: none, http "
@@ -536,6 +541,7 @@ class Config:
     cacheVerificationTTL: float
     cacheUnreachableTTL: float
     bcryptRounds: tuple[int, int]
+    dovecotDefaultDomain: str | None
     rosterSync: str
     rosterApiURL: str | None
     ejabberdctl: str | None

@@ -345,6 +345,7 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         maxInFlight=config.maxInFlight,
         debug=config.debug,
         logRequests=config.logRequests,
+        defaultDomain=config.dovecotDefaultDomain,
     )
     return Hub(
         context, domains, store, dbWorker, hashWorker, cache, pool, rosterSync, rosterRunner,

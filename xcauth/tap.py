@@ -57,7 +57,7 @@ class Options(ConfigOptions):
         endpoint (tcp:PORT:interface=127.0.0.1, tcp6:...,
         unix:/path:mode=660[:group=NAME], systemd:domain=INET:name=NAME,
         ssl:...). FRAMING is prosody, generic, ejabberd, ejabberd-line,
-        saslauthd, postfix; without it, --type (or a systemd descriptor named
+        saslauthd, postfix, dovecot; without it, --type (or a systemd descriptor named
         after a framing). Replaces the config file's listen entries.
         """
         self["listen"].append(entry)

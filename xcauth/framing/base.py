@@ -41,6 +41,8 @@ class ServerContext:
     @ivar debug: log every request's details at debug level too.
     @ivar logRequests: which requests get their info line: C{all},
         C{failures} (every answer but a yes) or C{none}.
+    @ivar defaultDomain: the domain of logins that name none (the C{dovecot}
+        framing's C{dovecot-default-domain}); C{None}: such logins fail.
     """
 
     authenticator: IAuthenticator
@@ -49,6 +51,7 @@ class ServerContext:
     maxInFlight: int = 64
     debug: bool = False
     logRequests: str = "all"
+    defaultDomain: str | None = None
     _deadlines: Deadlines | None = attr.ib(default=None, init=False, repr=False, eq=False)
 
     def watchDeadline(self, d: Deferred[T]) -> Deferred[T]:

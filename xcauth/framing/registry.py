@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from xcauth.framing.base import ServerContext
+from xcauth.framing.dovecot import DovecotProtocol
 from xcauth.framing.ejabberd import EjabberdAutoProtocol, EjabberdProtocol
 from xcauth.framing.lines import EjabberdLineProtocol, XMPPLineProtocol
 from xcauth.framing.postfix import PostfixProtocol
@@ -22,6 +23,7 @@ FRAMINGS: dict[str, Callable[[ServerContext], Any]] = {
     "ejabberd-line": EjabberdLineProtocol,
     "saslauthd": SaslauthdProtocol,
     "postfix": PostfixProtocol,
+    "dovecot": DovecotProtocol,
 }
 
 #: Protocol classes for stdin/stdout, where the framing is known: an ejabberd
