@@ -11,7 +11,8 @@ password is accepted
  - when the backend is unavailable, if the last verification is younger than
    the unreachable TTL.
 
-A backend C{success} refreshes the entry, C{noauth} evicts it.  Storage is a
+A backend C{success} refreshes the entry; C{noauth} for the cached password
+evicts it (a wrong guess by someone else leaves it alone).  Storage is a
 dict (L{MemoryStorage}) or the C{authcache} table (L{DatabaseStorage}).  bcrypt
 runs in the hashing worker threads, never on the reactor thread, and at most
 one hash is made at a time for one user and password.
@@ -314,8 +315,20 @@ class CredentialCache:
             self._remember(jid, password, now, entry if matched else None)
             return True
         if outcome is Outcome.NO:
-            if entry is not None or jid in self._hashing:
-                self.evict(jid)
+            # The refused password stops working at once if it is the cached
+            # one (the password was changed); someone else's wrong guess
+            # leaves the real user's entry alone.
+            key = self.passwordKey(password)
+            hashing = self._hashing.get(jid)
+            if hashing is not None and key in hashing:
+                del hashing[key]  # a hash of it being made is not stored
+                if not hashing:
+                    del self._hashing[jid]
+            if entry is not None:
+                if matched is None:
+                    matched = await self._matches(jid, entry, password)
+                if matched:
+                    self.evict(jid)
             return False
         if entry is None or now - entry.remoteAuth >= self.policy.unreachableTTL:
             return None
