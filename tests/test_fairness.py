@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -189,3 +190,41 @@ class InvalidRequestTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         self.assertEqual(transport.value(), b"500 No such user\n" * (limit + 10))
         self.assertEqual([e for e in events if e["log_level"] >= LogLevel.info], [])
+
+
+class ConnectionLimitTests(SynchronousTestCase):
+    def test_limit(self) -> None:
+        """
+        Past C{maxConnections} open connections a listener closes new ones
+        at once (one warning a minute); once one closes, it accepts again.
+        """
+        from xcauth.framing.base import ServerContext, XcauthFactory
+
+        clock = Clock()
+        context = ServerContext(authenticator=TableAuthenticator(USERS), clock=clock)
+        factory = XcauthFactory(XMPPLineProtocol, context, maxConnections=2)
+        connections = []
+        with capturedLogs() as events:
+            for _ in range(2):
+                p = factory.buildProtocol(None)
+                t = StringTransport()
+                p.makeConnection(t)
+                connections.append((p, t))
+            self.assertIsNone(factory.buildProtocol(None))
+            self.assertIsNone(factory.buildProtocol(None))
+        self.assertEqual(len([e for e in events if e["log_level"] == LogLevel.warn]), 1)
+        connections[0][1].disconnected = True
+        self.assertIsNotNone(factory.buildProtocol(None))
+
+    def test_automaticLimit(self) -> None:
+        """
+        With C{max-connections=auto} the listeners share what the descriptor
+        limit leaves after the backend's requests and a reserve.
+        """
+        from xcauth.listen import RESERVED_DESCRIPTORS, backendRequestLimit, connectionLimit
+
+        self.assertEqual(connectionLimit(100, 3, 1024), 100)
+        self.assertEqual(backendRequestLimit(1024), 256)
+        self.assertEqual(connectionLimit(None, 2, 1024), (1024 - 256 - RESERVED_DESCRIPTORS) // 2)
+        self.assertEqual(backendRequestLimit(65536), 512)
+        self.assertGreater(connectionLimit(None, 12, 65536), 5000)

@@ -435,6 +435,14 @@ SETTINGS: tuple[Setting, ...] = (
         _choice(LOG_REQUESTS),
     ),
     Setting(
+        "max-connections", "maxConnections", "auto",
+        "Connections open at once per listener; past it new ones are closed at once "
+        "(with one log line a minute). auto: what the file descriptor limit "
+        "(ulimit -n, systemd's LimitNOFILE=) leaves after the backend's connections, "
+        "shared among the listeners.",
+        lambda name, text: None if text == "auto" else _count(name, text),
+    ),
+    Setting(
         "db", "db", "/var/lib/xcauth/xcauth.sqlite3",
         "The state database (SQLite): per-domain settings and the persistent "
         "credential cache.",
@@ -535,6 +543,7 @@ class Config:
     timeout: tuple[float, float]
     deadline: float
     maxInFlight: int
+    maxConnections: int | None
     db: str
     cacheStorage: str
     cacheQueryTTL: float

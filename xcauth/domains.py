@@ -161,8 +161,10 @@ class DomainTable:
 
     def refresh(self) -> Deferred[None]:
         """
-        Read the table once and apply changes.
+        Read the table once and apply changes (first checking that the
+        database file is still the one in use).
         """
+        self._db.checkFile()
         d = self._db.run(store.listDomains)
         return d.addCallbacks(self.apply, self._failed).addBoth(self._markLoaded)
 

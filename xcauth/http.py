@@ -22,10 +22,13 @@ misconfigured, and the caller says so.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from typing import Any
 
 import attr
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -33,8 +36,13 @@ from twisted.internet.defer import (
     TimeoutError,
     succeed,
 )
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import IConsumer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -136,17 +144,31 @@ class _Endpoints:
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            if uri.scheme not in (b"http", b"https"):
-                raise SchemeNotSupported(f"unsupported scheme {uri.scheme!r}")
+        known = self._endpoints.get(key)
+        if known is not None:
+            return known
+        if uri.scheme not in (b"http", b"https"):
+            raise SchemeNotSupported(f"unsupported scheme {uri.scheme!r}")
+        host = uri.host.decode("ascii")
+        endpoint: IStreamClientEndpoint
+        if isIPAddress(host):
+            # No name resolution for an address (HostnameEndpoint would
+            # still ask getaddrinfo, in a thread, for every connection).
+            endpoint = TCP4ClientEndpoint(
+                self._reactor, host, uri.port, timeout=self._connectTimeout
+            )
+        elif isIPv6Address(host):
+            endpoint = TCP6ClientEndpoint(
+                self._reactor, host, uri.port, timeout=self._connectTimeout
+            )
+        else:
             endpoint = HostnameEndpoint(
                 self._reactor, uri.host, uri.port, timeout=self._connectTimeout
             )
-            if uri.scheme == b"https":
-                creator = self._tlsPolicy.creatorForNetloc(uri.host, uri.port)
-                endpoint = wrapClientTLS(creator, endpoint)
-            self._endpoints[key] = endpoint
+        if uri.scheme == b"https":
+            creator = self._tlsPolicy.creatorForNetloc(uri.host, uri.port)
+            endpoint = wrapClientTLS(creator, endpoint)
+        self._endpoints[key] = endpoint
         return endpoint
 
 
@@ -343,7 +365,7 @@ class HTTPRequester:
         """
         turn: Deferred[Any] = self._turns.acquire()
         turn.addCallback(self._start, _Request(method, url, headers, body, maxBody))
-        turn.addErrback(self._unavailable)
+        turn.addErrback(self._unavailable, url)
         return turn
 
     def _start(self, _: object, r: _Request) -> Deferred[Answer]:
@@ -391,11 +413,15 @@ class HTTPRequester:
             lambda body: Answer(response.code, response.headers, body)
         )
 
-    def _unavailable(self, f: Failure) -> Failure:
+    def _unavailable(self, f: Failure, url: bytes) -> Failure:
         if f.check(BackendUnavailable, CancelledError):
             return f
         if f.check(TimeoutError):
             reason = f"no answer within {self.timeout:g} s"
+            if url.startswith(b"https:"):
+                # A plain-HTTP server waits for a request line that a TLS
+                # handshake never sends: both sides wait until this limit.
+                reason += " (if that port speaks plain HTTP, the TLS handshake never completes: check the url's scheme)"
         else:
             reason = describeFailure(f)
         return Failure(BackendUnavailable(reason))
@@ -429,12 +455,26 @@ def describeFailure(f: Failure) -> str:
         if any("WRONG_VERSION_NUMBER" in t or "wrong version number" in t for t in texts):
             return "TLS handshake failed: the server does not speak TLS (is the url http://?)"
         return "; ".join(texts)
+    if "Too many open files" in str(value) or _outOfDescriptors():
+        return "out of file descriptors (raise LimitNOFILE, or lower max-connections)"
     if isinstance(value, DNSLookupError):
         return f"cannot resolve the host name: {value}"[:300]
-    if isinstance(value, ConnectError) and "Too many open files" in str(value):
-        return "out of file descriptors (raise LimitNOFILE or lower max-backend-requests)"
     text = str(value) or type(value).__name__
     return f"{type(value).__name__}: {text}"[:300]
+
+
+def _outOfDescriptors() -> bool:
+    """
+    Whether this process is at its file descriptor limit (a failure to
+    connect or resolve is then that, whatever it says).
+    """
+    import resource
+
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return len(os.listdir("/proc/self/fd")) >= soft - 2
+    except OSError as e:
+        return e.errno == errno.EMFILE
 
 
 def parseJSON(body: bytes) -> Any:

@@ -29,6 +29,7 @@ from xcauth.http import HTTPRequester, makeAgent
 from xcauth.interfaces import BackendUnavailable, IBackendClient
 from xcauth.jsxc import JSXCClient
 from xcauth.keys import PasswordKeys
+from xcauth.listen import backendRequestLimit, descriptorLimit
 from xcauth.ocs import OCSClient, StartupRefused
 from xcauth.penalty import PenaltyBox, PenaltyPolicy
 from xcauth.roster import ICommandRunner, RosterSync
@@ -178,7 +179,12 @@ class Hub(Service):
             self.watches.stop()
         self.watches = ThrottleWatches()
         makeClient = clientFactory(
-            HTTPRequester(self.agent, self.reactor, timeout=config.totalTimeout),
+            HTTPRequester(
+                self.agent,
+                self.reactor,
+                timeout=config.totalTimeout,
+                maxRequests=backendRequestLimit(descriptorLimit()),
+            ),
             self.reactor,
             config,
             self.watches,
@@ -289,7 +295,15 @@ def buildHub(config: Config, reactor: Any) -> Hub:
     agent, pool = makeAgent(reactor, connectTimeout=config.connectTimeout)
     watches = ThrottleWatches()
     makeClient = clientFactory(
-        HTTPRequester(agent, reactor, timeout=config.totalTimeout), reactor, config, watches
+        HTTPRequester(
+            agent,
+            reactor,
+            timeout=config.totalTimeout,
+            maxRequests=backendRequestLimit(descriptorLimit()),
+        ),
+        reactor,
+        config,
+        watches,
     )
     spec = globalSpec(config)
     globalClient = makeClient(spec, False)

@@ -45,6 +45,43 @@ class Listener:
         return f"{self.framing}={self.entry}"
 
 
+#: File descriptors kept for everything but client connections and backend
+#: requests: the database, log files, the bcrypt threads' pipes, systemd's.
+RESERVED_DESCRIPTORS = 64
+
+
+def descriptorLimit() -> int:
+    """
+    The process's soft limit of open file descriptors.
+    """
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def backendRequestLimit(descriptors: int) -> int:
+    """
+    Backend requests in flight at most (each holds a connection): a quarter
+    of the file descriptors, at most L{xcauth.http.DEFAULT_MAX_REQUESTS}.
+    """
+    from xcauth.http import DEFAULT_MAX_REQUESTS
+
+    return max(8, min(DEFAULT_MAX_REQUESTS, descriptors // 4))
+
+
+def connectionLimit(configured: int | None, listeners: int, descriptors: int) -> int:
+    """
+    The connections each listener accepts at once: C{configured}, or what the
+    file descriptor limit leaves after the backend's requests and
+    L{RESERVED_DESCRIPTORS}, shared among the listeners.
+    """
+    if configured is not None:
+        return configured
+    spare = descriptors - backendRequestLimit(descriptors) - RESERVED_DESCRIPTORS
+    return max(8, spare // max(listeners, 1))
+
+
 def parseListener(entry: str, defaultFraming: str) -> Listener:
     """
     Parse and check one C{[FRAMING=]ENDPOINT} entry.

@@ -19,7 +19,14 @@ from xcauth.drain import drainConnections
 from xcauth.framing.base import XcauthFactory
 from xcauth.framing.registry import FRAMINGS
 from xcauth.hub import Hub
-from xcauth.listen import Listener, groupID, listenerService, unixSocketPath
+from xcauth.listen import (
+    Listener,
+    connectionLimit,
+    descriptorLimit,
+    groupID,
+    listenerService,
+    unixSocketPath,
+)
 
 log = Logger()
 
@@ -44,7 +51,12 @@ class XcauthService(MultiService):
         #: UNIX sockets to give to a group once they listen.
         self.socketGroups = [listener for listener in listeners if listener.group]
         for listener in listeners:
-            factory = XcauthFactory(FRAMINGS[listener.framing], hub.context)
+            factory = XcauthFactory(
+                FRAMINGS[listener.framing],
+                hub.context,
+                connectionLimit(hub.config.maxConnections if hub.config else None,
+                                len(listeners), descriptorLimit()),
+            )
             self.factories.append(factory)
             svc = listenerService(listener, factory, reactor)
             svc.setServiceParent(self)

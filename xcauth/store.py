@@ -176,6 +176,34 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         _retryBusy(lambda: conn.execute("COMMIT"))
 
 
+#: The mode of the database and its side files: they hold password hashes and
+#: the domains' API secrets.
+FILE_MODE = 0o600
+
+
+def protect(path: str) -> None:
+    """
+    Create C{path} with mode L{FILE_MODE} if it does not exist, whatever the
+    umask, and take the group's and others' access away from it and its
+    C{-wal} and C{-shm} files if they have any (SQLite gives the side files
+    the database file's mode).  The group may keep read access (0640, the
+    service's group); others never.
+    """
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
+    except FileExistsError:
+        pass
+    except OSError:
+        return  # sqlite3 says what is wrong
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            mode = os.stat(name).st_mode & 0o777
+            if mode & 0o037:
+                os.chmod(name, mode & 0o740)
+        except OSError:
+            pass
+
+
 def connect(path: str, create: bool = True) -> sqlite3.Connection:
     """
     Open the database at C{path} and bring its schema up to date.
@@ -186,6 +214,7 @@ def connect(path: str, create: bool = True) -> sqlite3.Connection:
     """
     if not create and not os.path.exists(path):
         raise NoDatabase(path)
+    protect(path)
     try:
         conn = sqlite3.connect(
             path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
@@ -545,6 +574,36 @@ class Store:
         self._worker = worker
         self._create = create
         self._conn: sqlite3.Connection | None = None
+        # The file (device, inode) the connection was opened on.
+        self._opened: tuple[int, int] | None = None
+
+    def checkFile(self) -> Deferred[None] | None:
+        """
+        If the file the connection uses was deleted or replaced while running
+        (what was written since would be lost with the connection), say so and
+        open the file at C{path} again (created anew if the cache lives in
+        it).  Cheap: one C{stat}, on the calling (reactor) thread.
+        """
+        opened = self._opened
+        if opened is None:
+            return None
+        try:
+            st = os.stat(self.path)
+            now: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except OSError:
+            now = None
+        if now == opened:
+            return None
+        self._opened = None
+        log.warn(
+            "the state database {path} was {what} while xcauth runs: opening it "
+            "again{created}",
+            path=self.path,
+            what="deleted" if now is None else "replaced",
+            created=" (a new, empty one)" if now is None and self._create else "",
+        )
+        d: Deferred[None] = self._worker.run(self._close)
+        return d
 
     def run(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
         """
@@ -556,6 +615,8 @@ class Store:
     def _call(self, f: Callable[..., T], *args: Any) -> T:
         if self._conn is None:
             self._conn = connect(self.path, self._create)
+            st = os.stat(self.path)
+            self._opened = (st.st_dev, st.st_ino)
         conn = self._conn
         return _retryBusy(lambda: f(conn, *args))
 

@@ -80,18 +80,50 @@ class XcauthFactory(Factory):
     # Factory declares it optional; here it is always given.
     protocol: Callable[[ServerContext], Any]
 
-    def __init__(self, protocol: Callable[[ServerContext], Any], context: ServerContext) -> None:
+    #: Seconds between two log lines saying that the connection limit is reached.
+    LIMIT_LOG_INTERVAL = 60.0
+
+    def __init__(
+        self,
+        protocol: Callable[[ServerContext], Any],
+        context: ServerContext,
+        maxConnections: int | None = None,
+    ) -> None:
         self.protocol = protocol
         self.context = context
+        #: Open connections at most (below the process's file descriptor
+        #: limit, so that the backend's connections and the database still
+        #: get theirs); past it new connections are closed at once.
+        self.maxConnections = maxConnections
         #: The connections built here (weakly held: closed ones drop out), for
         #: answering what is in flight at a stop (L{xcauth.drain}).
         self.connections: WeakSet[Any] = WeakSet()
+        self._limitLoggedAt: float | None = None
 
     def buildProtocol(self, addr: Any) -> Any:
+        limit = self.maxConnections
+        if limit is not None and len(self.connections) >= limit and self._full(limit):
+            return None
         p = self.protocol(self.context)
         p.factory = self
         self.connections.add(p)
         return p
+
+    def _full(self, limit: int) -> bool:
+        # Closed connections may linger in the weak set until the garbage
+        # collector frees them: count the open ones.
+        open = sum(1 for c in list(self.connections) if not _closed(c))
+        if open < limit:
+            return False
+        now = self.context.clock.seconds()
+        if self._limitLoggedAt is None or now - self._limitLoggedAt >= self.LIMIT_LOG_INTERVAL:
+            self._limitLoggedAt = now
+            log.warn(
+                "{limit} connections open on this listener (max-connections): new "
+                "connections are closed until some close",
+                limit=limit,
+            )
+        return True
 
 
 class _Slot:
@@ -417,3 +449,8 @@ def _describeResult(result: object) -> str:
     if isinstance(result, bytes):
         return f"{len(result)} bytes"
     return str(result)
+
+
+def _closed(connection: Any) -> bool:
+    transport = getattr(connection, "transport", None)
+    return transport is not None and bool(getattr(transport, "disconnected", False))
