@@ -584,6 +584,8 @@ class ExchangeTests(_Base, SynchronousTestCase):
         """
         limit = dovecot.MAX_OPEN_FACTOR * self.protocol.context.maxInFlight
         self.send(b"".join(b"AUTH\t%d\tLOGIN\tservice=smtp\n" % n for n in range(1, limit + 1)))
+        # A share of the lines per reactor turn: let the turns pass.
+        self.clock.advance(0)
         self.answers()
         self.send(b"AUTH\t999999\tLOGIN\tservice=smtp\n")
         self.assertEqual(
@@ -930,3 +932,27 @@ class WiringTests(SynchronousTestCase):
             PROSODY_HELLO + b"AUTH\t1\tPLAIN\tservice=x\tresp=" + plain("a@example.org", "p") + b"\n"
         )
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class DovecotFairnessTests(SynchronousTestCase):
+    def test_sharePerTurn(self) -> None:
+        """
+        One read holding many requests is worked through 32 lines per reactor
+        turn, like the other framings.
+        """
+        from tests.test_fairness import turn
+
+        auth = ManualAuthenticator()
+        protocol, transport, clock = connect(DovecotProtocol, auth, maxInFlight=500)
+        protocol.dataReceived(b"VERSION\t1\t2\nCPID\t1\n")
+        lines = b"".join(
+            b"AUTH\t%d\tPLAIN\tservice=x\tresp=" % n + plain("alice@example.org", "pw") + b"\n"
+            for n in range(1, 101)
+        )
+        protocol.dataReceived(lines)
+        self.assertEqual(len(auth.calls), 32)
+        turn(clock)
+        self.assertEqual(len(auth.calls), 64)
+        for _ in range(5):
+            turn(clock)
+        self.assertEqual(len(auth.calls), 100)

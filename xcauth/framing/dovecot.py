@@ -427,6 +427,7 @@ class DovecotProtocol(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         if self._closed:
             return
+        self._countLine()
         if line.endswith(b"\r"):
             # Dovecot's line reader accepts CRLF too.
             line = line[:-1]
@@ -716,8 +717,28 @@ class DovecotProtocol(LineReceiver):
             self.context.clock.callLater(0, self._resumeReading)
 
     def _resumeReading(self) -> None:
+        self._pausedForTurn = False
         if not (self._closed or self._pausedForLoad):
+            self._turnLines = 0
             self.resumeProducing()
+
+    # Fairness, as for the other framings (OrderedAnswers.MAX_PER_TURN): at
+    # most this many lines of one connection per reactor turn.
+    MAX_PER_TURN = 32
+    _turnLines = 0
+    _pausedForTurn = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self._turnLines = 0
+        super().dataReceived(data)
+
+    def _countLine(self) -> None:
+        self._turnLines += 1
+        if self._turnLines >= self.MAX_PER_TURN and not self._pausedForTurn:
+            self._pausedForTurn = True
+            if not self._pausedForLoad:
+                self.pauseProducing()
+            self.context.clock.callLater(0, self._resumeReading)
 
     def _protocolError(self, reason: str) -> None:
         log.warn(
