@@ -45,6 +45,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import IConsumer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 # What a POST gets from a pooled connection that died while idle (the server
@@ -74,7 +75,10 @@ from twisted.web.iweb import (
 from zope.interface import implementer
 
 from xcauth.deadlines import Deadlines
-from xcauth.interfaces import BackendUnavailable
+from xcauth.interfaces import BackendUnavailable, Outcome
+from xcauth.text import printable
+
+log = Logger()
 
 #: Requests to the backends in flight at once, overall; more wait for a turn.
 #: Each holds one connection (a file descriptor) for as long as Nextcloud
@@ -441,6 +445,34 @@ def _cancelled(f: Failure) -> bool:
     if f.check(CancelledError):
         return True
     return any(r.check(CancelledError) for r in getattr(f.value, "reasons", None) or [])
+
+
+def unavailableOutcome(f: Failure, what: str, user: str, domain: str) -> Outcome:
+    """
+    The errback of a backend client's answer: a request the backend gave no
+    usable answer to is L{Outcome.UNAVAILABLE}, with a warning saying why
+    (anything unexpected is logged with its traceback); a cancellation goes
+    on as it is.
+    """
+    f.trap(Exception)
+    if f.check(CancelledError):
+        f.raiseException()
+    if f.check(BackendUnavailable):
+        log.warn(
+            "Nextcloud backend unavailable for {what} of {user}@{domain}: {reason}",
+            what=what,
+            user=printable(user),
+            domain=printable(domain),
+            reason=str(f.value),
+        )
+    else:
+        log.failure(
+            "Unexpected error talking to Nextcloud for {user}@{domain}",
+            f,
+            user=printable(user),
+            domain=printable(domain),
+        )
+    return Outcome.UNAVAILABLE
 
 
 def describeFailure(f: Failure) -> str:

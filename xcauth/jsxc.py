@@ -17,16 +17,14 @@ from typing import Any
 from urllib.parse import quote
 
 from hyperlink import URL
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from xcauth.config import validateURL
-from xcauth.http import Answer, HTTPRequester, parseJSON
+from xcauth.http import Answer, HTTPRequester, parseJSON, unavailableOutcome
 from xcauth.interfaces import BackendUnavailable, IBackendClient, Outcome, RosterEntry
-from xcauth.text import printable
 
 log = Logger()
 
@@ -157,30 +155,8 @@ class JSXCClient:
         domain: str,
     ) -> Deferred[Outcome]:
         d.addCallback(interpret)
-        d.addErrback(self._logUnavailable, "request", user, domain, Outcome.UNAVAILABLE)
+        d.addErrback(unavailableOutcome, "request", user, domain)
         return d
-
-    def _logUnavailable(
-        self, f: Failure, what: str, user: str, domain: str, answer: Any
-    ) -> Any:
-        if f.check(BackendUnavailable):
-            log.warn(
-                "Nextcloud backend unavailable for {what} of {user}@{domain}: {reason}",
-                what=what,
-                user=printable(user),
-                domain=printable(domain),
-                reason=str(f.value),
-            )
-        elif f.check(CancelledError):
-            return f
-        else:
-            log.failure(
-                "Unexpected error talking to Nextcloud for {user}@{domain}",
-                f,
-                user=printable(user),
-                domain=printable(domain),
-            )
-        return answer
 
 
 def _authAnswer(parsed: Any) -> Outcome:

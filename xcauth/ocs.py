@@ -30,7 +30,7 @@ from urllib.parse import quote
 
 import attr
 from hyperlink import URL
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,7 +38,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from xcauth.config import validateURL
-from xcauth.http import Answer, HTTPRequester, parseJSON
+from xcauth.http import Answer, HTTPRequester, parseJSON, unavailableOutcome
 from xcauth.interfaces import BackendUnavailable, IBackendClient, Outcome, RosterEntry
 from xcauth.text import printable
 
@@ -196,7 +196,7 @@ class OCSClient:
         started = self._clock.seconds() if self._clock is not None else 0.0
         d: Deferred[Any] = self._get("/ocs/v2.php/cloud/user", basicAuth(login, password))
         d.addCallback(self._authAnswer, login, password, started)
-        d.addErrback(self._unavailable, "auth", user, domain)
+        d.addErrback(unavailableOutcome, "auth", user, domain)
         return d
 
     def _authAnswer(self, answer: Answer, login: str, password: str,
@@ -257,7 +257,7 @@ class OCSClient:
         login = self.login(user, domain)
         d: Deferred[Any] = self._get("/ocs/v2.php/cloud/users/" + quote(login, safe=""), self._serviceAuth)
         d.addCallback(self._isUserAnswer, login)
-        d.addErrback(self._unavailable, "isuser", user, domain)
+        d.addErrback(unavailableOutcome, "isuser", user, domain)
         return d
 
     def _isUserAnswer(self, answer: Answer, login: str) -> Outcome | Deferred[Outcome]:
@@ -278,12 +278,7 @@ class OCSClient:
         def found(answer: Answer) -> Outcome:
             if answer.code != 200:
                 raise _unexpected(answer)
-            data = _ocsData(answer)
-            users = data.get("users") if isinstance(data, dict) else None
-            if isinstance(users, list):
-                users = {}
-            if not isinstance(users, dict):
-                raise BackendUnavailable("unexpected users/details answer")
+            users = _usersOf(answer, "users/details")
             wanted = login.lower()
             for entry in users.values():
                 if isinstance(entry, dict) and str(entry.get("email") or "").lower() == wanted:
@@ -321,12 +316,7 @@ class OCSClient:
     def _membersAnswer(self, answer: Answer) -> dict[str, str]:
         if answer.code != 200:
             raise _unexpected(answer)
-        data = _ocsData(answer)
-        users = data.get("users") if isinstance(data, dict) else None
-        if isinstance(users, list):
-            users = {}
-        if not isinstance(users, dict):
-            raise BackendUnavailable("unexpected group members answer")
+        users = _usersOf(answer, "group members")
         names = {}
         for uid, entry in users.items():
             display = entry.get("displayname") if isinstance(entry, dict) else None
@@ -415,29 +405,23 @@ class OCSClient:
 
     # -- failures ----------------------------------------------------------------
 
-    def _unavailable(self, f: Failure, what: str, user: str, domain: str) -> Any:
-        if f.check(CancelledError):
-            return f
-        if f.check(BackendUnavailable):
-            log.warn(
-                "Nextcloud backend unavailable for {what} of {user}@{domain}: {reason}",
-                what=what,
-                user=printable(user),
-                domain=printable(domain),
-                reason=str(f.value),
-            )
-        else:
-            log.failure(
-                "Unexpected error talking to Nextcloud for {user}@{domain}",
-                f,
-                user=printable(user),
-                domain=printable(domain),
-            )
-        return Outcome.UNAVAILABLE
-
 
 def noCheck() -> Deferred[None]:
     """
     A start-up check that has nothing to check (the JSXC backend).
     """
     return succeed(None)
+
+
+def _usersOf(answer: Answer, what: str) -> dict[str, Any]:
+    """
+    The C{users} object of an OCS answer listing users (PHP encodes an empty
+    one as C{[]}).
+    """
+    data = _ocsData(answer)
+    users = data.get("users") if isinstance(data, dict) else None
+    if isinstance(users, list) and not users:
+        return {}
+    if not isinstance(users, dict):
+        raise BackendUnavailable(f"unexpected {what} answer")
+    return users

@@ -62,6 +62,7 @@ from zope.interface import Interface, implementer
 
 from xcauth.interfaces import BackendUnavailable, RosterEntry
 from xcauth.rosterstore import RosterInfo, RosterState, groupKey
+from xcauth.store import whenFired
 
 log = Logger()
 
@@ -437,7 +438,7 @@ class EjabberdctlRunner:
         Wait until the processes started have ended (those timed out or
         cancelled were killed).
         """
-        waiting = [_settled(d) for d in self._processes]
+        waiting = [whenFired(d) for d in self._processes]
         return DeferredList(waiting).addCallback(lambda _: None)
 
     def run(self, command: Command) -> Deferred[list[str]]:
@@ -693,7 +694,7 @@ class RosterSync:
         log.info("waiting for {count} roster syncs", count=len(running))
         done: Deferred[None] = Deferred()
         waiting = DeferredList(
-            [_settled(d) for d in running], consumeErrors=True
+            [whenFired(d) for d in running], consumeErrors=True
         )
 
         def timeUp() -> None:
@@ -827,21 +828,6 @@ class RosterSync:
                 await self._run(report, srgUserDel(user, domain, group, domain))
                 await self._state.removeGroupMember(groupKey(group, domain), jid)
         await self._state.setSynced(jid, loginGroups, answerHash, self._clock.seconds())
-
-
-def _settled(d: Deferred[Any]) -> Deferred[None]:
-    """
-    A Deferred firing with C{None} when C{d} has fired, leaving C{d}'s result
-    to its other callbacks.
-    """
-    waiter: Deferred[None] = Deferred()
-
-    def fire(result: Any) -> Any:
-        waiter.callback(None)
-        return result
-
-    d.addBoth(fire)
-    return waiter
 
 
 async def describeSync(sync: RosterSync, user: str, domain: str) -> str | None:

@@ -309,15 +309,8 @@ class OrderedAnswers:
         self._fillSlot(slot, answer)
 
     def _requestFailed(self, f: Failure, slot: _Slot, fallback: bytes) -> None:
-        if f.check(CancelledError, TimeoutError):
-            if not self._lost:
-                log.warn(
-                    "{framing} request got no answer within {deadline} s",
-                    framing=self.framing,
-                    deadline=self.context.deadline,
-                )
-        else:
-            log.failure("{framing} request failed", f, framing=self.framing)
+        if not (self._lost and f.check(CancelledError, TimeoutError)):
+            logRequestFailure(f, self.framing, self.context.deadline)
         self._fillSlot(slot, fallback)
 
     def _fillSlot(self, slot: _Slot, answer: bytes) -> None:
@@ -389,6 +382,20 @@ class OrderedAnswers:
         self._slots.clear()
         for d in pending:
             d.cancel()
+
+
+def logRequestFailure(f: Failure, framing: str, deadline: float) -> None:
+    """
+    Log why a request got its fallback answer: the deadline, or an error.
+    """
+    if f.check(CancelledError, TimeoutError):
+        log.warn(
+            "{framing} request got no answer within {deadline} s",
+            framing=framing,
+            deadline=deadline,
+        )
+    else:
+        log.failure("{framing} request failed", f, framing=framing)
 
 
 class RequestTimer(Generic[T]):

@@ -64,14 +64,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import attr
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from xcauth.framing.base import ServerContext
+from xcauth.framing.base import ServerContext, logRequestFailure
 from xcauth.text import printable
 
 log = Logger()
@@ -662,14 +662,7 @@ class DovecotProtocol(LineReceiver):
             self._checkLoad()
             self._closeIfDone()
             return
-        if f.check(CancelledError, TimeoutError):
-            log.warn(
-                "{framing} request got no answer within {deadline} s",
-                framing=self.framing,
-                deadline=self.context.deadline,
-            )
-        else:
-            log.failure("{framing} request failed", f, framing=self.framing)
+        logRequestFailure(f, self.framing, self.context.deadline)
         self._tempFail(request)
 
     def _tempFail(self, request: _Request) -> None:
