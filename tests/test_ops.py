@@ -553,3 +553,32 @@ class ReopenLogTests(SynchronousTestCase):
             self.assertFalse(reloader.reload())
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertIn("applying the new configuration failed", repr(events))
+
+
+class BoundedLogTests(SynchronousTestCase):
+    def test_rotatedFilesCapped(self) -> None:
+        """
+        twistd's log file keeps at most LOG_FILES_KEPT rotated files, so a
+        flood of log lines cannot fill the disk.
+        """
+        import signal
+
+        from twisted.python.logfile import LogFile
+
+        from xcauth import reload
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        logFile = LogFile("xcauth.log", directory, rotateLength=100)
+        self.addCleanup(logFile.close)
+
+        def rotate(signum: int, frame: Any) -> None:
+            logFile.rotate()
+
+        old = signal.signal(signal.SIGUSR1, rotate)
+        self.addCleanup(signal.signal, signal.SIGUSR1, old)
+        reload.boundTwistdLog()
+        self.assertEqual(logFile.maxRotatedFiles, reload.LOG_FILES_KEPT)
+        for _ in range(3 * reload.LOG_FILES_KEPT):
+            logFile.write("x" * 150 + "\n")
+        self.assertLessEqual(len(os.listdir(directory)), reload.LOG_FILES_KEPT + 1)

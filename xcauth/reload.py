@@ -17,7 +17,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
-from twisted.python.logfile import BaseLogFile
+from twisted.python.logfile import BaseLogFile, LogFile
 
 from xcauth.config import Config, ConfigError
 from xcauth.hub import Hub
@@ -41,6 +41,22 @@ def twistdLogFile() -> BaseLogFile | None:
         if isinstance(value, BaseLogFile):
             return value
     return None
+
+
+#: Rotated log files twistd keeps (each up to 1 MB; twistd's own rotation
+#: would otherwise keep every one).
+LOG_FILES_KEPT = 10
+
+
+def boundTwistdLog() -> None:
+    """
+    Keep at most L{LOG_FILES_KEPT} rotated files of twistd's log file: a
+    flood of log lines must not fill the disk.  (With systemd the daemon logs
+    to the journal, which bounds itself; logrotate with SIGHUP works too.)
+    """
+    logFile = twistdLogFile()
+    if isinstance(logFile, LogFile) and logFile.maxRotatedFiles is None:
+        logFile.maxRotatedFiles = LOG_FILES_KEPT
 
 
 def reopenTwistdLog() -> str | None:
@@ -160,6 +176,7 @@ class SignalService(Service):
         self.reactor.callWhenRunning(self._install)
 
     def _install(self) -> None:
+        boundTwistdLog()
         self.install(signal.SIGHUP, self._hangup)
         self.install(signal.SIGTERM, self._terminate)
 
