@@ -200,3 +200,27 @@ class LimitsTests(TestCase):
             stop.set()
             flood.close()
             pourer.join(10)
+
+    def test_hangingNextcloudCacheAnswers(self) -> None:
+        """
+        With the default timeouts and Nextcloud hanging (it accepts and never
+        answers), a cached password is accepted before the 4 s deadline; an
+        unknown one is refused by then.
+        """
+        import signal
+
+        self.daemon(cache_storage="memory", cache_query_ttl="1s", log_requests="all")
+        with connect(("127.0.0.1", self.port), timeout=30) as s:
+            self.assertEqual(self.ask(s, "auth:alice:example.org:pa:ss w"), b"1")
+            time.sleep(1.5)  # past the query TTL: Nextcloud is asked first
+            assert self.nextcloud.process is not None
+            os.kill(self.nextcloud.process.pid, signal.SIGSTOP)
+            self.addCleanup(os.kill, self.nextcloud.process.pid, signal.SIGCONT)
+            started = time.monotonic()
+            self.assertEqual(self.ask(s, "auth:alice:example.org:pa:ss w"), b"1")
+            took = time.monotonic() - started
+            self.assertLess(took, 4.0)
+            started = time.monotonic()
+            self.assertEqual(self.ask(s, "auth:alice:example.org:not it"), b"0")
+            self.assertLess(time.monotonic() - started, 4.5)
+        print(f"\n    cached login answered in {took:.2f} s while Nextcloud hung")

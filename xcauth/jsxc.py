@@ -28,9 +28,11 @@ from xcauth.interfaces import BackendUnavailable, IBackendClient, Outcome, Roste
 
 log = Logger()
 
-# A JSXC answer is a few hundred bytes; a shared roster may be larger.  Anything
-# past this is not a JSXC answer and is treated as "backend unavailable".
-MAX_BODY = 4 * 1024 * 1024
+# A JSXC answer to auth or isuser is a few hundred bytes; a shared roster may be
+# far larger.  Anything past these is not a JSXC answer and is treated as
+# "backend unavailable".
+MAX_ANSWER = 64 * 1024
+MAX_ROSTER = 4 * 1024 * 1024
 
 _CONTENT_TYPE = [b"application/x-www-form-urlencoded"]
 USER_AGENT = [b"xcauth"]
@@ -72,7 +74,7 @@ class JSXCClient:
         self._urlBytes = URL.from_text(url).to_uri().to_text().encode("ascii")
         self._secret = secret
 
-    def _post(self, body: bytes) -> Deferred[Answer]:
+    def _post(self, body: bytes, maxBody: int) -> Deferred[Answer]:
         headers = Headers(
             {
                 b"content-type": _CONTENT_TYPE,
@@ -80,7 +82,7 @@ class JSXCClient:
                 b"x-jsxc-signature": [sign(self._secret, body)],
             }
         )
-        return self._http.request(b"POST", self._urlBytes, headers, body, MAX_BODY)
+        return self._http.request(b"POST", self._urlBytes, headers, body, maxBody)
 
     def call(
         self, operation: str, username: str, domain: str, password: str | None = None
@@ -95,7 +97,8 @@ class JSXCClient:
         fields = [("operation", operation), ("username", username), ("domain", domain)]
         if password is not None:
             fields.append(("password", password))
-        return self._post(encodeBody(fields)).addCallback(self._decode)
+        maxBody = MAX_ROSTER if operation == "sharedroster" else MAX_ANSWER
+        return self._post(encodeBody(fields), maxBody).addCallback(self._decode)
 
     def _decode(self, answer: Answer) -> Any:
         code = answer.code

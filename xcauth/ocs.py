@@ -44,8 +44,10 @@ from xcauth.text import printable
 
 log = Logger()
 
-#: The largest OCS answer read (a big group's member details).
+#: The largest OCS answer read: a big group's member details, and for every
+#: other request a user's details or the capabilities.
 MAX_BODY = 8 * 1024 * 1024
+MAX_ANSWER = 256 * 1024
 
 #: Seconds between two "needs an app password" lines (and WebDAV checks) for
 #: one user.
@@ -165,7 +167,7 @@ class OCSClient:
 
     def _get(self, path: str, authorization: bytes | None, method: bytes = b"GET",
              extra: dict[bytes, list[bytes]] | None = None,
-             query: str = "format=json") -> Deferred[Answer]:
+             query: str = "format=json", maxBody: int = MAX_ANSWER) -> Deferred[Answer]:
         raw: dict[bytes, list[bytes]] = {
             b"user-agent": USER_AGENT,
             b"ocs-apirequest": [b"true"],
@@ -175,7 +177,7 @@ class OCSClient:
             raw[b"authorization"] = [authorization]
         if extra:
             raw.update(extra)
-        return self._http.request(method, self._url(path, query), Headers(raw), None, MAX_BODY)
+        return self._http.request(method, self._url(path, query), Headers(raw), None, maxBody)
 
     def login(self, user: str, domain: str) -> str:
         """
@@ -307,7 +309,7 @@ class OCSClient:
         gids = [g for g in groups if isinstance(g, str)]
         requests = [
             self._get("/ocs/v2.php/cloud/groups/" + quote(gid, safe="") + "/users/details",
-                      self._serviceAuth).addCallback(self._membersAnswer)
+                      self._serviceAuth, maxBody=MAX_BODY).addCallback(self._membersAnswer)
             for gid in gids
         ]
         d = DeferredList(requests, consumeErrors=True)
