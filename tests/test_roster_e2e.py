@@ -13,7 +13,7 @@ and fetching its roster.
    first step.
  - With an HTTP API that accepts connections but never answers: logins are
    answered at once and the sync's failure is logged once the command's time
-   limit is over; a daemon stopped while a command hangs waits 10 s for it,
+   limit is over; a daemon stopped while a command hangs waits STOP_TIMEOUT (5 s) for it,
    cancels it and stops by itself.
 """
 
@@ -31,6 +31,7 @@ from twisted.trial import unittest
 
 from tests.ejabberd import EjabberdInstance, ejabberdAvailable
 from tests.xmpplogin import fetchRoster, runLoginDetailed
+from xcauth.roster import STOP_TIMEOUT
 from xcauth.testing.processes import (
     XCAUTH,
     Daemon,
@@ -323,7 +324,7 @@ class StopDuringSyncTests(SilentAPIMixin, unittest.TestCase):
         elapsed = time.monotonic() - started
         output = self.daemon.output()
         self.assertIn("waiting for 1 roster syncs", output)
-        self.assertIn("roster syncs still running after 10.0 s: cancelled", output)
+        self.assertIn(f"roster syncs still running after {STOP_TIMEOUT} s: cancelled", output)
         # A clean stop: twistd ends by raising the SIGTERM it got again once
         # it has shut down (not killed by the harness's SIGKILL).
         self.assertIn("Server Shut Down.", output)

@@ -75,7 +75,7 @@ RETRY_DELAYS = (5.0, 30.0, 120.0, 600.0, 1800.0)
 #: Seconds one ejabberd command may take.
 COMMAND_TIMEOUT = 10.0
 #: Seconds a stopping daemon waits for the syncs in flight.
-STOP_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
 #: Bytes of a command's output kept (the rest is dropped).
 MAX_OUTPUT = 1024 * 1024
 
