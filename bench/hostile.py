@@ -287,7 +287,7 @@ def runStorm(runner: Runner, s: Scenario) -> dict[str, Any]:
     try:
         window = Window(runner, daemon)
         n = 3000 * int(runner.warmup + runner.duration + 1)
-        storm = startLoad(port, s.concurrency, 1, missRequests(STORM_OFFSET, n))
+        storm = startLoad(port, STORM_CONCURRENCY, 1, missRequests(STORM_OFFSET, n))
         workers = startLoad(port, 1, 1, cached)
         stormStart = time.monotonic_ns()
         startNs = stormStart + int(runner.warmup * 1e9)
