@@ -465,7 +465,7 @@ def notes(row: dict[str, Any]) -> list[str]:
     extra = []
     if "flood_bytes_per_s" in row:
         extra.append(
-            f"flood ({row['flood']}): {row['flood_bytes_per_s'] / 2**20:.1f} MiB/s accepted, "
+            f"flood ({row['flood']}): {row['flood_bytes_per_s'] / 2**10:,.0f} KiB/s accepted, "
             f"{row['flood_reconnects']} reconnects; the other client: "
             f"{row['ok']} right answers, {row['errors']} errors"
         )
