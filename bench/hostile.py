@@ -471,10 +471,11 @@ def notes(row: dict[str, Any]) -> list[str]:
         )
     if "storm_rps" in row:
         if row["requests"]:
+            rest = (f", then max {row['rest_max_ms']:.1f} ms" if row["requests"] > 1
+                    else ", no other answer within the window")
             extra.append(
-                f"cached user: first login (bcrypt check) {row['first_ms']:.1f} ms, then max "
-                f"{row['rest_max_ms']:.1f} ms, {row['ok']} right answers, "
-                f"{row['errors']} errors"
+                f"cached user: first login (bcrypt check) {row['first_ms']:.1f} ms{rest}; "
+                f"{row['ok']} right answers, {row['errors']} errors"
             )
         else:
             extra.append("cached user: no answer within the window")
