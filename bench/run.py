@@ -22,6 +22,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from typing import Any
 
 import attr
 
-from bench import loadgen, procstat
+from bench import hostile, loadgen, procstat
 from xcauth.testing import processes as harness
 from xcauth.token import makeToken
 
@@ -110,7 +111,7 @@ class Scenario:
 
     @ivar kind: C{load} (closed loop), C{idle} (idle connections, then a
         token login probe), C{busy} (token logins while cache misses load the
-        worker threads).
+        worker threads), C{flood}, C{storm}, C{outage} (L{bench.hostile}).
     """
 
     name: str
@@ -121,6 +122,16 @@ class Scenario:
     kind: str = "load"
     cache: bool = False
     procs: int = 0
+    #: The listener's framing (C{ejabberd} or C{prosody}).
+    framing: str = "ejabberd"
+    #: More config options (as for L{harness.writeConfig}).
+    options: dict[str, Any] = attr.Factory(dict)
+    #: C{flood} scenarios: what the flooder sends (C{invalid}, C{token}, C{none}).
+    flood: str = "none"
+    #: C{outage} scenarios: seconds to wait before the outage (entries stale).
+    stale: float = 0.0
+    #: C{outage} scenarios: config options reloaded (SIGHUP) before the wait.
+    staleOptions: dict[str, str] = attr.Factory(dict)
 
 
 def scenarios() -> list[Scenario]:
@@ -148,6 +159,32 @@ def scenarios() -> list[Scenario]:
     out.append(
         Scenario("token-c50-misses", "token login C=50 while cache misses (C=20) run",
                  tokenRequests, 50, 50, kind="busy", cache=True)
+    )
+    for flood, what in (("none", "no flood"), ("invalid", "invalid-request flood"),
+                        ("token", "unread token-login flood")):
+        for c in (1, 10):
+            out.append(
+                Scenario(f"flood-{flood}-c{c}", f"prosody password login, +50 ms, {what}",
+                         passwordRequests, c, 50, kind="flood", framing="prosody",
+                         flood=flood)
+            )
+    out.append(
+        Scenario("bcrypt-storm", "cached user (db, bcrypt 12) during a first-login storm",
+                 passwordRequests, 1, 50, kind="storm", cache=True,
+                 options={"cache_storage": "db", "cache_bcrypt_rounds": "12,4"})
+    )
+    # In the database (its rows tell when the warm-up has cached every
+    # password), with the cheap bcrypt cost the memory storage uses.
+    outage = {"cache_storage": "db", "cache_bcrypt_rounds": "4,4"}
+    out.append(
+        Scenario("outage-fresh", f"{hostile.OUTAGE_USERS} cached users, Nextcloud hangs",
+                 passwordRequests, hostile.OUTAGE_CONCURRENCY, 50, kind="outage", cache=True,
+                 options=outage)
+    )
+    out.append(
+        Scenario("outage-stale", "same, entries past cache-query-ttl=1s",
+                 passwordRequests, hostile.OUTAGE_CONCURRENCY, 50, kind="outage", cache=True,
+                 options=outage, stale=2.0, staleOptions={"cache_query_ttl": "1s"})
     )
     return out
 
@@ -194,6 +231,7 @@ class Stack:
         self.latency: float | None = None
         self.port = 0
         self.count = 0
+        self.lastDirectory = ""
 
     def nextcloudFor(self, latencyMs: float) -> harness.Process:
         if self.nextcloud is not None and self.latency == latencyMs:
@@ -237,12 +275,26 @@ class Stack:
 
     def stopNextcloud(self) -> None:
         if self.nextcloud is not None:
+            if self.nextcloud.process is not None and self.nextcloud.process.poll() is None:
+                # Stopped by an outage scenario interrupted: SIGTERM needs it running.
+                for pid in self.nextcloudPids():
+                    try:
+                        os.kill(pid, signal.SIGCONT)
+                    except OSError:
+                        pass
             self.nextcloud.stop()
             self.nextcloud = None
 
-    def daemon(self, scenario: Scenario) -> tuple[harness.Daemon, int]:
-        self.count += 1
-        d = os.path.join(self.directory, f"{self.count:02d}-{scenario.name}")
+    def daemon(self, scenario: Scenario,
+               directory: str | None = None) -> tuple[harness.Daemon, int]:
+        """
+        A fresh daemon for C{scenario} (in C{directory}: again, with the same
+        state database).
+        """
+        if directory is None:
+            self.count += 1
+            directory = os.path.join(self.directory, f"{self.count:02d}-{scenario.name}")
+        d = directory
         os.makedirs(d, exist_ok=True)
         url = f"http://{HOST}:{self.port}/index.php/apps/ojsxc/ajax/externalApi.php"
         # A state database of its own: never the system's (its domains table
@@ -251,14 +303,17 @@ class Stack:
                                    "db": os.path.join(d, "xcauth.sqlite3")}
         if scenario.cache:
             options["cache_storage"] = "memory"
+        options.update(scenario.options)
         config = harness.writeConfig(os.path.join(d, "xcauth.conf"), url, SECRET, **options)
         port = harness.freePort()
         daemon = harness.Daemon(
             d,
-            ["--config-file", config, "--listen", f"ejabberd=tcp:{port}:interface={HOST}"],
+            ["--config-file", config,
+             "--listen", f"{scenario.framing}=tcp:{port}:interface={HOST}"],
             waitOn=[(HOST, port)],
         )
         daemon.start()
+        self.lastDirectory = d
         return daemon, port
 
 
@@ -409,6 +464,8 @@ class Runner:
     def run(self, s: Scenario) -> dict[str, Any]:
         self.current = s.name
         self.stack.nextcloudFor(s.latencyMs)
+        if s.kind in hostile.RUNNERS:
+            return hostile.RUNNERS[s.kind](self, s)
         daemon, port = self.stack.daemon(s)
         try:
             procs = s.procs or self.procs or 1
@@ -517,7 +574,8 @@ def notes(row: dict[str, Any]) -> str:
         )
     if row.get("skipped"):
         extra.append(f"skipped: {row['skipped']}")
-    return "; ".join(extra)
+    lines = (["; ".join(extra)] if extra else []) + hostile.notes(row)
+    return "\n".join(f"{'':<18}  {line}" for line in lines)
 
 
 def commitId() -> str:
@@ -620,7 +678,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 print(formatRow(row))
                 if notes(row):
-                    print(f"{'':<18}  {notes(row)}")
+                    print(notes(row))
             sys.stdout.flush()
     finally:
         stack.stopNextcloud()
