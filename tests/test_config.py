@@ -126,7 +126,7 @@ class ConfigFileTests(SynchronousTestCase):
 
     def test_defaults(self) -> None:
         config = self.parse("url=http://f/x\nsecret=s\nlisten=tcp:1\n").config
-        self.assertEqual((config.connectTimeout, config.totalTimeout), (2.0, 3.0))
+        self.assertEqual((config.connectTimeout, config.totalTimeout), (2.0, 2.5))
         self.assertEqual(config.deadline, 4.0)
         self.assertFalse(config.debug)
 

@@ -149,19 +149,25 @@ class InvalidRequestTests(SynchronousTestCase):
         infos = [e for e in events if e["log_level"] >= LogLevel.info]
         self.assertEqual(len(infos), 1)
         self.assertEqual(infos[0]["count"], 1)
-        with capturedLogs() as events:
-            protocol.connectionLost(None)
-        self.assertEqual([e["count"] for e in events], [499])
 
-    def test_oneLinePerInterval(self) -> None:
+    def test_oneLinePerIntervalForAll(self) -> None:
+        """
+        Invalid requests of every connection (a flood that reconnects) make
+        one summary line a minute, not one per connection.
+        """
+        from xcauth.framing.base import InvalidRequestLog, ServerContext, XcauthFactory
+
         clock = Clock()
-        protocol, transport, _ = connect(XMPPLineProtocol, TableAuthenticator(USERS), clock=clock)
+        context = ServerContext(authenticator=TableAuthenticator(USERS), clock=clock)
+        factory = XcauthFactory(XMPPLineProtocol, context)
         with capturedLogs() as events:
-            protocol.dataReceived(b"\n")
-            protocol.dataReceived(b"\n")
-            clock.advance(OrderedAnswers.INVALID_LOG_INTERVAL)
-            protocol.dataReceived(b"bogus\n")
-        self.assertEqual([e["count"] for e in events], [1, 2])
+            for _ in range(50):
+                p = factory.buildProtocol(None)
+                p.makeConnection(StringTransport())
+                p.dataReceived(b"\n\nbogus\n")
+                p.connectionLost(None)
+            clock.advance(InvalidRequestLog.INTERVAL)
+        self.assertEqual([e["count"] for e in events], [1, 149])
         self.assertIn("unknown operation", events[1]["reason"])
 
     def test_floodClosed(self) -> None:
@@ -175,8 +181,11 @@ class InvalidRequestTests(SynchronousTestCase):
         )
         self.assertEqual(transport.value(), b"\x00\x02\x00\x00" * limit)
         self.assertTrue(transport.disconnecting)
-        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
-        self.assertEqual(len(warnings), 1)
+        with capturedLogs() as later:
+            protocol.context.noteInvalid("ejabberd", "x")  # counted in the next line
+            protocol.context._invalid.flush()
+        warnings = [e for e in list(events) + list(later) if e["log_level"] == LogLevel.warn]
+        self.assertEqual([e["count"] for e in warnings], [1])
 
     def test_postfixDomainLookupsAreValid(self) -> None:
         """

@@ -40,15 +40,16 @@ class HashQueueTests(SynchronousTestCase):
                 lambda ok, i=i: order.append(f"check{i}:{ok}")
             )
         self.worker.runAll()
-        # Two hashes had started before the checks arrived.
-        self.assertEqual(order, ["hash0", "hash1", "check0:True", "check1:True", "hash2"])
+        # One hash had started before the checks arrived; hashes never take the
+        # last free thread, so the first check started at once.
+        self.assertEqual(order, ["hash0", "check0:True", "check1:True", "hash1", "hash2"])
 
     def test_bounded(self) -> None:
         """
         A full queue refuses new hashes; a check makes room by dropping the
         newest hash.
         """
-        hashes = [self.queue.hash(b"p%d" % i, 4) for i in range(6)]  # 2 run, 4 wait
+        hashes = [self.queue.hash(b"p%d" % i, 4) for i in range(5)]  # 1 runs, 4 wait
         self.failureResultOf(self.queue.hash(b"more", 4), QueueFull)
         check = self.queue.check("alice", b"secret", HASH)
         self.failureResultOf(hashes[-1], QueueFull)
@@ -75,19 +76,44 @@ class HashQueueTests(SynchronousTestCase):
         """
         A check whose caller has gone never reaches a bcrypt thread.
         """
-        self.queue.hash(b"a", 4)
-        self.queue.hash(b"b", 4)
+        self.queue.check("bob", b"secret", HASH)
+        self.queue.check("carol", b"secret", HASH)
         check = self.queue.check("alice", b"secret", HASH)
         check.cancel()
         self.failureResultOf(check, CancelledError)
         self.worker.runAll()
-        self.assertEqual(self.worker.calls, ["hashPassword", "hashPassword"])
+        self.assertEqual(self.worker.calls, ["checkPassword", "checkPassword"])
+
+    def test_hashesLeaveAThreadToChecks(self) -> None:
+        """
+        However many hashes wait, one thread stays free for checks.
+        """
+        for i in range(4):
+            self.queue.hash(b"p%d" % i, 4)
+        self.assertEqual(self.worker.calls, ["hashPassword"])
+        check = self.queue.check("alice", b"secret", HASH)
+        self.assertEqual(self.worker.calls, ["hashPassword", "checkPassword"])
+        self.worker.runOne()  # the hash
+        self.worker.runOne()  # the check
+        self.assertIs(self.successResultOf(check), True)
+
+    def test_runningCheckStillReports(self) -> None:
+        """
+        A check that started before its caller went away still reports its
+        result (the fast verifier learns the password).
+        """
+        seen: list[bool] = []
+        check = self.queue.check("alice", b"secret", HASH, seen.append)
+        check.cancel()
+        self.failureResultOf(check, CancelledError)
+        self.worker.runAll()
+        self.assertEqual(seen, [True])
 
     def test_stop(self) -> None:
         running = self.queue.hash(b"a", 4)
         waiting = [self.queue.hash(b"b", 4), self.queue.hash(b"c", 4), self.queue.hash(b"d", 4)]
         stopped = self.queue.stop()
-        for d in waiting[1:]:
+        for d in waiting:
             self.failureResultOf(d, QueueFull)
         self.assertNoResult(stopped)
         self.worker.runAll()
@@ -138,6 +164,23 @@ class VerifierTests(SynchronousTestCase):
         env.flush()
         self.assertTrue(self.successResultOf(bob))
         self.assertEqual(hasher.calls, [])
+
+    def test_timedOutCheckStillTeaches(self) -> None:
+        """
+        A login that timed out while its bcrypt check ran still leaves the
+        password confirmed: the user's next login needs no bcrypt.
+        """
+        env, hasher = self.warm()
+        # Restarted: only the stored hash is known.
+        env = Env(env.storage, hasher=hasher, clock=env.clock, resource=env.resource)
+        d = env.start("alice", ALICE)
+        self.assertEqual(hasher.calls, ["checkPassword"])
+        d.cancel()  # the client's deadline
+        self.failureResultOf(d, CancelledError)
+        hasher.runAll()
+        again = env.start("alice", ALICE)
+        self.assertTrue(self.successResultOf(again))
+        self.assertEqual(hasher.calls, ["checkPassword"])
 
     def test_evictionForgets(self) -> None:
         env, hasher = self.warm()

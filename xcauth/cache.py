@@ -51,7 +51,7 @@ MAX_VERIFIED = 100_000
 
 #: Seconds before the client's deadline at which a password the cache vouches
 #: for is accepted while the backend has still not answered.
-FALLBACK_MARGIN = 1.0
+FALLBACK_MARGIN = 1.5
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -244,17 +244,18 @@ class CredentialCache:
             self._verified.move_to_end(jid)
             return succeed(known[0] == key)
 
-        def checked(matched: bool) -> bool:
+        def checked(matched: bool) -> None:
+            # Also when the login that asked has gone (its deadline passed):
+            # the next login of this user is then decided in microseconds.
             if matched:
                 self._confirmed(jid, key, pwhash)
-            return matched
 
         def noRoom(f: Failure) -> bool:
             f.trap(QueueFull)
             return False
 
-        d = self.hashes.check(jid, data, pwhash)
-        return d.addCallbacks(checked, noRoom)
+        d = self.hashes.check(jid, data, pwhash, checked)
+        return d.addErrback(noRoom)
 
     def _confirmed(self, jid: str, key: bytes, pwhash: bytes) -> None:
         self._verified[jid] = (key, pwhash)

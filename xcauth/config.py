@@ -409,7 +409,7 @@ SETTINGS: tuple[Setting, ...] = (
         _seconds,
     ),
     Setting(
-        "timeout", "timeout", "2,3",
+        "timeout", "timeout", "2,2.5",
         "Backend timeouts in seconds: N, or CONNECT,TOTAL. Keep TOTAL below the "
         "deadline: a Nextcloud that has not answered by then counts as "
         "unavailable, so the credential cache can still answer in time.",

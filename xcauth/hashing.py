@@ -4,10 +4,13 @@ bcrypt work for the credential cache, so that bcrypt never decides who waits.
 L{HashQueue} sends at most C{concurrency} jobs at once to the bcrypt threads
 and keeps the rest in order of priority: checking a cached password (someone
 is waiting for that answer) before hashing a newly confirmed one (which only
-makes a later login faster).  The queue is bounded; one user gets at most
-L{MAX_CHECKS_PER_USER} checks queued or running (a burst of guesses against
-one account cannot hold up everyone else's), and a job whose caller has gone
-(its L{Deferred} was cancelled) is dropped before it starts.
+makes a later login faster).  Hashes never take the last free thread: a check
+never waits for more than the checks ahead of it.  The queue is bounded; one
+user gets at most L{MAX_CHECKS_PER_USER} checks queued or running (a burst of
+guesses against one account cannot hold up everyone else's), and a job whose
+caller has gone (its L{Deferred} was cancelled) is dropped before it starts; a
+check already running still reports its result to C{whenChecked} (the fast
+verifier learns the password even if the login that asked timed out).
 """
 
 from __future__ import annotations
@@ -64,17 +67,20 @@ def hashPassword(password: bytes, rounds: int) -> bytes:
 
 
 class _Job:
-    __slots__ = ("priority", "seq", "f", "args", "owner", "deferred", "cancelled")
+    __slots__ = (
+        "priority", "seq", "f", "args", "owner", "deferred", "cancelled", "whenDone"
+    )
 
     def __init__(
         self, priority: int, seq: int, f: Callable[..., Any], args: tuple[Any, ...],
-        owner: str | None,
+        owner: str | None, whenDone: Callable[[Any], None] | None = None,
     ) -> None:
         self.priority = priority
         self.seq = seq
         self.f = f
         self.args = args
         self.owner = owner
+        self.whenDone = whenDone
         self.cancelled = False
         self.deferred: Deferred[Any] = Deferred(self._cancel)
 
@@ -101,6 +107,7 @@ class HashQueue:
         self._queue: list[_Job] = []
         self._seq = itertools.count()
         self._running = 0
+        self._runningHashes = 0
         # Checks queued or running per user.
         self._checks: dict[str, int] = {}
         self._idle: list[Deferred[None]] = []
@@ -113,18 +120,24 @@ class HashQueue:
         """
         return len(self._queue)
 
-    def check(self, owner: str, password: bytes, pwhash: bytes) -> Deferred[bool]:
+    def check(
+        self, owner: str, password: bytes, pwhash: bytes,
+        whenChecked: Callable[[bool], None] | None = None,
+    ) -> Deferred[bool]:
         """
         Whether C{password} matches C{pwhash}, before any hashing; fails with
         L{QueueFull} when there is no room (or C{owner} has enough checks
         waiting).
+
+        @param whenChecked: called with the result once the check has run,
+            even if the returned L{Deferred} was cancelled meanwhile.
         """
         if self._checks.get(owner, 0) >= MAX_CHECKS_PER_USER:
             return fail(QueueFull(f"{MAX_CHECKS_PER_USER} checks of this user waiting"))
         if len(self._queue) >= self._maxQueued and not self._dropNewestHash():
             return self._full()
         self._checks[owner] = self._checks.get(owner, 0) + 1
-        return self._submit(CHECK, checkPassword, (password, pwhash), owner)
+        return self._submit(CHECK, checkPassword, (password, pwhash), owner, whenChecked)
 
     def hash(self, password: bytes, rounds: int) -> Deferred[bytes]:
         """
@@ -156,21 +169,29 @@ class HashQueue:
         return True
 
     def _submit(
-        self, priority: int, f: Callable[..., Any], args: tuple[Any, ...], owner: str | None
+        self, priority: int, f: Callable[..., Any], args: tuple[Any, ...], owner: str | None,
+        whenDone: Callable[[Any], None] | None = None,
     ) -> Deferred[Any]:
-        job = _Job(priority, next(self._seq), f, args, owner)
+        job = _Job(priority, next(self._seq), f, args, owner, whenDone)
         heapq.heappush(self._queue, job)
         d = job.deferred
         self._dispatch()
         return d
 
     def _dispatch(self) -> None:
+        # Hashes leave one thread to checks (when there is more than one).
+        hashThreads = max(self._concurrency - 1, 1)
         while self._running < self._concurrency and self._queue:
-            job = heapq.heappop(self._queue)
+            job = self._queue[0]
+            if job.priority == HASH and self._runningHashes >= hashThreads:
+                break
+            heapq.heappop(self._queue)
             if job.cancelled:
                 self._release(job)
                 continue
             self._running += 1
+            if job.priority == HASH:
+                self._runningHashes += 1
             self._worker.run(job.f, *job.args).addBoth(self._done, job)
         if not self._running and not self._queue:
             self._fullLogged = False
@@ -188,7 +209,14 @@ class HashQueue:
 
     def _done(self, result: Any, job: _Job) -> None:
         self._running -= 1
+        if job.priority == HASH:
+            self._runningHashes -= 1
         self._release(job)
+        if job.whenDone is not None and not isinstance(result, Failure):
+            try:
+                job.whenDone(result)
+            except Exception:
+                log.failure("bcrypt job callback failed")
         if not job.deferred.called:
             if isinstance(result, Failure):
                 job.deferred.errback(result)

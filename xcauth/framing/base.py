@@ -53,6 +53,17 @@ class ServerContext:
     logRequests: str = "all"
     defaultDomain: str | None = None
     _deadlines: Deadlines | None = attr.ib(default=None, init=False, repr=False, eq=False)
+    _invalid: InvalidRequestLog | None = attr.ib(default=None, init=False, repr=False, eq=False)
+
+    def noteInvalid(self, framing: str, reason: str, closed: bool = False) -> None:
+        """
+        Count an invalid request (or, with C{closed}, a connection closed for
+        sending too many): one log line per L{InvalidRequestLog.INTERVAL} for
+        the whole daemon, however many connections send them.
+        """
+        if self._invalid is None:
+            self._invalid = InvalidRequestLog(self.clock)
+        self._invalid.note(framing, reason, closed)
 
     def watchDeadline(self, d: Deferred[T]) -> Deferred[T]:
         """
@@ -69,6 +80,68 @@ class ServerContext:
         A L{RequestTimer} for one request, on this context's clock.
         """
         return RequestTimer(self.clock, framing, operation, user, domain, self.logRequests)
+
+
+class InvalidRequestLog:
+    """
+    Invalid requests of every connection, logged as they come for the first
+    one, then as one summary line per L{INTERVAL} (a flood, even one that
+    reconnects again and again, writes a few lines a minute).
+    """
+
+    #: Seconds between two summary lines.
+    INTERVAL = 60.0
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._counts: dict[str, int] = {}
+        self._closed: dict[str, int] = {}
+        self._last: dict[str, str] = {}
+        self._timer: Any = None
+        self._started = False
+
+    def note(self, framing: str, reason: str, closed: bool = False) -> None:
+        """
+        Count one invalid request via C{framing} (and a connection closed).
+        """
+        self._counts[framing] = self._counts.get(framing, 0) + 1
+        if closed:
+            self._closed[framing] = self._closed.get(framing, 0) + 1
+        self._last[framing] = reason
+        if not self._started:
+            self._started = True
+            self.flush()
+        if self._timer is None and (self._counts or self._closed):
+            self._timer = self._clock.callLater(self.INTERVAL, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        self.flush()
+
+    def flush(self) -> None:
+        """
+        Log what was counted since the last line.
+        """
+        for framing, count in self._counts.items():
+            log.info(
+                "{count} invalid request(s) via {framing} answered false; last: "
+                "{reason}",
+                count=count,
+                framing=framing,
+                reason=self._last.get(framing, ""),
+            )
+        for framing, count in self._closed.items():
+            log.warn(
+                "{count} {framing} connection(s) closed for invalid requests; last: "
+                "{reason}",
+                count=count,
+                framing=framing,
+                reason=self._last.get(framing, ""),
+            )
+        self._counts.clear()
+        self._closed.clear()
+        if not self._counts and self._timer is not None and not self._timer.active():
+            self._timer = None
 
 
 class XcauthFactory(Factory):
@@ -182,8 +255,6 @@ class OrderedAnswers:
     #: Invalid requests after which a connection is closed (no real client
     #: sends any: a connection sending this many is broken or hostile).
     MAX_INVALID = 1000
-    #: Seconds between two log lines about one connection's invalid requests.
-    INVALID_LOG_INTERVAL = 60.0
 
     context: ServerContext
     transport: Any
@@ -197,8 +268,6 @@ class OrderedAnswers:
     _turnRequests = 0
     _resuming = False
     _invalid = 0
-    _invalidUnlogged = 0
-    _invalidLoggedAt = 0.0
 
     def __init__(self, context: ServerContext) -> None:
         self.context = context
@@ -243,31 +312,17 @@ class OrderedAnswers:
 
     def noteInvalid(self, reason: str) -> None:
         """
-        A request answered without any work because it is not valid: counted,
-        and logged at most once per L{INVALID_LOG_INTERVAL}.
+        A request answered without any work because it is not valid: counted
+        (and logged in one line a minute for the whole daemon, see
+        L{ServerContext.noteInvalid}); the connection is closed at
+        L{MAX_INVALID}.
         """
         self._invalid += 1
-        self._invalidUnlogged += 1
-        now = self.context.clock.seconds()
-        if self._invalid == 1 or now - self._invalidLoggedAt >= self.INVALID_LOG_INTERVAL:
-            self._logInvalid(reason)
-            self._invalidLoggedAt = now
         if self._invalid == self.MAX_INVALID:
-            log.warn(
-                "{framing} client sent {count} invalid requests; closing the connection",
-                framing=self.framing,
-                count=self._invalid,
-            )
+            self.context.noteInvalid(self.framing, reason, closed=True)
             self.closeWhenAnswered()
-
-    def _logInvalid(self, reason: str | None) -> None:
-        log.info(
-            "{count} invalid request(s) via {framing} answered false; last: {reason}",
-            count=self._invalidUnlogged,
-            framing=self.framing,
-            reason=reason or "(see above)",
-        )
-        self._invalidUnlogged = 0
+        else:
+            self.context.noteInvalid(self.framing, reason)
 
     def startRequest(
         self, work: Deferred[T], encode: Callable[[T], bytes], fallback: bytes
@@ -376,8 +431,6 @@ class OrderedAnswers:
         The connection is gone: cancel all work still pending for it.
         """
         self._lost = True
-        if self._invalidUnlogged and self._invalid > 1:
-            self._logInvalid(None)
         pending = [s.deferred for s in self._slots if s.deferred is not None]
         self._slots.clear()
         for d in pending:

@@ -734,11 +734,10 @@ class DovecotProtocol(LineReceiver):
             self.context.clock.callLater(0, self._resumeReading)
 
     def _protocolError(self, reason: str) -> None:
-        log.warn(
-            "{framing} client broke the protocol ({reason}); closing the connection",
-            framing=self.framing,
-            reason=reason,
-        )
+        # Counted into one log line a minute for the whole daemon: a client
+        # that reconnects and breaks the protocol again and again must not
+        # flood the log.
+        self.context.noteInvalid(self.framing, f"broke the protocol: {reason}", closed=True)
         self._close()
 
     def lineLengthExceeded(self, line: bytes) -> None:
