@@ -504,3 +504,44 @@ class BrokenStorageTests(SynchronousTestCase):
         self.assertFalse(self.successResultOf(env.start("alice", ALICE)))
         self.assertIsNone(self.successResultOf(env.auth.isUser("carol", DOMAIN)))
         self.assertTrue(self.flushLoggedErrors(sqlite3.DatabaseError))
+
+
+class KeptEntriesTests(SynchronousTestCase):
+    """
+    C{DatabaseStorage} with a clock keeps entries in memory for a few seconds
+    and writes a successful query at most once a minute: cache hits cost no
+    trip to the database thread; changes made by the admin command apply
+    within C{READ_SECONDS}.
+    """
+
+    def test_hitsSkipTheDatabase(self) -> None:
+        clock = Clock()
+        clock.advance(START)
+        path = os.path.join(self.mktemp() + ".d", "state.sqlite3")
+        os.makedirs(os.path.dirname(path))
+        worker = SynchronousWorker()
+        db = store.Store(path, worker)
+        self.addCleanup(lambda: self.successResultOf(db.close()))
+        env = Env(DatabaseStorage(db, clock), clock=clock)
+        d = env.start("alice", ALICE)
+        env.flush()
+        self.assertTrue(self.successResultOf(d))
+        clock.advance(1)
+        self.assertTrue(self.successResultOf(env.start("alice", ALICE)))  # reads once
+        worker.calls.clear()
+        for _ in range(20):
+            clock.advance(0.1)
+            self.assertTrue(self.successResultOf(env.start("alice", ALICE)))
+        self.assertEqual(worker.calls, [])
+        self.assertEqual(env.backendCalls(), 1)
+        # The admin command removes the entry: within READ_SECONDS it is gone
+        # for the daemon too (the backend is asked again).
+        conn = sqlite3.connect(path)
+        conn.execute("DELETE FROM authcache")
+        conn.commit()
+        conn.close()
+        clock.advance(DatabaseStorage.READ_SECONDS)
+        d = env.start("alice", ALICE)
+        env.flush()
+        self.assertTrue(self.successResultOf(d))
+        self.assertEqual(env.backendCalls(), 2)

@@ -124,21 +124,60 @@ class MemoryStorage:
 class DatabaseStorage:
     """
     Cache entries in the C{authcache} table of the state database.
+
+    With a C{clock}, entries read or written are also kept in memory for
+    L{READ_SECONDS} (changes made with C{xcauth cache ...} apply within that
+    time, as domain changes do), and a successful query within
+    L{TOUCH_SECONDS} of the last one recorded is recorded in memory only: a
+    cache hit then costs no trip to the database thread.
     """
 
-    def __init__(self, db: store.Store) -> None:
+    #: Seconds an entry read from the database is used without reading it again.
+    READ_SECONDS = 5.0
+    #: Seconds within which a new "last successful query" is not written.
+    TOUCH_SECONDS = 60.0
+    #: Entries kept in memory, at most.
+    MAX_KEPT = 100_000
+
+    def __init__(self, db: store.Store, clock: IReactorTime | None = None) -> None:
         self._db = db
+        self._clock = clock
+        # jid -> (when read or written, the entry then).
+        self._kept: OrderedDict[str, tuple[float, CacheEntry | None]] = OrderedDict()
+
+    def _keep(self, jid: str, entry: CacheEntry | None) -> None:
+        if self._clock is None:
+            return
+        self._kept[jid] = (self._clock.seconds(), entry)
+        self._kept.move_to_end(jid)
+        if len(self._kept) > self.MAX_KEPT:
+            self._kept.popitem(last=False)
+
+    def _recent(self, jid: str) -> tuple[float, CacheEntry | None] | None:
+        kept = self._kept.get(jid)
+        if kept is None or self._clock is None:
+            return None
+        if self._clock.seconds() - kept[0] >= self.READ_SECONDS:
+            del self._kept[jid]
+            return None
+        return kept
 
     def get(self, jid: str) -> Deferred[CacheEntry | None]:
         """
         The entry of C{jid}, or C{None}.
         """
+        kept = self._recent(jid)
+        if kept is not None:
+            return succeed(kept[1])
 
         def convert(row: store.CacheRow | None) -> CacheEntry | None:
             if row is None:
-                return None
-            pwhash = row.pwhash.encode("ascii", "replace") if row.pwhash else None
-            return CacheEntry(pwhash, row.firstAuth, row.remoteAuth, row.anyAuth)
+                entry = None
+            else:
+                pwhash = row.pwhash.encode("ascii", "replace") if row.pwhash else None
+                entry = CacheEntry(pwhash, row.firstAuth, row.remoteAuth, row.anyAuth)
+            self._keep(jid, entry)
+            return entry
 
         return self._db.run(store.getCacheEntry, jid).addCallback(convert)
 
@@ -146,18 +185,29 @@ class DatabaseStorage:
         """
         Store a verified hash, keeping the first-success time.
         """
+        self._kept.pop(jid, None)
         return self._db.run(store.putCacheEntry, jid, pwhash.decode("ascii"), now)
 
     def touch(self, jid: str, now: float, verified: bool) -> Deferred[None]:
         """
         Record a successful query (and a backend verification if C{verified}).
         """
+        kept = self._recent(jid)
+        if kept is not None and kept[1] is not None:
+            entry = kept[1]
+            if not verified and now - entry.anyAuth < self.TOUCH_SECONDS:
+                return succeed(None)
+            self._keep(
+                jid,
+                attr.evolve(entry, anyAuth=now, remoteAuth=now if verified else entry.remoteAuth),
+            )
         return self._db.run(store.touchCacheEntry, jid, now, verified)
 
     def delete(self, jid: str) -> Deferred[None]:
         """
         Forget C{jid}.
         """
+        self._kept.pop(jid, None)
         return self._db.run(store.deleteCacheEntry, jid).addCallback(lambda _: None)
 
 

@@ -468,7 +468,7 @@ def buildCache(
         return None
     persistent = config.cacheStorage == "db"
     return CredentialCache(
-        DatabaseStorage(store) if persistent else MemoryStorage(),
+        DatabaseStorage(store, clock) if persistent else MemoryStorage(),
         hasher,
         clock,
         cachePolicy(config),
