@@ -64,7 +64,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import attr
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -662,6 +662,8 @@ class DovecotProtocol(LineReceiver):
             self._checkLoad()
             self._closeIfDone()
             return
+        if f.check(CancelledError, TimeoutError):
+            self.context.metrics.deadlineMissed(self.framing)  # metrics
         logRequestFailure(f, self.framing, self.context.deadline)
         self._tempFail(request)
 
