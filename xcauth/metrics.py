@@ -8,6 +8,7 @@ hubs).  Callers that do not count anything get a L{NoMetrics}, whose methods
 do nothing; L{Metrics} is a L{NoMetrics} that counts, so every collaborator
 takes a L{NoMetrics}.
 
+C{prometheus_client} is imported only when a L{Metrics} is built.
 Counting is on the request path: each method is a few dictionary look-ups
 and lock-protected additions (the labelled children are looked up once and
 kept), and the in-flight gauge is a plain integer read when scraped.
@@ -17,10 +18,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.gc_collector import GCCollector
-from prometheus_client.platform_collector import PlatformCollector
-from prometheus_client.process_collector import ProcessCollector
 from twisted.application.service import IService
 from twisted.application.strports import service as strportsService
 from twisted.internet.interfaces import IReactorTime
@@ -28,6 +25,8 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 if TYPE_CHECKING:
+    from prometheus_client import Counter
+
     from xcauth.interfaces import Outcome
 
 #: Bounds (seconds) of the latency histograms: 1 ms to 5 s, the deadline's
@@ -121,6 +120,12 @@ class Metrics(NoMetrics):
     """
 
     def __init__(self, clock: IReactorTime, process: bool = True) -> None:
+        # Imported here: a daemon without --metrics never loads prometheus_client.
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client.gc_collector import GCCollector
+        from prometheus_client.platform_collector import PlatformCollector
+        from prometheus_client.process_collector import ProcessCollector
+
         self._clock = clock
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self._requests = Counter(
