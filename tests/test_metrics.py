@@ -31,8 +31,8 @@ from xcauth.metrics import (
     LATENCY_BUCKETS,
     Metrics,
     NoMetrics,
-    QuietSite,
     metricsService,
+    quietSite,
     resultLabel,
 )
 from xcauth.penalty import PenaltyBox, PenaltyPolicy
@@ -394,7 +394,7 @@ class ServiceTests(SynchronousTestCase):
         svc.startService()
         [(port, factory, _, interface)] = reactor.tcpServers
         self.assertEqual((port, interface), (9464, "127.0.0.1"))
-        self.assertIsInstance(factory, QuietSite)
+        self.assertIsInstance(factory, Site)
         self.assertIs(factory.resource, resource)
         self.assertFalse(factory.noisy)
 
@@ -411,7 +411,7 @@ class ServiceTests(SynchronousTestCase):
 
         from twisted.web.test.requesthelper import DummyRequest
 
-        for site, expected in ((Site(Resource()), 1), (QuietSite(Resource()), 0)):
+        for site, expected in ((Site(Resource()), 1), (quietSite(Resource(), None), 0)):
             site._logFile = Log()
             site._logDateTime = "-"
             request: Any = DummyRequest([b"metrics"])

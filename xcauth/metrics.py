@@ -22,10 +22,10 @@ from twisted.application.service import IService
 from twisted.application.strports import service as strportsService
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import IResource
-from twisted.web.server import Site
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
+    from twisted.web.server import Site
 
     from xcauth.interfaces import Outcome
 
@@ -222,19 +222,23 @@ class Metrics(NoMetrics):
         child.inc()
 
 
-class QuietSite(Site):
+def quietSite(resource: IResource, reactor: Any) -> Site:
     """
-    A L{Site} that logs neither its start and stop (C{noisy}) nor any
-    request: Twisted's default with C{logPath=None} writes an access line per
-    request to the daemon's log, and a scrape every few seconds would drown it.
+    A L{Site} serving C{resource} that logs neither its start and stop
+    (C{noisy}) nor any request: Twisted's default, even with C{logPath=None},
+    writes an access line per request to the daemon's log, and a scrape every
+    few seconds would drown it.
     """
+    # Imported here: twisted.web.server is not otherwise needed by a daemon.
+    from twisted.web.server import Site
 
-    noisy = False
+    class QuietSite(Site):
+        noisy = False
 
-    def log(self, request: Any) -> None:
-        """
-        No access log line.
-        """
+        def log(self, request: Any) -> None:
+            pass
+
+    return QuietSite(resource, reactor=reactor)
 
 
 def metricsService(
@@ -256,7 +260,7 @@ def metricsService(
         from prometheus_client.twisted import MetricsResource
 
         resource = MetricsResource(metrics.registry)
-    site = QuietSite(resource, reactor=reactor)
+    site = quietSite(resource, reactor)
     svc = strportsService(endpoint, site, reactor=reactor)
     svc.setName(f"metrics={endpoint}")
     return svc
