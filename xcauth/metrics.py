@@ -9,13 +9,15 @@ do nothing; L{Metrics} is a L{NoMetrics} that counts, so every collaborator
 takes a L{NoMetrics}.
 
 C{prometheus_client} is imported only when a L{Metrics} is built.
-Counting is on the request path: each method is a few dictionary look-ups
-and lock-protected additions (the labelled children are looked up once and
-kept), and the in-flight gauge is a plain integer read when scraped.
+Counting is on the request path: each method is a few dictionary
+operations on plain numbers, turned into Prometheus' metric families only
+when scraped.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService
@@ -24,7 +26,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import IResource
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter
     from twisted.web.server import Site
 
     from xcauth.interfaces import Outcome
@@ -109,9 +110,38 @@ class NoMetrics:
         """
 
 
+#: The counters: C{(name, help, label names)}; C{prometheus_client} adds
+#: C{_total} to the names.
+COUNTERS = (
+    ("xcauth_requests", "Requests answered, by framing, operation and result.",
+     ("framing", "operation", "result")),
+    ("xcauth_backend_requests", "Backend answers, by backend and outcome.",
+     ("backend", "outcome")),
+    ("xcauth_cache", "Credential cache decisions: hit, miss, stale, fallback.", ("result",)),
+    ("xcauth_deadline_missed", "Requests that got no answer within the deadline.",
+     ("framing",)),
+    ("xcauth_penalized", "Logins refused or delayed by the penalty box.", ("reason",)),
+)
+
+#: The histograms (buckets L{LATENCY_BUCKETS}): C{(name, help, label names)}.
+HISTOGRAMS = (
+    ("xcauth_request_seconds", "Seconds from a request to its result.",
+     ("framing", "operation")),
+    ("xcauth_backend_seconds", "Seconds a backend took to answer.", ("backend",)),
+)
+
+
 class Metrics(NoMetrics):
     """
     The daemon's metrics, in a registry of their own.
+
+    The counts are plain integers and lists in dictionaries keyed by label
+    values, turned into metric families only when scraped (L{_Collector}):
+    counting a request costs a few dictionary operations, a fraction of
+    what C{prometheus_client}'s lock-protected metric objects cost on every
+    request.  Scrapes read them from the reactor's thread pool; copying a
+    dictionary or list is atomic in CPython, and only the reactor thread
+    writes.
 
     @param clock: measures backend durations.
     @param process: also register the process, platform and garbage
@@ -121,54 +151,47 @@ class Metrics(NoMetrics):
 
     def __init__(self, clock: IReactorTime, process: bool = True) -> None:
         # Imported here: a daemon without --metrics never loads prometheus_client.
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry
         from prometheus_client.gc_collector import GCCollector
         from prometheus_client.platform_collector import PlatformCollector
         from prometheus_client.process_collector import ProcessCollector
 
         self._clock = clock
-        self.registry = registry = CollectorRegistry(auto_describe=True)
-        self._requests = Counter(
-            "xcauth_requests", "Requests answered, by framing, operation and result.",
-            ["framing", "operation", "result"], registry=registry,
-        )
-        self._requestSeconds = Histogram(
-            "xcauth_request_seconds", "Seconds from a request to its result.",
-            ["framing", "operation"], buckets=LATENCY_BUCKETS, registry=registry,
-        )
-        self._backend = Counter(
-            "xcauth_backend_requests", "Backend answers, by backend and outcome.",
-            ["backend", "outcome"], registry=registry,
-        )
-        self._backendSeconds = Histogram(
-            "xcauth_backend_seconds", "Seconds a backend took to answer.",
-            ["backend"], buckets=LATENCY_BUCKETS, registry=registry,
-        )
-        self._cache = Counter(
-            "xcauth_cache", "Credential cache decisions: hit, miss, stale, fallback.",
-            ["result"], registry=registry,
-        )
-        self._deadline = Counter(
-            "xcauth_deadline_missed", "Requests that got no answer within the deadline.",
-            ["framing"], registry=registry,
-        )
-        self._penalized = Counter(
-            "xcauth_penalized", "Logins refused or delayed by the penalty box.",
-            ["reason"], registry=registry,
-        )
         self._inFlight = 0
-        inFlight = Gauge(
-            "xcauth_in_flight", "Requests being worked on.", registry=registry
-        )
-        inFlight.set_function(lambda: self._inFlight)
-        # Labelled children, looked up once: labels() takes a lock and
-        # validates its arguments on every call.
-        self._children: dict[tuple[str, ...], tuple[Any, Any]] = {}
-        self._simple: dict[tuple[str, str], Any] = {}
+        # Counter values by label values, one dictionary per COUNTERS entry.
+        self._requests: dict[tuple[str, ...], int] = {}
+        self._backend: dict[tuple[str, ...], int] = {}
+        self._cache: dict[tuple[str, ...], int] = {}
+        self._deadline: dict[tuple[str, ...], int] = {}
+        self._penalized: dict[tuple[str, ...], int] = {}
+        # Histogram rows by label values, one per HISTOGRAMS entry: the count
+        # of each bucket (not cumulative; the last one +Inf), then the sum.
+        self._requestSeconds: dict[tuple[str, ...], list[float]] = {}
+        self._backendSeconds: dict[tuple[str, ...], list[float]] = {}
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        registry.register(_Collector(self))
         if process:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
             GCCollector(registry=registry)
+
+    def counters(self) -> tuple[dict[tuple[str, ...], int], ...]:
+        """
+        The counts of each of L{COUNTERS}, in its order.
+        """
+        return (self._requests, self._backend, self._cache, self._deadline, self._penalized)
+
+    def histograms(self) -> tuple[dict[tuple[str, ...], list[float]], ...]:
+        """
+        The rows of each of L{HISTOGRAMS}, in its order.
+        """
+        return (self._requestSeconds, self._backendSeconds)
+
+    def inFlight(self) -> int:
+        """
+        Requests being worked on now.
+        """
+        return self._inFlight
 
     def now(self) -> float:
         return self._clock.seconds()
@@ -180,46 +203,80 @@ class Metrics(NoMetrics):
         self._inFlight -= 1
 
     def request(self, framing: str, operation: str, result: str, seconds: float) -> None:
+        counts = self._requests
         key = (framing, operation, result)
-        pair = self._children.get(key)
-        if pair is None:
-            pair = self._children[key] = (
-                self._requests.labels(framing, operation, result),
-                self._requestSeconds.labels(framing, operation),
-            )
-        pair[0].inc()
-        pair[1].observe(seconds)
+        counts[key] = counts.get(key, 0) + 1
+        _observe(self._requestSeconds, (framing, operation), seconds)
 
     def invalid(self, framing: str) -> None:
-        self._one(self._requests, "invalid", framing, "invalid", "false")
+        _count(self._requests, (framing, "invalid", "false"))
 
     def backend(self, outcome: Outcome, backend: str, started: float) -> Outcome:
-        key = ("backend", backend, outcome.value)
-        pair = self._children.get(key)
-        if pair is None:
-            pair = self._children[key] = (
-                self._backend.labels(backend, outcome.value),
-                self._backendSeconds.labels(backend),
-            )
-        pair[0].inc()
-        pair[1].observe(max(self._clock.seconds() - started, 0.0))
+        _count(self._backend, (backend, outcome.value))
+        _observe(self._backendSeconds, (backend,), max(self._clock.seconds() - started, 0.0))
         return outcome
 
     def cache(self, result: str) -> None:
-        self._one(self._cache, "cache", result)
+        _count(self._cache, (result,))
 
     def deadlineMissed(self, framing: str) -> None:
-        self._one(self._deadline, "deadline", framing)
+        _count(self._deadline, (framing,))
 
     def penalized(self, reason: str) -> None:
-        self._one(self._penalized, "penalized", reason)
+        _count(self._penalized, (reason,))
 
-    def _one(self, counter: Counter, kind: str, *labels: str) -> None:
-        key = (kind, "\0".join(labels))
-        child = self._simple.get(key)
-        if child is None:
-            child = self._simple[key] = counter.labels(*labels)
-        child.inc()
+
+def _count(counts: dict[tuple[str, ...], int], key: tuple[str, ...]) -> None:
+    counts[key] = counts.get(key, 0) + 1
+
+
+def _observe(rows: dict[tuple[str, ...], list[float]], key: tuple[str, ...],
+             seconds: float) -> None:
+    row = rows.get(key)
+    if row is None:
+        row = rows[key] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+    # The first bucket whose bound is >= seconds (+Inf past the last).
+    row[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+    row[-1] += seconds
+
+
+class _Collector:
+    """
+    Turns the counts of a L{Metrics} into metric families when the registry
+    is collected (at every scrape).
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+        from prometheus_client.utils import floatToGoString
+
+        m = self._metrics
+        for (name, text, labels), counts in zip(COUNTERS, m.counters(), strict=True):
+            counter = CounterMetricFamily(name, text, labels=labels)
+            for key, count in sorted(dict(counts).items()):
+                counter.add_metric(key, count)
+            yield counter
+        bounds = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+        for (name, text, labels), rows in zip(HISTOGRAMS, m.histograms(), strict=True):
+            histogram = HistogramMetricFamily(name, text, labels=labels)
+            for key, shared in sorted(dict(rows).items()):
+                row = list(shared)
+                cumulative = 0.0
+                buckets: list[tuple[str, float]] = []
+                for bound, inBucket in zip(bounds, row, strict=False):
+                    cumulative += inBucket
+                    buckets.append((bound, cumulative))
+                histogram.add_metric(key, buckets, row[-1])
+            yield histogram
+        yield GaugeMetricFamily("xcauth_in_flight", "Requests being worked on.",
+                                value=m.inFlight())
 
 
 def quietSite(resource: IResource, reactor: Any) -> Site:
