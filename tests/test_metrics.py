@@ -6,8 +6,11 @@ clients and the penalty box; the metrics listener's service.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import RequestTraversalAgent
@@ -126,6 +129,42 @@ class MetricsTests(SynchronousTestCase):
                            outcome="unavailable"), 1)
         self.assertAlmostEqual(v("xcauth_backend_seconds_sum", backend="jsxc"), 0.02)
         self.assertEqual(v("xcauth_in_flight"), 0)
+
+    @given(st.lists(st.tuples(
+        st.sampled_from(["prosody", "ejabberd"]),
+        st.sampled_from(["auth", "isuser"]),
+        st.sampled_from(["true", "false", "unavailable", "error"]),
+        st.one_of(st.sampled_from(LATENCY_BUCKETS), st.floats(0, 10)),
+    ), max_size=30))
+    def test_anyRequests(self, calls: list[tuple[str, str, str, float]]) -> None:
+        """
+        Whatever requests were counted, the scrape gives their number by
+        labels, and each histogram bucket the number at or below its bound.
+        """
+        m = Metrics(self.clock, process=False)
+        for call in calls:
+            m.request(*call)
+        got = samples(m)
+        for (framing, operation, result), n in Counter(c[:3] for c in calls).items():
+            self.assertEqual(got[("xcauth_requests_total", (("framing", framing),
+                              ("operation", operation), ("result", result)))], n)
+        self.assertEqual(
+            sum(v for (name, _), v in got.items() if name == "xcauth_requests_total"),
+            len(calls),
+        )
+        for framing, operation in {c[:2] for c in calls}:
+            mine = [c[3] for c in calls if c[:2] == (framing, operation)]
+
+            def sample(name: str, **more: str) -> float:
+                labels = {"framing": framing, "operation": operation, **more}  # noqa: B023
+                return got[(name, tuple(sorted(labels.items())))]
+
+            for bound in LATENCY_BUCKETS:
+                self.assertEqual(sample("xcauth_request_seconds_bucket", le=str(bound)),
+                                 len([x for x in mine if x <= bound]))
+            self.assertEqual(sample("xcauth_request_seconds_bucket", le="+Inf"), len(mine))
+            self.assertEqual(sample("xcauth_request_seconds_count"), len(mine))
+            self.assertAlmostEqual(sample("xcauth_request_seconds_sum"), sum(mine))
 
     def test_inFlight(self) -> None:
         m = self.metrics
