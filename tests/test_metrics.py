@@ -301,6 +301,46 @@ class FramingTests(SynchronousTestCase):
                                operation="auth"), 0.5)
 
 
+class DovecotTests(SynchronousTestCase):
+    """
+    The dovecot framing counts through its request timers too; a login it
+    refuses without asking anyone is an invalid request.
+    """
+
+    def test_counts(self) -> None:
+        from tests.test_dovecot import PROSODY_HELLO, plain
+        from xcauth.framing.dovecot import DovecotProtocol
+
+        clock = Clock()
+        metrics = Metrics(clock, process=False)
+        context = ServerContext(
+            authenticator=TableAuthenticator({f"alice@{DOMAIN}": "right"}), clock=clock,
+            logRequests="none", defaultDomain=DOMAIN, metrics=metrics,
+        )
+        protocol = XcauthFactory(DovecotProtocol, context).buildProtocol(None)
+        from twisted.internet.testing import StringTransport
+
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(PROSODY_HELLO)
+        for i, (user, password) in enumerate(
+            [("alice", "right"), ("alice", "wrong"), ("alice", "")], 1
+        ):
+            protocol.dataReceived(
+                b"AUTH\t%d\tPLAIN\tservice=xmpp\tresp=" % i + plain(user, password) + b"\n"
+            )
+        answers = transport.value().split(b"\n")
+        self.assertEqual(sum(1 for a in answers if a.startswith(b"OK\t1\t")), 1)
+
+        def count(operation: str, result: str) -> float:
+            return value(metrics, "xcauth_requests_total", framing="dovecot",
+                         operation=operation, result=result)
+
+        self.assertEqual((count("auth", "true"), count("auth", "false"),
+                          count("invalid", "false")), (1, 1, 1))
+        self.assertEqual(value(metrics, "xcauth_in_flight"), 0)
+
+
 class _Switchable:
     """
     An agent in front of the fake Nextcloud; while C{down}, every request

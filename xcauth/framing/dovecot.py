@@ -586,6 +586,7 @@ class DovecotProtocol(LineReceiver):
             del self._requests[request.command.id]
 
     def _reject(self, request: _Request, reason: str) -> None:
+        self.context.metrics.invalid(self.framing)  # metrics
         log.info(
             "request answered FAIL via {framing}: {reason}", framing=self.framing, reason=reason
         )
