@@ -304,6 +304,8 @@ class Stack:
         if scenario.cache:
             options["cache_storage"] = "memory"
         options.update(scenario.options)
+        if os.environ.get("BENCH_METRICS"):  # metrics: serve them (counting is measured)
+            options["metrics"] = f"tcp:{harness.freePort()}:interface={HOST}"  # metrics
         config = harness.writeConfig(os.path.join(d, "xcauth.conf"), url, SECRET, **options)
         port = harness.freePort()
         daemon = harness.Daemon(

@@ -34,6 +34,7 @@ from zope.interface import implementer
 from xcauth import store
 from xcauth.hashing import HashQueue, QueueFull
 from xcauth.interfaces import ICacheStorage, IWorker, Outcome
+from xcauth.metrics import NoMetrics
 from xcauth.text import printable
 
 log = Logger()
@@ -227,6 +228,7 @@ class CredentialCache:
         treated as unavailable for a password the cache vouches for.
     @param concurrency: bcrypt jobs run at once (the hasher's threads).
     @param debug: log debug details (C{--debug}).
+    @param metrics: counts hits, misses, stale entries and fallbacks.
 
     In front of the bcrypt hashes, a fast verifier: for each user whose
     cached password was confirmed since the daemon started (by bcrypt or by
@@ -247,7 +249,9 @@ class CredentialCache:
         deadline: float = 4.0,
         concurrency: int = 2,
         debug: bool = False,
+        metrics: NoMetrics | None = None,
     ) -> None:
+        self.metrics = metrics if metrics is not None else NoMetrics()  # metrics
         self.storage = storage
         self.hashes = HashQueue(hasher, concurrency)
         self.setDeadline(deadline)
@@ -330,8 +334,13 @@ class CredentialCache:
         started = self._clock.seconds()
         entry = await self._lookup(jid)
         matched: bool | None = None
-        if entry is not None and self._fresh(entry, self._clock.seconds()):
+        if entry is None:
+            self.metrics.cache("miss")  # metrics
+        elif not self._fresh(entry, self._clock.seconds()):
+            self.metrics.cache("stale")  # metrics
+        else:
             matched = await self._matches(jid, entry, password)
+            self.metrics.cache("hit" if matched else "miss")  # metrics
             if matched:
                 if self.debug:
                     log.debug("auth from cache for {jid}", jid=printable(jid))
@@ -351,6 +360,7 @@ class CredentialCache:
                 if matched and not backend.called:
                     backend.addErrback(_ignoreCancelled)
                     backend.cancel()
+                    self.metrics.cache("fallback")  # metrics
                     log.info(
                         "backend slow: {jid} accepted from the cache after {seconds} s",
                         jid=printable(jid),
@@ -386,6 +396,7 @@ class CredentialCache:
         if matched is None:
             matched = await self._matches(jid, entry, password)
         if matched:
+            self.metrics.cache("fallback")  # metrics
             log.info(
                 "backend unavailable: {jid} accepted from the cache", jid=printable(jid)
             )

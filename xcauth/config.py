@@ -443,6 +443,13 @@ SETTINGS: tuple[Setting, ...] = (
         lambda name, text: None if text == "auto" else _count(name, text),
     ),
     Setting(
+        "metrics", "metrics", None,
+        "Serve Prometheus metrics (text format, at /metrics) on this Twisted server "
+        "endpoint, e.g. tcp:9464:interface=127.0.0.1; keep it on loopback (the "
+        "metrics name framings and rates, and nothing authenticates the scraper). "
+        "Default: no metrics listener.",
+    ),
+    Setting(
         "db", "db", "/var/lib/xcauth/xcauth.sqlite3",
         "The state database (SQLite): per-domain settings and the persistent "
         "credential cache.",
@@ -560,6 +567,7 @@ class Config:
     configFile: str | None
     log: str | None
     logRequests: str = "failures"
+    metrics: str | None = None
 
     @property
     def connectTimeout(self) -> float:

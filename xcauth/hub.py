@@ -30,6 +30,7 @@ from xcauth.interfaces import BackendUnavailable, IBackendClient
 from xcauth.jsxc import JSXCClient
 from xcauth.keys import PasswordKeys
 from xcauth.listen import backendRequestLimit, descriptorLimit
+from xcauth.metrics import Metrics, NoMetrics
 from xcauth.ocs import OCSClient, StartupRefused
 from xcauth.penalty import PenaltyBox, PenaltyPolicy
 from xcauth.roster import ICommandRunner, RosterSync
@@ -54,6 +55,7 @@ RESTART_SETTINGS = (
     ("roster-api-url", "rosterApiURL"),
     ("ejabberdctl", "ejabberdctl"),
     ("roster-command-timeout", "rosterCommandTimeout"),
+    ("metrics", "metrics"),
 )
 
 
@@ -130,7 +132,10 @@ class Hub(Service):
         startupCheck: Callable[[], Deferred[None]] | None = None,
         refuse: Callable[[str], None] | None = None,
         gate: Gate | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        #: The daemon's metrics (C{None}: not counted, no C{--metrics}).
+        self.metrics = metrics
         self.gate = gate
         self.watches = watches
         self.startupCheck = startupCheck
@@ -188,6 +193,7 @@ class Hub(Service):
             self.reactor,
             config,
             self.watches,
+            self.context.metrics,
         )
         spec = globalSpec(config)
         self.domains.reconfigure(
@@ -294,6 +300,9 @@ def buildHub(config: Config, reactor: Any) -> Hub:
     """
     agent, pool = makeAgent(reactor, connectTimeout=config.connectTimeout)
     watches = ThrottleWatches()
+    # Counted only when served (--metrics): otherwise every count is a no-op.
+    metrics = Metrics(reactor) if config.metrics is not None else None
+    counts: NoMetrics = metrics if metrics is not None else NoMetrics()
     makeClient = clientFactory(
         HTTPRequester(
             agent,
@@ -304,6 +313,7 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         reactor,
         config,
         watches,
+        counts,
     )
     spec = globalSpec(config)
     globalClient = makeClient(spec, False)
@@ -327,7 +337,7 @@ def buildHub(config: Config, reactor: Any) -> Hub:
     gate = Gate(opened=check is None)
     keys = PasswordKeys()
     hashWorker = ThreadWorker(reactor, "xcauth-bcrypt", BCRYPT_THREADS)
-    cache = buildCache(config, store, hashWorker, reactor, keys)
+    cache = buildCache(config, store, hashWorker, reactor, keys, counts)
     # The shared roster sync to ejabberd (None unless configured).
     rosterSync, rosterRunner = makeRosterSync(config, reactor, domains.settingsFor, store)
     authenticator = Authenticator(
@@ -350,6 +360,7 @@ def buildHub(config: Config, reactor: Any) -> Hub:
                 forgetAfter=config.penaltyForget,
                 maxEntries=config.penaltyMaxEntries,
             ),
+            metrics=counts,
         ),
     )
     context = ServerContext(
@@ -360,11 +371,12 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         debug=config.debug,
         logRequests=config.logRequests,
         defaultDomain=config.dovecotDefaultDomain,
+        metrics=counts,
     )
     return Hub(
         context, domains, store, dbWorker, hashWorker, cache, pool, rosterSync, rosterRunner,
         config=config, reactor=reactor, agent=agent, watches=watches, startupCheck=check,
-        refuse=lambda m: refuseToRun(reactor, m), gate=gate,
+        refuse=lambda m: refuseToRun(reactor, m), gate=gate, metrics=metrics,
     )
 
 
@@ -383,7 +395,8 @@ def globalSpec(config: Config) -> BackendSpec:
 
 
 def clientFactory(
-    http: HTTPRequester, reactor: Any, config: Config, watches: ThrottleWatches
+    http: HTTPRequester, reactor: Any, config: Config, watches: ThrottleWatches,
+    metrics: NoMetrics | None = None,
 ) -> Callable[..., IBackendClient]:
     """
     What builds the backend client of one L{BackendSpec} over C{http}: the
@@ -394,11 +407,11 @@ def clientFactory(
 
     def makeClient(spec: BackendSpec, forDomain: bool = True) -> IBackendClient:
         if spec.backend == "jsxc":
-            return JSXCClient(http, spec.url, spec.secret)
+            return JSXCClient(http, spec.url, spec.secret, metrics)
         assert spec.serviceUser is not None and spec.servicePassword is not None
         client = OCSClient(
             http, spec.url, spec.serviceUser, spec.servicePassword, spec.loginFormat,
-            reactor,
+            reactor, metrics=metrics,
         )
         watch = ThrottleWatch(
             client, reactor, config.throttleCheckInterval, config.throttleWarnDelay
@@ -460,6 +473,7 @@ def buildCache(
     hasher: ThreadWorker,
     clock: Any,
     keys: Callable[[str], bytes],
+    metrics: NoMetrics | None = None,
 ) -> CredentialCache | None:
     """
     The credential cache C{cache-storage} asks for, or C{None}.
@@ -477,6 +491,7 @@ def buildCache(
         deadline=config.deadline,
         concurrency=BCRYPT_THREADS,
         debug=config.debug,
+        metrics=metrics,
     )
 
 

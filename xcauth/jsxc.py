@@ -25,6 +25,7 @@ from zope.interface import implementer
 from xcauth.config import validateURL
 from xcauth.http import Answer, HTTPRequester, parseJSON, unavailableOutcome
 from xcauth.interfaces import BackendUnavailable, IBackendClient, Outcome, RosterEntry
+from xcauth.metrics import NoMetrics
 
 log = Logger()
 
@@ -64,9 +65,13 @@ class JSXCClient:
         L{HTTPRequester}).
     @param url: the external API URL.
     @param secret: the API secret used to sign requests.
+    @param metrics: counts the answers to C{auth} and C{isuser} by outcome.
     """
 
-    def __init__(self, http: HTTPRequester, url: str, secret: bytes) -> None:
+    def __init__(
+        self, http: HTTPRequester, url: str, secret: bytes, metrics: NoMetrics | None = None
+    ) -> None:
+        self._metrics = metrics if metrics is not None else NoMetrics()  # metrics
         self._http = http
         self.url = validateURL(url)
         # Encode the URL once: parsing it on every request costs more than the
@@ -159,6 +164,7 @@ class JSXCClient:
     ) -> Deferred[Outcome]:
         d.addCallback(interpret)
         d.addErrback(unavailableOutcome, "request", user, domain)
+        d.addCallback(self._metrics.backend, "jsxc", self._metrics.now())  # metrics
         return d
 
 

@@ -40,6 +40,7 @@ from zope.interface import implementer
 from xcauth.config import validateURL
 from xcauth.http import Answer, HTTPRequester, parseJSON, unavailableOutcome
 from xcauth.interfaces import BackendUnavailable, IBackendClient, Outcome, RosterEntry
+from xcauth.metrics import NoMetrics
 from xcauth.text import printable
 
 log = Logger()
@@ -133,6 +134,7 @@ class OCSClient:
     @param clock: for the once-per-hour hint and measured delays.
     @param onLogin: called with C{(seconds, status)} after every password
         check (for the throttle watch); may be set later as C{onLogin}.
+    @param metrics: counts the answers to C{auth} and C{isuser} by outcome.
     """
 
     def __init__(
@@ -144,7 +146,9 @@ class OCSClient:
         loginFormat: str = "{user}",
         clock: IReactorTime | None = None,
         onLogin: Callable[[float, int], None] | None = None,
+        metrics: NoMetrics | None = None,
     ) -> None:
+        self._metrics = metrics if metrics is not None else NoMetrics()  # metrics
         self._http = http
         self.url = validateURL(url)
         base = URL.from_text(url.rstrip("/")).to_uri().to_text()
@@ -199,6 +203,7 @@ class OCSClient:
         d: Deferred[Any] = self._get("/ocs/v2.php/cloud/user", basicAuth(login, password))
         d.addCallback(self._authAnswer, login, password, started)
         d.addErrback(unavailableOutcome, "auth", user, domain)
+        d.addCallback(self._metrics.backend, "nextcloud", self._metrics.now())  # metrics
         return d
 
     def _authAnswer(self, answer: Answer, login: str, password: str,
@@ -260,6 +265,7 @@ class OCSClient:
         d: Deferred[Any] = self._get("/ocs/v2.php/cloud/users/" + quote(login, safe=""), self._serviceAuth)
         d.addCallback(self._isUserAnswer, login)
         d.addErrback(unavailableOutcome, "isuser", user, domain)
+        d.addCallback(self._metrics.backend, "nextcloud", self._metrics.now())  # metrics
         return d
 
     def _isUserAnswer(self, answer: Answer, login: str) -> Outcome | Deferred[Outcome]:

@@ -34,6 +34,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
+from xcauth.metrics import NoMetrics
+
 
 @attr.s(frozen=True, auto_attribs=True)
 class PenaltyPolicy:
@@ -68,9 +70,14 @@ class PenaltyBox:
 
     @param clock: the time of every decision and of the delays.
     @param policy: the limits.
+    @param metrics: counts the logins refused or delayed here.
     """
 
-    def __init__(self, clock: IReactorTime, policy: PenaltyPolicy | None = None) -> None:
+    def __init__(
+        self, clock: IReactorTime, policy: PenaltyPolicy | None = None,
+        metrics: NoMetrics | None = None,
+    ) -> None:
+        self.metrics = metrics if metrics is not None else NoMetrics()  # metrics
         self._clock = clock
         self.policy = policy or PenaltyPolicy()
         # (jid, password key) -> until when the pair is refused; insertion
@@ -175,12 +182,14 @@ class PenaltyBox:
         """
         started = self._clock.seconds()
 
-        def refuse(_: object = None) -> Deferred[bool | None]:
+        def refuse(reason: str = "delayed") -> Deferred[bool | None]:
+            if reason != "delayed" or self.delay(who) > 0:  # metrics
+                self.metrics.penalized(reason)  # metrics
             return self.holdBack(who, started).addCallback(lambda _: False)
 
         if self.refused(jid, key):
             self.failed(who, jid, key, known=True)
-            return refuse()
+            return refuse("refused")
         if self.lockedOut(who):
             vouched: Deferred[bool] = vouch() if vouch is not None else succeed(False)
 
@@ -189,7 +198,7 @@ class PenaltyBox:
                     self.succeeded(who)
                     return True
                 self._failedLocally(who)
-                return refuse()
+                return refuse("locked-out")
 
             return vouched.addCallback(decided)
 

@@ -27,6 +27,7 @@ from xcauth.listen import (
     listenerService,
     unixSocketPath,
 )
+from xcauth.metrics import metricsService
 
 log = Logger()
 
@@ -61,6 +62,11 @@ class XcauthService(MultiService):
             svc = listenerService(listener, factory, reactor)
             svc.setServiceParent(self)
             self.listeners.append(svc)
+        #: The metrics listener (C{--metrics}), started with the others.
+        self.metricsListener = None
+        if hub.metrics is not None and hub.config is not None and hub.config.metrics:
+            self.metricsListener = metricsService(hub.metrics, hub.config.metrics, reactor)
+            self.metricsListener.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
         try:
@@ -75,7 +81,7 @@ class XcauthService(MultiService):
         except Exception as e:
             self._cannotListen(e)
         self._giveSocketsToGroups()
-        for svc in self.listeners:
+        for svc in [*self.listeners, *filter(None, [self.metricsListener])]:
             log.info("listening: {listener}", listener=svc.name)
         self.reactor.callWhenRunning(
             log.info, "xcauth ready: serving {count} listeners", count=len(self.listeners)

@@ -11,7 +11,13 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from xcauth.config import Config, ConfigError, ConfigOptions
-from xcauth.listen import Listener, parseListener, socketDirectoryProblem, systemdSockets
+from xcauth.listen import (
+    Listener,
+    checkEndpoint,
+    parseListener,
+    socketDirectoryProblem,
+    systemdSockets,
+)
 
 log = Logger()
 
@@ -93,6 +99,11 @@ class Options(ConfigOptions):
                 problem = socketDirectoryProblem(listener)
                 if problem is not None:
                     raise ConfigError(problem)
+            if config.metrics is not None:  # metrics: a typo stops the start
+                try:
+                    checkEndpoint(config.metrics)
+                except ConfigError as e:
+                    raise ConfigError(f"metrics: {e}") from None
             if DEMO_SECRET in config.secrets and not self["demo"]:
                 raise ConfigError(
                     "secret is the demo secret of the sample config file: set "

@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from xcauth.deadlines import Deadlines
 from xcauth.interfaces import IAuthenticator
+from xcauth.metrics import NoMetrics, resultLabel
 from xcauth.text import printable
 
 log = Logger()
@@ -43,6 +44,7 @@ class ServerContext:
         C{failures} (every answer but a yes) or C{none}.
     @ivar defaultDomain: the domain of logins that name none (the C{dovecot}
         framing's C{dovecot-default-domain}); C{None}: such logins fail.
+    @ivar metrics: counts requests (L{xcauth.metrics}); by default nothing.
     """
 
     authenticator: IAuthenticator
@@ -52,6 +54,7 @@ class ServerContext:
     debug: bool = False
     logRequests: str = "all"
     defaultDomain: str | None = None
+    metrics: NoMetrics = attr.Factory(NoMetrics)  # metrics
     _deadlines: Deadlines | None = attr.ib(default=None, init=False, repr=False, eq=False)
     _invalid: InvalidRequestLog | None = attr.ib(default=None, init=False, repr=False, eq=False)
 
@@ -61,6 +64,7 @@ class ServerContext:
         sending too many): one log line per L{InvalidRequestLog.INTERVAL} for
         the whole daemon, however many connections send them.
         """
+        self.metrics.invalid(framing)  # metrics
         if self._invalid is None:
             self._invalid = InvalidRequestLog(self.clock)
         self._invalid.note(framing, reason, closed)
@@ -79,7 +83,9 @@ class ServerContext:
         """
         A L{RequestTimer} for one request, on this context's clock.
         """
-        return RequestTimer(self.clock, framing, operation, user, domain, self.logRequests)
+        return RequestTimer(
+            self.clock, framing, operation, user, domain, self.logRequests, self.metrics
+        )
 
 
 class InvalidRequestLog:
@@ -364,6 +370,8 @@ class OrderedAnswers:
         self._fillSlot(slot, answer)
 
     def _requestFailed(self, f: Failure, slot: _Slot, fallback: bytes) -> None:
+        if not self._lost and f.check(CancelledError, TimeoutError):
+            self.context.metrics.deadlineMissed(self.framing)  # metrics
         if not (self._lost and f.check(CancelledError, TimeoutError)):
             logRequestFailure(f, self.framing, self.context.deadline)
         self._fillSlot(slot, fallback)
@@ -456,15 +464,21 @@ class RequestTimer(Generic[T]):
     Logs one line per request when its result is known: framing, operation,
     user@domain, result and latency.  Never the password.  With C{which}
     C{failures}, a yes (C{True}, a roster) is not logged; with C{none}, nothing.
+    Every request is counted in C{metrics} (in flight from its start to its
+    result, then by result and latency), whatever is logged.
     """
 
     # One per request, alive as long as the request: no instance dict.
-    __slots__ = ("clock", "framing", "operation", "user", "domain", "started", "which")
+    __slots__ = (
+        "clock", "framing", "operation", "user", "domain", "started", "which", "metrics",
+    )
 
     def __init__(
         self, clock: IReactorTime, framing: str, operation: str, user: str, domain: str,
-        which: str = "all",
+        which: str = "all", metrics: NoMetrics | None = None,
     ) -> None:
+        self.metrics = metrics = metrics if metrics is not None else NoMetrics()  # metrics
+        metrics.started()  # metrics
         self.which = which
         self.clock = clock
         self.framing = framing
@@ -474,6 +488,10 @@ class RequestTimer(Generic[T]):
         self.started = clock.seconds()
 
     def __call__(self, result: T) -> T:
+        seconds = self.clock.seconds() - self.started
+        metrics = self.metrics  # metrics
+        metrics.finished()  # metrics
+        metrics.request(self.framing, self.operation, resultLabel(result), seconds)  # metrics
         if self.which != "all" and (
             self.which == "none" or result is True or isinstance(result, bytes)
         ):
@@ -485,7 +503,7 @@ class RequestTimer(Generic[T]):
             user=self.user,
             domain=self.domain,
             framing=self.framing,
-            ms=round((self.clock.seconds() - self.started) * 1000, 1),
+            ms=round(seconds * 1000, 1),
         )
         return result
 

@@ -64,7 +64,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import attr
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -586,6 +586,7 @@ class DovecotProtocol(LineReceiver):
             del self._requests[request.command.id]
 
     def _reject(self, request: _Request, reason: str) -> None:
+        self.context.metrics.invalid(self.framing)  # metrics
         log.info(
             "request answered FAIL via {framing}: {reason}", framing=self.framing, reason=reason
         )
@@ -662,6 +663,8 @@ class DovecotProtocol(LineReceiver):
             self._checkLoad()
             self._closeIfDone()
             return
+        if f.check(CancelledError, TimeoutError):
+            self.context.metrics.deadlineMissed(self.framing)  # metrics
         logRequestFailure(f, self.framing, self.context.deadline)
         self._tempFail(request)
 

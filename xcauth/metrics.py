@@ -1,0 +1,328 @@
+"""
+Prometheus metrics (C{--metrics ENDPOINT}): what the daemon counts and the
+web listener that serves it in Prometheus' text format.
+
+L{Metrics} owns its own L{CollectorRegistry} (never the global one of
+C{prometheus_client}), so several can live in one process (tests build many
+hubs).  Callers that do not count anything get a L{NoMetrics}, whose methods
+do nothing; L{Metrics} is a L{NoMetrics} that counts, so every collaborator
+takes a L{NoMetrics}.
+
+C{prometheus_client} is imported only when a L{Metrics} is built.
+Counting is on the request path: each method is a few dictionary
+operations on plain numbers, turned into Prometheus' metric families only
+when scraped.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from twisted.application.service import IService
+from twisted.application.strports import service as strportsService
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.resource import IResource
+
+if TYPE_CHECKING:
+    from twisted.web.server import Site
+
+    from xcauth.interfaces import Outcome
+
+#: Bounds (seconds) of the latency histograms: 1 ms to 5 s, the deadline's
+#: range (a request past 5 s is in the C{+Inf} bucket).
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)
+
+def resultLabel(result: object) -> str:
+    """
+    The C{result} label of a request's result: C{true} (C{True} or a roster),
+    C{false}, C{unavailable} (C{None}: the backend was unavailable; or
+    C{"cancelled"}, the reason L{xcauth.framing.base.RequestTimer} gives for a
+    request answered without a decision: deadline missed, client gone), and
+    C{error} for anything else (the work failed).
+    """
+    if result is True or isinstance(result, bytes):
+        return "true"
+    if result is False:
+        return "false"
+    if result is None or result == "cancelled":
+        return "unavailable"
+    return "error"
+
+
+class NoMetrics:
+    """
+    Counts nothing: the default of every collaborator that can count (unit
+    tests, the C{xcauth} command).  L{Metrics} overrides every method.
+    """
+
+    def now(self) -> float:
+        """
+        The time to measure a duration from (C{0.0}: nothing is measured).
+        """
+        return 0.0
+
+    def started(self) -> None:
+        """
+        A request is being worked on (until L{finished}).
+        """
+
+    def finished(self) -> None:
+        """
+        A request L{started} has its result.
+        """
+
+    def request(self, framing: str, operation: str, result: str, seconds: float) -> None:
+        """
+        One request's outcome (C{result}: C{true}, C{false}, C{unavailable},
+        C{error}) after C{seconds}.
+        """
+
+    def invalid(self, framing: str) -> None:
+        """
+        An invalid request (answered C{false} without any work).
+        """
+
+    def backend(self, outcome: Outcome, backend: str, started: float) -> Outcome:
+        """
+        Count C{backend}'s answer (C{yes}, C{no}, C{unavailable}) to a request
+        sent at C{started} (a L{now}), and return it (a callback).
+        """
+        return outcome
+
+    def cache(self, result: str) -> None:
+        """
+        A credential cache decision: C{hit}, C{miss}, C{stale}, C{fallback}.
+        """
+
+    def deadlineMissed(self, framing: str) -> None:
+        """
+        A request got no answer within the deadline.
+        """
+
+    def penalized(self, reason: str) -> None:
+        """
+        A login refused or delayed by the penalty box (C{reason}: C{refused},
+        C{locked-out}, C{delayed}).
+        """
+
+
+#: The counters: C{(name, help, label names)}; C{prometheus_client} adds
+#: C{_total} to the names.
+COUNTERS = (
+    ("xcauth_requests", "Requests answered, by framing, operation and result.",
+     ("framing", "operation", "result")),
+    ("xcauth_backend_requests", "Backend answers, by backend and outcome.",
+     ("backend", "outcome")),
+    ("xcauth_cache", "Credential cache decisions: hit, miss, stale, fallback.", ("result",)),
+    ("xcauth_deadline_missed", "Requests that got no answer within the deadline.",
+     ("framing",)),
+    ("xcauth_penalized", "Logins refused or delayed by the penalty box.", ("reason",)),
+)
+
+#: The histograms (buckets L{LATENCY_BUCKETS}): C{(name, help, label names)}.
+HISTOGRAMS = (
+    ("xcauth_request_seconds", "Seconds from a request to its result.",
+     ("framing", "operation")),
+    ("xcauth_backend_seconds", "Seconds a backend took to answer.", ("backend",)),
+)
+
+
+class Metrics(NoMetrics):
+    """
+    The daemon's metrics, in a registry of their own.
+
+    The counts are plain integers and lists in dictionaries keyed by label
+    values, turned into metric families only when scraped (L{_Collector}):
+    counting a request costs a few dictionary operations, a fraction of
+    what C{prometheus_client}'s lock-protected metric objects cost on every
+    request.  Scrapes read them from the reactor's thread pool; copying a
+    dictionary or list is atomic in CPython, and only the reactor thread
+    writes.
+
+    @param clock: measures backend durations.
+    @param process: also register the process, platform and garbage
+        collector collectors of C{prometheus_client} (the daemon does).
+    @ivar registry: what the metrics listener serves.
+    """
+
+    def __init__(self, clock: IReactorTime, process: bool = True) -> None:
+        # Imported here: a daemon without --metrics never loads prometheus_client.
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.gc_collector import GCCollector
+        from prometheus_client.platform_collector import PlatformCollector
+        from prometheus_client.process_collector import ProcessCollector
+
+        self._clock = clock
+        self._inFlight = 0
+        # Counter values by label values, one dictionary per COUNTERS entry.
+        self._requests: dict[tuple[str, ...], int] = {}
+        self._backend: dict[tuple[str, ...], int] = {}
+        self._cache: dict[tuple[str, ...], int] = {}
+        self._deadline: dict[tuple[str, ...], int] = {}
+        self._penalized: dict[tuple[str, ...], int] = {}
+        # Histogram rows by label values, one per HISTOGRAMS entry: the count
+        # of each bucket (not cumulative; the last one +Inf), then the sum.
+        self._requestSeconds: dict[tuple[str, ...], list[float]] = {}
+        self._backendSeconds: dict[tuple[str, ...], list[float]] = {}
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        registry.register(_Collector(self))
+        if process:
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+
+    def counters(self) -> tuple[dict[tuple[str, ...], int], ...]:
+        """
+        The counts of each of L{COUNTERS}, in its order.
+        """
+        return (self._requests, self._backend, self._cache, self._deadline, self._penalized)
+
+    def histograms(self) -> tuple[dict[tuple[str, ...], list[float]], ...]:
+        """
+        The rows of each of L{HISTOGRAMS}, in its order.
+        """
+        return (self._requestSeconds, self._backendSeconds)
+
+    def inFlight(self) -> int:
+        """
+        Requests being worked on now.
+        """
+        return self._inFlight
+
+    def now(self) -> float:
+        return self._clock.seconds()
+
+    def started(self) -> None:
+        self._inFlight += 1
+
+    def finished(self) -> None:
+        self._inFlight -= 1
+
+    def request(self, framing: str, operation: str, result: str, seconds: float) -> None:
+        # On every request: _count and _observe inlined.
+        counts = self._requests
+        key = (framing, operation, result)
+        counts[key] = counts.get(key, 0) + 1
+        row = self._requestSeconds.get(key[:2])
+        if row is None:
+            row = self._requestSeconds[key[:2]] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        row[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        row[-1] += seconds
+
+    def invalid(self, framing: str) -> None:
+        _count(self._requests, (framing, "invalid", "false"))
+
+    def backend(self, outcome: Outcome, backend: str, started: float) -> Outcome:
+        _count(self._backend, (backend, outcome.value))
+        _observe(self._backendSeconds, (backend,), max(self._clock.seconds() - started, 0.0))
+        return outcome
+
+    def cache(self, result: str) -> None:
+        _count(self._cache, (result,))
+
+    def deadlineMissed(self, framing: str) -> None:
+        _count(self._deadline, (framing,))
+
+    def penalized(self, reason: str) -> None:
+        _count(self._penalized, (reason,))
+
+
+def _count(counts: dict[tuple[str, ...], int], key: tuple[str, ...]) -> None:
+    counts[key] = counts.get(key, 0) + 1
+
+
+def _observe(rows: dict[tuple[str, ...], list[float]], key: tuple[str, ...],
+             seconds: float) -> None:
+    row = rows.get(key)
+    if row is None:
+        row = rows[key] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+    # The first bucket whose bound is >= seconds (+Inf past the last).
+    row[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+    row[-1] += seconds
+
+
+class _Collector:
+    """
+    Turns the counts of a L{Metrics} into metric families when the registry
+    is collected (at every scrape).
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+        from prometheus_client.utils import floatToGoString
+
+        m = self._metrics
+        for (name, text, labels), counts in zip(COUNTERS, m.counters(), strict=True):
+            counter = CounterMetricFamily(name, text, labels=labels)
+            for key, count in sorted(dict(counts).items()):
+                counter.add_metric(key, count)
+            yield counter
+        bounds = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+        for (name, text, labels), rows in zip(HISTOGRAMS, m.histograms(), strict=True):
+            histogram = HistogramMetricFamily(name, text, labels=labels)
+            for key, shared in sorted(dict(rows).items()):
+                row = list(shared)
+                cumulative = 0.0
+                buckets: list[tuple[str, float]] = []
+                for bound, inBucket in zip(bounds, row, strict=False):
+                    cumulative += inBucket
+                    buckets.append((bound, cumulative))
+                histogram.add_metric(key, buckets, row[-1])
+            yield histogram
+        yield GaugeMetricFamily("xcauth_in_flight", "Requests being worked on.",
+                                value=m.inFlight())
+
+
+def quietSite(resource: IResource, reactor: Any) -> Site:
+    """
+    A L{Site} serving C{resource} that logs neither its start and stop
+    (C{noisy}) nor any request: Twisted's default, even with C{logPath=None},
+    writes an access line per request to the daemon's log, and a scrape every
+    few seconds would drown it.
+    """
+    # Imported here: twisted.web.server is not otherwise needed by a daemon.
+    from twisted.web.server import Site
+
+    class QuietSite(Site):
+        noisy = False
+
+        def log(self, request: Any) -> None:
+            pass
+
+    return QuietSite(resource, reactor=reactor)
+
+
+def metricsService(
+    metrics: Metrics, endpoint: str, reactor: Any, resource: IResource | None = None
+) -> IService:
+    """
+    The web listener serving C{metrics} on C{endpoint} (a Twisted server
+    endpoint, C{tcp:9464:interface=127.0.0.1}), at C{/metrics} and every
+    other path.  It raises when the endpoint cannot listen, which stops the
+    daemon's start.
+
+    @param resource: what to serve (tests); by default
+        C{prometheus_client}'s L{MetricsResource} of C{metrics.registry}, which
+        collects in the reactor's thread pool (a WSGI application), off the
+        reactor thread.
+    """
+    if resource is None:
+        # Imports the global reactor: only once the daemon has installed it.
+        from prometheus_client.twisted import MetricsResource
+
+        resource = MetricsResource(metrics.registry)
+    site = quietSite(resource, reactor)
+    svc = strportsService(endpoint, site, reactor=reactor)
+    svc.setName(f"metrics={endpoint}")
+    return svc
