@@ -223,8 +223,11 @@ class Stack:
     fresh daemon per scenario.
     """
 
-    def __init__(self, directory: str, nextcloudMode: str, nextcloudProcs: int) -> None:
+    def __init__(
+        self, directory: str, nextcloudMode: str, nextcloudProcs: int, logRequests: str = "all"
+    ) -> None:
         self.directory = directory
+        self.logRequests = logRequests
         self.nextcloudMode = nextcloudMode
         self.nextcloudProcs = nextcloudProcs
         self.nextcloud: harness.Process | None = None
@@ -300,7 +303,8 @@ class Stack:
         # A state database of its own: never the system's (its domains table
         # could send requests elsewhere).
         options: dict[str, Any] = {"type": "ejabberd",
-                                   "db": os.path.join(d, "xcauth.sqlite3")}
+                                   "db": os.path.join(d, "xcauth.sqlite3"),
+                                   "log_requests": self.logRequests}
         if scenario.cache:
             options["cache_storage"] = "memory"
         options.update(scenario.options)
@@ -613,6 +617,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="sample the daemon with py-spy during each window and write "
                              "collapsed stacks to DIR (pip install py-spy)")
     parser.add_argument("--no-json", action="store_true", help="write no JSON file")
+    parser.add_argument("--log-requests", choices=["all", "failures", "none"], default="all",
+                        help="the daemon's log-requests (default: all, the most a "
+                        "production daemon logs; the daemon's own default is failures)")
     args = parser.parse_args(argv)
 
     chosen = scenarios()
@@ -635,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
     hasCache = cacheSupported()
 
     directory = tempfile.mkdtemp(prefix="xcauth-bench-")
-    stack = Stack(directory, args.nextcloud, args.nextcloud_procs)
+    stack = Stack(directory, args.nextcloud, args.nextcloud_procs, args.log_requests)
     runner = Runner(stack, warmup, duration, args.loadgen_procs, args.profile)
     meta = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
