@@ -24,6 +24,7 @@ from xcauth.testing.processes import (
     connect,
     freePort,
     recvLine,
+    serveOn,
     startBackend,
     waitFor,
     writeConfig,
@@ -43,14 +44,7 @@ class LimitsTests(TestCase):
 
     def daemon(self, **options: str) -> Daemon:
         self.nextcloud, config = startBackend(self, os.path.join(self.dir, "nc"), **options)
-        daemon = Daemon(
-            os.path.join(self.dir, "daemon"),
-            ["-c", config, "--listen", f"prosody=tcp:{self.port}:interface=127.0.0.1"],
-            waitOn=[("127.0.0.1", self.port)],
-        )
-        self.addCleanup(daemon.stop)
-        daemon.start()
-        return daemon
+        return serveOn(self, os.path.join(self.dir, "daemon"), config, "prosody", self.port)
 
     def ask(self, s: socket.socket, line: str) -> bytes:
         s.sendall(line.encode() + b"\n")

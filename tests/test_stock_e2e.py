@@ -29,6 +29,7 @@ from xcauth.testing.processes import (
     connect,
     freePort,
     recvLine,
+    serveOn,
     startBackend,
     writeConfig,
 )
@@ -65,14 +66,7 @@ class DaemonTests(TestCase):
         return path
 
     def startDaemon(self, config: str) -> Daemon:
-        daemon = Daemon(
-            os.path.join(self.dir, "daemon"),
-            ["--config-file", config, "--listen", f"generic=tcp:{self.port}:interface=127.0.0.1"],
-            waitOn=[("127.0.0.1", self.port)],
-        )
-        self.addCleanup(daemon.stop)
-        daemon.start()
-        return daemon
+        return serveOn(self, os.path.join(self.dir, "daemon"), config, "generic", self.port)
 
     def test_answers(self) -> None:
         """

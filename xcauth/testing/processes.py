@@ -276,6 +276,23 @@ class Daemon(Process):
         return text
 
 
+def serveOn(testCase: Any, directory: str, config: str, framing: str, port: int,
+            *args: str) -> Daemon:
+    """
+    The real daemon with C{config}, serving C{framing} on 127.0.0.1:C{port},
+    started (and stopped at the test's end).
+    """
+    daemon = Daemon(
+        directory,
+        ["--config-file", config, "--listen", f"{framing}=tcp:{port}:interface=127.0.0.1",
+         *args],
+        waitOn=[("127.0.0.1", port)],
+    )
+    testCase.addCleanup(daemon.stop)
+    daemon.start()
+    return daemon
+
+
 def connect(address: tuple[str, int] | str, timeout: float = 10.0) -> socket.socket:
     """
     A blocking client socket with a timeout.
