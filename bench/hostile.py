@@ -54,7 +54,7 @@ STORM_OFFSET = 100_000
 #: The cached user of the bcrypt storm: the fake answers its logins after
 #: 2.5 s (a slow Nextcloud, still within the 3 s backend timeout so that its
 #: first login is cached); its password is bob's.
-CACHED_USER = "slow2500-bob"
+CACHED_USER = "slow2000-bob"
 CACHED_PASSWORD = "bob's secret"
 
 
