@@ -16,7 +16,6 @@ from twisted.trial.unittest import SkipTest, TestCase
 from xcauth.testing.processes import (
     TWISTD,
     XCAUTH,
-    Daemon,
     childEnv,
     connect,
     ejabberdFrame,
@@ -24,6 +23,7 @@ from xcauth.testing.processes import (
     recvAll,
     recvExactly,
     recvLine,
+    serveOn,
     startBackend,
     writeConfig,
 )
@@ -39,13 +39,9 @@ class DaemonTests(TestCase):
         self.dir = self.mktemp()
         self.nextcloud, self.config = startBackend(self, self.dir, type="ejabberd", deadline="2")
         self.port = freePort()
-        self.daemon = Daemon(
-            os.path.join(self.dir, "daemon"),
-            ["--config-file", self.config, "--listen", f"tcp:{self.port}:interface=127.0.0.1"],
-            waitOn=[("127.0.0.1", self.port)],
+        self.daemon = serveOn(
+            self, os.path.join(self.dir, "daemon"), self.config, "ejabberd", self.port
         )
-        self.daemon.start()
-        self.addCleanup(self.daemon.stop)
 
     def tearDown(self) -> None:
         log = self.daemon.output()

@@ -23,6 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.fakes import ManualAuthenticator, TableAuthenticator
+from tests.test_cache import SwitchableAgent
 from xcauth.cache import CachePolicy, CredentialCache, MemoryStorage
 from xcauth.framing.base import RequestTimer, ServerContext, XcauthFactory
 from xcauth.framing.lines import XMPPLineProtocol
@@ -341,22 +342,6 @@ class DovecotTests(SynchronousTestCase):
         self.assertEqual(value(metrics, "xcauth_in_flight"), 0)
 
 
-class _Switchable:
-    """
-    An agent in front of the fake Nextcloud; while C{down}, every request
-    fails like a refused connection.
-    """
-
-    def __init__(self, agent: Any) -> None:
-        self.agent = agent
-        self.down = False
-
-    def request(self, *args: Any, **kw: Any) -> Deferred[Any]:
-        if self.down:
-            return fail(Failure(ConnectionRefusedError("unplugged")))
-        return self.agent.request(*args, **kw)
-
-
 class CacheAndBackendTests(SynchronousTestCase):
     """
     The credential cache counts its decisions; the JSXC client its answers.
@@ -367,7 +352,7 @@ class CacheAndBackendTests(SynchronousTestCase):
         self.clock.advance(1_700_000_000)
         self.metrics = Metrics(self.clock, process=False)
         self.resource = FakeJSXC(SECRET, dict(DEMO_USERS), self.clock, 0.0)
-        self.agent = _Switchable(RequestTraversalAgent(makeSite(self.resource).resource))
+        self.agent = SwitchableAgent(RequestTraversalAgent(makeSite(self.resource).resource))
         self.client = JSXCClient(HTTPRequester(self.agent, self.clock, 10), URL, SECRET,
                                  self.metrics)
         self.cache = CredentialCache(

@@ -27,6 +27,7 @@ from xcauth.testing.processes import (
     freePort,
     recvAll,
     recvExactly,
+    serveOn,
     startBackend,
     waitFor,
     writeConfig,
@@ -56,13 +57,9 @@ class ReloadTests(TestCase):
         self.dir = self.mktemp()
         self.nextcloud, self.config = startBackend(self, self.dir, type="ejabberd")
         self.port = freePort()
-        self.daemon = Daemon(
-            os.path.join(self.dir, "daemon"),
-            ["--config-file", self.config, "--listen", f"tcp:{self.port}:interface=127.0.0.1"],
-            waitOn=[("127.0.0.1", self.port)],
+        self.daemon = serveOn(
+            self, os.path.join(self.dir, "daemon"), self.config, "ejabberd", self.port
         )
-        self.daemon.start()
-        self.addCleanup(self.daemon.stop)
 
     def hangup(self, needle: str, count: int = 1) -> None:
         assert self.daemon.process is not None
