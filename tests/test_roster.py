@@ -40,6 +40,7 @@ from xcauth.roster import (
     backendFetcher,
     cleanGroupName,
     describeSync,
+    groupId,
     ignoredGroup,
     rosterHash,
     splitJID,
@@ -49,6 +50,7 @@ from xcauth.store import Store, connect
 from xcauth.testing.workers import SynchronousWorker
 from xcauth.token import makeToken
 
+TEAM = groupId("Tem A")
 DOMAIN = "example.org"
 
 
@@ -60,12 +62,17 @@ def entry(name: str, *groups: str) -> RosterEntry:
 class FakeEjabberd:
     """
     A command runner keeping shared roster groups and vCard full names the way
-    ejabberd 23.01 does, recording every command.  C{failures[name]} is a list
-    of L{CommandFailed} raised by the next calls of that command; C{hold} makes
-    every command wait for the test (L{release}).
+    ejabberd 23.01 does (or, with C{nodeprep}, 24.12, tried by hand on
+    Debian 13's ejabberd: a new group's id goes through nodeprep, lower case
+    and no spaces, while its displayed groups are stored as given and must
+    exist; adding a member to a group that displays a missing group fails),
+    recording every command.  C{failures[name]} is a list of L{CommandFailed}
+    raised by the next calls of that command; C{hold} makes every command wait
+    for the test (L{release}).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, nodeprep: bool = False) -> None:
+        self.nodeprep = nodeprep
         self.commands: list[str] = []
         self.groups: dict[tuple[str, str], dict[str, Any]] = {}
         self.fullnames: dict[str, str] = {}
@@ -91,6 +98,27 @@ class FakeEjabberd:
         if pending:
             return fail(pending.pop(0))
         a = dict(command.args)
+        if command.name == "srg_create" and self.nodeprep:
+            # Only srg_create passes the id through nodeprep; the other
+            # commands look the id up as given.
+            a["group"] = a["group"].lower()
+            if any(c in a["group"] for c in ' "&\'/:<>@'):
+                return fail(CommandFailed(
+                    "srg_create", "exit status 1",
+                    "** exception error: {error,invalid_group_name}"))
+            if (a["display"].lower() != a["group"]
+                    and (a["display"], a["host"]) not in self.groups):
+                return fail(CommandFailed("srg_create", "exit status 1",
+                                          "Error: {wrong_displayed_groups}"))
+        if command.name == "srg_get_info":
+            info = self.groups.get((a["group"], a["host"]))
+            return succeed([] if info is None else
+                           [f"label\t{info['label']}", f"displayed_groups\t{info['display']}"])
+        if command.name == "srg_user_add" and self.nodeprep:
+            info = self.groups.get((a["group"], a["grouphost"]))
+            if info is not None and (info["display"], a["grouphost"]) not in self.groups:
+                return fail(CommandFailed("srg_user_add", "exit status 1",
+                                          "** exception error: no function clause"))
         if command.name == "set_vcard":
             self.fullnames[f"{a['user']}@{a['host']}"] = a["content"]
             return succeed([])
@@ -194,19 +222,19 @@ class PureFunctionTests(SynchronousTestCase):
             "result": "success",
             "data": {
                 "sharedRoster": {
-                    "alice": {"name": "Alice A", "groups": ["G1", "G2"]},
+                    "alice": {"name": "Alice A", "groups": ["g1", "g2"]},
                     "bob": {"name": "Bob", "groups": []},
                     "bad": "not an object",
-                    "noname": {"groups": ["G1", 7]},
+                    "noname": {"groups": ["g1", 7]},
                 }
             },
         }
         self.assertEqual(
             parseJSXCRoster(answer),
             {
-                "alice": entry("Alice A", "G1", "G2"),
+                "alice": entry("Alice A", "g1", "g2"),
                 "bob": entry("Bob"),
-                "noname": entry("", "G1"),
+                "noname": entry("", "g1"),
             },
         )
 
@@ -271,10 +299,10 @@ class PureFunctionTests(SynchronousTestCase):
         self.assertEqual(cleanGroupName(clean), clean)
 
     def test_hashOrder(self) -> None:
-        a = {"alice": entry("A", "G1"), "bob": entry("B", "G1")}
-        b = {"bob": entry("B", "G1"), "alice": entry("A", "G1")}
+        a = {"alice": entry("A", "g1"), "bob": entry("B", "g1")}
+        b = {"bob": entry("B", "g1"), "alice": entry("A", "g1")}
         self.assertEqual(rosterHash(a), rosterHash(b))
-        self.assertNotEqual(rosterHash(a), rosterHash({"alice": entry("A", "G2")}))
+        self.assertNotEqual(rosterHash(a), rosterHash({"alice": entry("A", "g2")}))
         self.assertEqual(len(rosterHash({})), 64)
 
     def test_splitJID(self) -> None:
@@ -297,69 +325,72 @@ class SyncTests(SyncTestMixin, SynchronousTestCase):
         """
         The first sync of alice runs the original's commands in its order.
         """
-        self.backend.rosters["alice"] = {"alice": entry("Alice A", "G1")}
+        self.backend.rosters["alice"] = {"alice": entry("Alice A", "g1")}
         self.assertEqual(
             self.syncOnce(),
             [
                 'set_vcard alice example.org FN "Alice A"',
-                "srg_create G1 example.org G1 G1 G1",
-                "srg_get_members G1 example.org",
-                "srg_user_add alice example.org G1 example.org",
+                "srg_list example.org",
+                "srg_create g1 example.org g1 g1 g1",
+                "srg_get_info g1 example.org",
+                "srg_user_add alice example.org g1 example.org",
+                "srg_get_members g1 example.org",
             ],
         )
-        self.assertEqual(self.ejabberd.members("G1"), {"alice@example.org"})
+        self.assertEqual(self.ejabberd.members("g1"), {"alice@example.org"})
         info = getRosterInfo(self.db(), "alice@example.org")
         assert info is not None
         self.assertEqual(info.fullname, "Alice A")
-        self.assertEqual(info.groups, ("G1",))
+        self.assertEqual(info.groups, ("g1",))
         self.assertEqual(info.responsehash, rosterHash(self.backend.rosters["alice"]))
         self.assertEqual(
-            getGroupMembers(self.db(), ["G1@example.org"]),
-            {"G1@example.org": ("alice@example.org",)},
+            getGroupMembers(self.db(), ["g1@example.org"]),
+            {"g1@example.org": ("alice@example.org",)},
         )
 
     def test_unchanged(self) -> None:
         """
         An unchanged answer costs one backend request and no command.
         """
-        self.backend.rosters["alice"] = {"alice": entry("Alice A", "G1")}
+        self.backend.rosters["alice"] = {"alice": entry("Alice A", "g1")}
         self.syncOnce()
         report = self.successResultOf(self.sync.sync("alice", DOMAIN))
         self.assertFalse(report.changed)
         self.assertEqual(report.commands, [])
         self.assertEqual(len(self.backend.requests), 2)
-        self.assertEqual(len(self.ejabberd.commands), 4)
+        self.assertEqual(len(self.ejabberd.commands), 6)
 
     def test_membersSeeEachOther(self) -> None:
         """
         Bob's first sync after alice's: names and group known, one srg_list.
         """
-        roster = {"alice": entry("Alice A", "G1"), "bob": entry("Bob B", "G1")}
+        roster = {"alice": entry("Alice A", "g1"), "bob": entry("Bob B", "g1")}
         self.backend.rosters["alice"] = roster
         self.backend.rosters["bob"] = roster
         self.syncOnce("alice")
-        self.assertEqual(self.ejabberd.members("G1"), {"alice@example.org", "bob@example.org"})
+        self.assertEqual(self.ejabberd.members("g1"), {"alice@example.org", "bob@example.org"})
         self.assertEqual(self.ejabberd.fullnames["bob@example.org"], "Bob B")
         self.assertEqual(self.syncOnce("bob"), ["srg_list example.org"])
         info = getRosterInfo(self.db(), "bob@example.org")
         assert info is not None
-        self.assertEqual(info.groups, ("G1",))
+        self.assertEqual(info.groups, ("g1",))
 
     def test_existingMembersLearned(self) -> None:
         """
         A group created before (by another program) is asked for its members:
         those already in it are not added again.
         """
-        self.ejabberd.groups[("G1", DOMAIN)] = {"members": {"bob@example.org"}}
+        self.ejabberd.groups[("g1", DOMAIN)] = {"members": {"bob@example.org"}}
         self.backend.rosters["alice"] = {
-            "alice": entry("", "G1"), "bob": entry("", "G1")
+            "alice": entry("", "g1"), "bob": entry("", "g1")
         }
         self.assertEqual(
             self.syncOnce(),
             [
-                "srg_create G1 example.org G1 G1 G1",
-                "srg_get_members G1 example.org",
-                "srg_user_add alice example.org G1 example.org",
+                "srg_list example.org",
+                "srg_get_members g1 example.org",
+                "srg_user_add alice example.org g1 example.org",
+                "srg_get_members g1 example.org",
             ],
         )
 
@@ -368,54 +399,151 @@ class SyncTests(SyncTestMixin, SynchronousTestCase):
         A stored member no longer listed is deleted from the group.
         """
         self.backend.rosters["alice"] = {
-            "alice": entry("Alice A", "G1"), "bob": entry("Bob B", "G1")
+            "alice": entry("Alice A", "g1"), "bob": entry("Bob B", "g1")
         }
         self.syncOnce()
-        self.backend.rosters["alice"] = {"alice": entry("Alice A", "G1")}
+        self.backend.rosters["alice"] = {"alice": entry("Alice A", "g1")}
         self.assertEqual(
             self.syncOnce(),
-            ["srg_list example.org", "srg_user_del bob example.org G1 example.org"],
+            ["srg_list example.org", "srg_user_del bob example.org g1 example.org"],
         )
-        self.assertEqual(self.ejabberd.members("G1"), {"alice@example.org"})
+        self.assertEqual(self.ejabberd.members("g1"), {"alice@example.org"})
 
     def test_leftGroup(self) -> None:
         """
         The login user is deleted from a group it has left, and the group's
         stored members no longer hold it (so that joining again adds it).
         """
-        self.backend.rosters["alice"] = {"alice": entry("Alice A", "G1", "G2")}
+        self.backend.rosters["alice"] = {"alice": entry("Alice A", "g1", "g2")}
         self.syncOnce()
-        self.backend.rosters["alice"] = {"alice": entry("Alice A", "G2")}
+        self.backend.rosters["alice"] = {"alice": entry("Alice A", "g2")}
         self.assertEqual(
             self.syncOnce(),
-            ["srg_list example.org", "srg_user_del alice example.org G1 example.org"],
+            ["srg_list example.org", "srg_user_del alice example.org g1 example.org"],
         )
-        self.assertEqual(self.ejabberd.members("G1"), set())
-        self.assertEqual(getGroupMembers(self.db(), ["G1@example.org"])["G1@example.org"], ())
+        self.assertEqual(self.ejabberd.members("g1"), set())
+        self.assertEqual(getGroupMembers(self.db(), ["g1@example.org"])["g1@example.org"], ())
         info = getRosterInfo(self.db(), "alice@example.org")
         assert info is not None
-        self.assertEqual(info.groups, ("G2",))
-        # Back in G1: added again.
-        self.backend.rosters["alice"] = {"alice": entry("Alice A", "G1", "G2")}
-        self.assertIn("srg_user_add alice example.org G1 example.org", self.syncOnce())
-        self.assertEqual(self.ejabberd.members("G1"), {"alice@example.org"})
+        self.assertEqual(info.groups, ("g2",))
+        # Back in g1: added again.
+        self.backend.rosters["alice"] = {"alice": entry("Alice A", "g1", "g2")}
+        self.assertIn("srg_user_add alice example.org g1 example.org", self.syncOnce())
+        self.assertEqual(self.ejabberd.members("g1"), {"alice@example.org"})
 
     def test_noGroupsLeft(self) -> None:
         """
         An empty roster (C{[]} from JSXC) removes the user from every group.
         """
-        self.backend.rosters["alice"] = {"alice": entry("Alice A", "G1")}
+        self.backend.rosters["alice"] = {"alice": entry("Alice A", "g1")}
         self.syncOnce()
         self.backend.rosters["alice"] = {}
-        self.assertEqual(self.syncOnce(), ["srg_user_del alice example.org G1 example.org"])
+        self.assertEqual(self.syncOnce(), ["srg_user_del alice example.org g1 example.org"])
 
     def test_fullNameChanged(self) -> None:
-        self.backend.rosters["alice"] = {"alice": entry("Alice A", "G1")}
+        self.backend.rosters["alice"] = {"alice": entry("Alice A", "g1")}
         self.syncOnce()
-        self.backend.rosters["alice"] = {"alice": entry("Alice B", "G1")}
+        self.backend.rosters["alice"] = {"alice": entry("Alice B", "g1")}
         self.assertEqual(
             self.syncOnce(), ['set_vcard alice example.org FN "Alice B"', "srg_list example.org"]
         )
+
+    def test_groupIds(self) -> None:
+        """
+        A clean name that is lower-case ASCII is its own id; any other gets a
+        lower-case readable part and a hash, different for names that differ
+        only in case.
+        """
+        self.assertEqual(groupId("team-1.a_b"), "team-1.a_b")
+        self.assertEqual(groupId("Tem A"), TEAM)
+        self.assertRegex(groupId("G1"), r"^g1-[0-9a-f]{12}$")
+        self.assertNotEqual(groupId("G1"), groupId("g1"))
+        self.assertNotEqual(groupId("G1"), groupId("G 1"))
+        self.assertRegex(groupId("Ärzte & Co"), r"^rzte-co-[0-9a-f]{12}$")
+        self.assertRegex(groupId("ÄÖ"), r"^group-[0-9a-f]{12}$")
+        self.assertLessEqual(len(groupId("x" * 500 + "X")), 53)
+
+    def test_ejabberd2412(self) -> None:
+        """
+        With ejabberd 24.12, which lower-cases a new group's id and refuses
+        spaces in it, groups of any name are made and their members shown:
+        the ids are kept as given, the names are the labels.
+        """
+        self.ejabberd = FakeEjabberd(nodeprep=True)
+        self.sync = self.makeSync()
+        self.backend.rosters["alice"] = {
+            "alice": entry("Alice A", "G1", "Team A"), "bob": entry("Bob B", "G1")
+        }
+        self.syncOnce()
+        g1, team = groupId("G1"), groupId("Team A")
+        self.assertEqual(self.ejabberd.members(g1), {"alice@example.org", "bob@example.org"})
+        self.assertEqual(self.ejabberd.members(team), {"alice@example.org"})
+        self.assertEqual(self.ejabberd.groups[(g1, DOMAIN)]["label"], "G1")
+        self.assertEqual(self.ejabberd.groups[(team, DOMAIN)]["display"], team)
+        info = getRosterInfo(self.db(), "alice@example.org")
+        assert info is not None
+        self.assertEqual(set(info.groups), {g1, team})
+        self.assertIsNotNone(info.responsehash)
+
+    def test_groupNotShownFails(self) -> None:
+        """
+        A group that ejabberd does not show after srg_create (it changed the
+        id) fails the sync, and the answer's hash is not stored.
+        """
+        self.backend.rosters["alice"] = {"alice": entry("", "g1")}
+        answer = self.ejabberd._answer
+
+        def renaming(command: Command) -> Deferred[list[str]]:
+            if command.name == "srg_create":
+                args = dict(command.args)
+                args["group"] = "other"
+                command = Command(command.name, tuple(args.items()))
+            return answer(command)
+
+        self.ejabberd._answer = renaming  # type: ignore[method-assign]
+        f = self.failureResultOf(self.sync.sync("alice", DOMAIN), CommandFailed)
+        self.assertEqual(
+            str(f.value),
+            "srg_create failed with not applied: "
+            "ejabberd shows no group g1 of example.org after creating it",
+        )
+        info = getRosterInfo(self.db(), "alice@example.org")
+        self.assertTrue(info is None or info.responsehash is None)
+
+    def test_membersNotShownFail(self) -> None:
+        """
+        Members that ejabberd does not show after srg_user_add fail the sync.
+        """
+        self.backend.rosters["alice"] = {"alice": entry("", "g1"), "bob": entry("", "g1")}
+        answer = self.ejabberd._answer
+
+        def dropping(command: Command) -> Deferred[list[str]]:
+            if command.name == "srg_user_add" and dict(command.args)["user"] == "bob":
+                return succeed([])
+            return answer(command)
+
+        self.ejabberd._answer = dropping  # type: ignore[method-assign]
+        f = self.failureResultOf(self.sync.sync("alice", DOMAIN), CommandFailed)
+        self.assertIn("srg_user_add failed with not applied", str(f.value))
+        self.assertIn("bob@example.org", str(f.value))
+
+    def test_olderGroupIdKept(self) -> None:
+        """
+        A group that an older version made with the name as its id (ejabberd
+        23.01 keeps it) is found whatever its case and used as it is.
+        """
+        self.ejabberd.groups[("G1", DOMAIN)] = {"members": {"bob@example.org"}}
+        self.backend.rosters["alice"] = {"alice": entry("", "G1"), "bob": entry("", "G1")}
+        self.assertEqual(
+            self.syncOnce(),
+            [
+                "srg_list example.org",
+                "srg_get_members G1 example.org",
+                "srg_user_add alice example.org G1 example.org",
+                "srg_get_members G1 example.org",
+            ],
+        )
+        self.assertEqual(set(self.ejabberd.groups), {("G1", DOMAIN)})
 
     def test_cleaningAndZeroWidthSpace(self) -> None:
         """
@@ -428,33 +556,34 @@ class SyncTests(SyncTestMixin, SynchronousTestCase):
         self.assertEqual(
             self.syncOnce(),
             [
-                'srg_create Tem A example.org Tem A Tem A Tem A'.replace(
-                    "Tem A", '"Tem A"'
-                ),
-                'srg_get_members "Tem A" example.org',
-                'srg_user_add alice example.org "Tem A" example.org',
+                "srg_list example.org",
+                f'srg_create {TEAM} example.org "Tem A" "Tem A" {TEAM}',
+                f"srg_get_info {TEAM} example.org",
+                f"srg_user_add alice example.org {TEAM} example.org",
+                f"srg_get_members {TEAM} example.org",
             ],
         )
-        self.assertEqual(set(self.ejabberd.groups), {("Tem A", DOMAIN)})
+        self.assertEqual(set(self.ejabberd.groups), {(TEAM, DOMAIN)})
 
     def test_groupDeletedInEjabberd(self) -> None:
         """
         A known group that ejabberd no longer has is created again at the next
         changed sync, with all its members.
         """
-        self.backend.rosters["alice"] = {"alice": entry("A", "G1")}
+        self.backend.rosters["alice"] = {"alice": entry("A", "g1")}
         self.syncOnce()
-        del self.ejabberd.groups[("G1", DOMAIN)]
-        self.backend.rosters["alice"] = {"alice": entry("A", "G1"), "bob": entry("B", "G1")}
+        del self.ejabberd.groups[("g1", DOMAIN)]
+        self.backend.rosters["alice"] = {"alice": entry("A", "g1"), "bob": entry("B", "g1")}
         self.assertEqual(
             self.syncOnce(),
             [
                 'set_vcard bob example.org FN B',
                 "srg_list example.org",
-                "srg_create G1 example.org G1 G1 G1",
-                "srg_get_members G1 example.org",
-                "srg_user_add alice example.org G1 example.org",
-                "srg_user_add bob example.org G1 example.org",
+                "srg_create g1 example.org g1 g1 g1",
+                "srg_get_info g1 example.org",
+                "srg_user_add alice example.org g1 example.org",
+                "srg_user_add bob example.org g1 example.org",
+                "srg_get_members g1 example.org",
             ],
         )
 
@@ -464,30 +593,30 @@ class SyncTests(SyncTestMixin, SynchronousTestCase):
         domain keeps it.
         """
         self.backend.rosters["alice"] = {
-            "Alice": entry("", "G1"), "carol@other.org": entry("", "G1")
+            "Alice": entry("", "g1"), "carol@other.org": entry("", "g1")
         }
         self.syncOnce()
         self.assertEqual(
-            self.ejabberd.members("G1"), {"alice@example.org", "carol@other.org"}
+            self.ejabberd.members("g1"), {"alice@example.org", "carol@other.org"}
         )
         info = getRosterInfo(self.db(), "alice@example.org")
         assert info is not None
-        self.assertEqual(info.groups, ("G1",))
+        self.assertEqual(info.groups, ("g1",))
 
     def test_refresh(self) -> None:
         """
         C{xcauth roster refresh} (L{forgetRoster}) makes the next sync run its
         commands again, learning the members from ejabberd.
         """
-        self.backend.rosters["alice"] = {"alice": entry("Alice A", "G1")}
+        self.backend.rosters["alice"] = {"alice": entry("Alice A", "g1")}
         self.syncOnce()
         self.assertEqual(forgetRoster(self.db(), "alice@example.org"), 1)
         self.assertEqual(
             self.syncOnce(),
             [
                 'set_vcard alice example.org FN "Alice A"',
-                "srg_create G1 example.org G1 G1 G1",
-                "srg_get_members G1 example.org",
+                "srg_list example.org",
+                "srg_get_members g1 example.org",
             ],
         )
         self.assertEqual(forgetRoster(self.db(), "nobody@example.org"), 0)
@@ -506,13 +635,13 @@ class SyncTests(SyncTestMixin, SynchronousTestCase):
             " mine TEXT);"
             "CREATE TABLE rostergroups (groupname TEXT PRIMARY KEY, userlist TEXT);"
             "INSERT INTO rosterinfo (jid, fullname, grouplist, responsehash, mine) VALUES"
-            " ('alice@example.org', 'Alice A', 'G1\tOld', 'abc', 'keep');"
-            "INSERT INTO rostergroups VALUES ('G1@example.org', 'alice@example.org');"
+            " ('alice@example.org', 'Alice A', 'g1\tOld', 'abc', 'keep');"
+            "INSERT INTO rostergroups VALUES ('g1@example.org', 'alice@example.org');"
         )
         conn.commit()
         conn.close()
-        self.ejabberd.groups[("G1", DOMAIN)] = {"members": {"alice@example.org"}}
-        self.backend.rosters["alice"] = {"alice": entry("Alice A", "G1")}
+        self.ejabberd.groups[("g1", DOMAIN)] = {"members": {"alice@example.org"}}
+        self.backend.rosters["alice"] = {"alice": entry("Alice A", "g1")}
         self.assertEqual(
             self.syncOnce(),
             ["srg_list example.org", "srg_user_del alice example.org Old example.org"],
@@ -525,7 +654,7 @@ class SyncTests(SyncTestMixin, SynchronousTestCase):
         A failed command fails the sync with L{CommandFailed}; the answer's hash
         is not stored, so the next sync runs what is left.
         """
-        self.backend.rosters["alice"] = {"alice": entry("Alice A", "G1")}
+        self.backend.rosters["alice"] = {"alice": entry("Alice A", "g1")}
         self.ejabberd.failures["srg_user_add"] = [
             CommandFailed("srg_user_add", "exit status 1", "Error: no")
         ]
@@ -534,22 +663,23 @@ class SyncTests(SyncTestMixin, SynchronousTestCase):
         info = getRosterInfo(self.db(), "alice@example.org")
         assert info is not None
         self.assertIsNone(info.responsehash)
-        # The full name was set: not again.
+        # The full name was set, the group made: not again.
         self.assertEqual(
             self.syncOnce(),
             [
-                "srg_create G1 example.org G1 G1 G1",
-                "srg_get_members G1 example.org",
-                "srg_user_add alice example.org G1 example.org",
+                "srg_list example.org",
+                "srg_get_members g1 example.org",
+                "srg_user_add alice example.org g1 example.org",
+                "srg_get_members g1 example.org",
             ],
         )
 
     def test_describe(self) -> None:
-        self.backend.rosters["alice"] = {"alice": entry("Alice A", "G1")}
+        self.backend.rosters["alice"] = {"alice": entry("Alice A", "g1")}
         text = self.successResultOf(Deferred.fromCoroutine(
             describeSync(self.sync, "alice", DOMAIN)))
-        self.assertIn("synced with 4 commands", text)
-        self.assertIn("  srg_create G1 example.org G1 G1 G1", text)
+        self.assertIn("synced with 6 commands", text)
+        self.assertIn("  srg_create g1 example.org g1 g1 g1", text)
         text = self.successResultOf(Deferred.fromCoroutine(
             describeSync(self.sync, "alice", DOMAIN)))
         self.assertIn("unchanged", text)
@@ -619,7 +749,7 @@ class SchedulingTests(SyncTestMixin, SynchronousTestCase):
         sync, not one per login.
         """
         self.backend.manual = True
-        self.backend.rosters["alice"] = {"alice": entry("A", "G1")}
+        self.backend.rosters["alice"] = {"alice": entry("A", "g1")}
         self.sync.onLogin("alice", DOMAIN)
         self.sync.onLogin("alice", DOMAIN)  # queued: nothing more
         self.clock.advance(0)
@@ -636,7 +766,7 @@ class SchedulingTests(SyncTestMixin, SynchronousTestCase):
         self.assertEqual(len(self.backend.requests), 2)
         self.assertEqual(self.sync.pending(), 0)
         # The follow-up saw the same roster: commands of the first sync only.
-        self.assertEqual(len(self.ejabberd.commands), 4)
+        self.assertEqual(len(self.ejabberd.commands), 6)
 
     def test_otherUsersNotCoalesced(self) -> None:
         self.backend.manual = True
@@ -664,7 +794,7 @@ class SchedulingTests(SyncTestMixin, SynchronousTestCase):
         A failed sync is logged with the command and its status and tried again
         after each delay of C{RETRY_DELAYS}, and not before.
         """
-        self.backend.rosters["alice"] = {"alice": entry("A", "G1")}
+        self.backend.rosters["alice"] = {"alice": entry("A", "g1")}
         self.ejabberd.failures["srg_create"] = [
             CommandFailed("srg_create", "exit status 3", "Failed RPC connection"),
             CommandFailed("srg_create", "timeout", "killed after 10 s"),
@@ -681,7 +811,7 @@ class SchedulingTests(SyncTestMixin, SynchronousTestCase):
             self.assertEqual(len(self.backend.requests), 2)
             self.clock.advance(0.5)
             self.assertEqual(len(self.backend.requests), 3)
-        self.assertEqual(self.ejabberd.members("G1"), {"alice@example.org"})
+        self.assertEqual(self.ejabberd.members("g1"), {"alice@example.org"})
         warnings = [e for e in events if "failed" in e.get("log_format", "")]
         self.assertEqual(
             [e["reason"] for e in warnings],
@@ -697,12 +827,12 @@ class SchedulingTests(SyncTestMixin, SynchronousTestCase):
 
     def test_backendUnavailableRetried(self) -> None:
         self.backend.unavailable = 1
-        self.backend.rosters["alice"] = {"alice": entry("A", "G1")}
+        self.backend.rosters["alice"] = {"alice": entry("A", "g1")}
         self.sync.onLogin("alice", DOMAIN)
         self.clock.advance(0)
         self.assertEqual(self.ejabberd.commands, [])
         self.clock.advance(RETRY_DELAYS[0])
-        self.assertEqual(len(self.ejabberd.commands), 4)
+        self.assertEqual(len(self.ejabberd.commands), 6)
 
     def test_givenUp(self) -> None:
         """
@@ -740,7 +870,7 @@ class SchedulingTests(SyncTestMixin, SynchronousTestCase):
         """
         Stopping waits for a sync in flight, and for no queued one.
         """
-        self.backend.rosters["alice"] = {"alice": entry("A", "G1")}
+        self.backend.rosters["alice"] = {"alice": entry("A", "g1")}
         self.ejabberd.hold = True
         self.sync.onLogin("alice", DOMAIN)
         self.clock.advance(0)
@@ -762,7 +892,7 @@ class SchedulingTests(SyncTestMixin, SynchronousTestCase):
         A sync waiting for a free slot when the daemon stops never starts.
         """
         self.sync = self.makeSync(maxConcurrent=1)
-        self.backend.rosters["alice"] = {"alice": entry("A", "G1")}
+        self.backend.rosters["alice"] = {"alice": entry("A", "g1")}
         self.ejabberd.hold = True
         self.sync.onLogin("alice", DOMAIN)
         self.sync.onLogin("bob", DOMAIN)
@@ -830,7 +960,7 @@ class FetcherTests(SynchronousTestCase):
         return d
 
     def test_contract(self) -> None:
-        roster = {"bob": entry("Bob", "G1")}
+        roster = {"bob": entry("Bob", "g1")}
         self.assertEqual(self.successResultOf(self.fetch(roster)), roster)
 
     def test_unavailable(self) -> None:
@@ -1053,18 +1183,18 @@ class HTTPCommandRunnerTests(SynchronousTestCase):
         )
 
     def test_rescode(self) -> None:
-        command = Command("srg_create", (("group", "G1"), ("host", DOMAIN), ("label", "G1"),
-                                         ("description", "G1"), ("display", "G1")))
+        command = Command("srg_create", (("group", "g1"), ("host", DOMAIN), ("label", "g1"),
+                                         ("description", "g1"), ("display", "g1")))
         self.assertEqual(self.successResultOf(self.runner.run(command)), [])
         self.assertEqual(
             self.api.requests,
-            [(b"/api/srg_create", {"group": "G1", "host": DOMAIN, "label": "G1",
-                                   "description": "G1", "display": ["G1"]})],
+            [(b"/api/srg_create", {"group": "g1", "host": DOMAIN, "label": "g1",
+                                   "description": "g1", "display": ["g1"]})],
         )
 
     def test_list(self) -> None:
         self.api.answers[b"/api/srg_get_members"] = (200, b'["alice@example.org"]')
-        command = Command("srg_get_members", (("group", "G1"), ("host", DOMAIN)))
+        command = Command("srg_get_members", (("group", "g1"), ("host", DOMAIN)))
         self.assertEqual(self.successResultOf(self.runner.run(command)), ["alice@example.org"])
 
     def test_errors(self) -> None:
@@ -1175,7 +1305,7 @@ class AdminTests(SyncTestMixin, SynchronousTestCase):
         return status, out.getvalue()
 
     def test_refresh(self) -> None:
-        self.backend.rosters["alice"] = {"alice": entry("Alice A", "G1")}
+        self.backend.rosters["alice"] = {"alice": entry("Alice A", "g1")}
         self.syncOnce()
         status, out = self.run_("roster", "refresh", "alice@example.org")
         self.assertEqual(status, 0, out)

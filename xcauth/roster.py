@@ -10,19 +10,25 @@ L{MAX_CONCURRENT} at once overall.  A sync asks the backend for the user's
 shared roster (a C{fetch(user, domain) -> Deferred[dict[str, RosterEntry]]}
 function, failing with L{BackendUnavailable}) and compares a SHA-256 of it with
 the one stored at the last sync: an unchanged roster costs that one request and
-no ejabberd command.  Otherwise, in this order (as the original did):
+no ejabberd command.  Otherwise, in this order:
 
  1. C{set_vcard USER HOST FN NAME} for each user whose stored full name differs;
- 2. for each group (name cleaned, see L{cleanGroupName}) not yet known:
-    C{srg_create GROUP HOST GROUP GROUP GROUP} (name, host, label,
-    description, displayed group = itself, so members see each other) and
-    C{srg_get_members GROUP HOST}, to learn who is in it already;
- 3. C{srg_user_add USER HOST GROUP HOST} for each member not yet in the group,
-    C{srg_user_del ...} for each stored member no longer listed;
- 4. C{srg_user_del} of the login user from the groups it has left.
+ 2. C{srg_list HOST}, to learn which groups ejabberd has;
+ 3. for each group not in it: C{srg_create ID HOST NAME NAME ID} (the group's
+    id, see L{groupId}; its clean name, see L{cleanGroupName}, as label and
+    description; displayed to itself, so members see each other), then
+    C{srg_get_info ID HOST} to see that ejabberd has it; for each group in it
+    that is not yet known, C{srg_get_members ID HOST}, to learn who is in it;
+ 4. C{srg_user_add USER HOST ID HOST} for each member not yet in the group
+    and C{srg_user_del ...} for each stored member no longer listed, then
+    C{srg_get_members ID HOST} where members were added, to see that they are;
+ 5. C{srg_user_del} of the login user from the groups it has left.
 
-When some of the groups are already known, C{srg_list HOST} comes first: a known
-group that ejabberd no longer has (deleted there) is created again.  Commands
+A group that ejabberd does not show after it was written (ejabberd 24.12
+changes ids it does not keep as given) fails the sync instead of passing
+unnoticed.  A known group that ejabberd no longer has (deleted there) is
+created again; a group whose id differs from L{groupId}'s only by case, as
+older versions named them, is used as it is.  Commands
 go through an L{ICommandRunner}: L{HTTPCommandRunner} (ejabberd's mod_http_api)
 or L{EjabberdctlRunner} (the C{ejabberdctl} program), each with a time limit per
 command.  A failed sync is logged with the failing command's name and status
@@ -99,6 +105,34 @@ def cleanGroupName(name: str) -> str:
     )
 
 
+#: Characters of a group id as is: what ejabberd's nodeprep keeps unchanged on
+#: every version (ASCII lower case, digits, C{.}, C{_}, C{-}).
+_ID_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
+#: Characters of a group id's readable part at most (the hash follows).
+_ID_PREFIX = 40
+
+
+def groupId(name: str) -> str:
+    """
+    The ejabberd id of a shared roster group of (clean) name C{name}: the name
+    itself when it is already lower-case ASCII (C{[a-z0-9._-]}), else a
+    readable lower-case part and a hash of the name, C{"g1-3d4c..."} for
+    C{"G1"}.
+
+    ejabberd 24.12 passes a new group's id through nodeprep (lower case, no
+    spaces, no C{" & ' / : < > @}) and refuses or changes ids that it does not
+    keep as given, while 23.01 keeps any id: ids of this form are kept by
+    both, and two different names never share one.  The name is the group's
+    label, which is what clients show.
+    """
+    if name and all(c in _ID_CHARACTERS for c in name):
+        return name
+    readable = "".join(c if c in _ID_CHARACTERS else "-" for c in name.lower())
+    readable = "-".join(part for part in readable.split("-") if part)[:_ID_PREFIX]
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:12]
+    return f"{readable or 'group'}-{digest}".lstrip(".")
+
+
 def ignoredGroup(name: str) -> bool:
     """
     Whether a group is left out of the sync: its name ends in U+200B (ZERO WIDTH
@@ -164,21 +198,29 @@ def setVcard(user: str, host: str, fullname: str) -> Command:
     )
 
 
-def srgCreate(group: str, host: str) -> Command:
+def srgCreate(group: str, host: str, label: str | None = None) -> Command:
     """
-    C{srg_create GROUP HOST LABEL DESCRIPTION DISPLAY}, the group displayed to
-    itself.
+    C{srg_create GROUP HOST LABEL DESCRIPTION DISPLAY}: group id C{group},
+    labelled and described C{label} (default: the id), displayed to itself.
     """
+    label = group if label is None else label
     return Command(
         "srg_create",
         (
             ("group", group),
             ("host", host),
-            ("label", group),
-            ("description", group),
+            ("label", label),
+            ("description", label),
             ("display", group),
         ),
     )
+
+
+def srgGetInfo(group: str, host: str) -> Command:
+    """
+    C{srg_get_info GROUP HOST}: nothing when ejabberd has no such group.
+    """
+    return Command("srg_get_info", (("group", group), ("host", host)))
 
 
 def srgGetMembers(group: str, host: str) -> Command:
@@ -763,8 +805,10 @@ class RosterSync:
         report: SyncReport,
     ) -> None:
         jid = f"{user}@{domain}"
-        # Members of each (clean) group, in the order of the answer.
+        # Members of each group (by id, see groupId), in the order of the
+        # answer; the label of each id (its clean name).
         groups: dict[str, list[str]] = {}
+        labels: dict[str, str] = {}
         names: dict[str, tuple[str, str, str]] = {}
         for name, entry in roster.items():
             node, host = splitJID(name, domain)
@@ -779,7 +823,9 @@ class RosterSync:
                 clean = cleanGroupName(group)
                 if not clean:
                     continue
-                members = groups.setdefault(clean, [])
+                ident = groupId(clean)
+                labels.setdefault(ident, clean)
+                members = groups.setdefault(ident, [])
                 if member not in members:
                     members.append(member)
         # 1. Full names.
@@ -788,37 +834,69 @@ class RosterSync:
             if stored.get(member) != fullname:
                 await self._run(report, setVcard(node, host, fullname))
                 await self._state.setFullName(member, fullname)
-        # 2, 3. Groups.
+        # 2, 3. Groups.  srg_list shows which exist: a known group that
+        # ejabberd no longer has (deleted there) is created again, and a group
+        # whose id differs only in case (made by an older version, which used
+        # the name as the id) is used as it is.
+        if groups:
+            existing = await self._run(report, srgList(domain))
+            exact = set(existing)
+            folded: dict[str, str] = {}
+            for name in existing:
+                folded.setdefault(name.lower(), name)
+            for ident in list(groups):
+                if ident in exact:
+                    continue
+                legacy = folded.get(labels[ident].lower())
+                if legacy is not None:
+                    label = labels.pop(ident)
+                    labels.setdefault(legacy, label)
+                    merged = groups.setdefault(legacy, [])
+                    merged.extend(m for m in groups.pop(ident) if m not in merged)
         keys = {group: groupKey(group, domain) for group in groups}
         known = await self._state.groupMembers(list(keys.values()))
-        if any(members is not None for members in known.values()):
-            existing = set(await self._run(report, srgList(domain)))
-            for group, key in keys.items():
-                if known.get(key) is not None and group not in existing:
+        loginGroups: list[str] = []
+        for group, members in groups.items():
+            key = keys[group]
+            previous = known.get(key)
+            if group not in exact:
+                if previous is not None:
                     log.info(
                         "shared roster group {group} of {domain} is gone from "
                         "ejabberd: creating it again",
                         group=group,
                         domain=domain,
                     )
-                    known[key] = None
-        loginGroups: list[str] = []
-        for group, members in groups.items():
-            key = keys[group]
-            previous = known.get(key)
-            if previous is None:
-                await self._run(report, srgCreate(group, domain))
+                await self._run(report, srgCreate(group, domain, labels[group]))
+                if not await self._run(report, srgGetInfo(group, domain)):
+                    raise CommandFailed(
+                        "srg_create", "not applied",
+                        f"ejabberd shows no group {group} of {domain} after creating it",
+                    )
+                previous = ()
+            elif previous is None:
                 previous = tuple(
                     m.lower() for m in await self._run(report, srgGetMembers(group, domain))
                 )
-            for member in members:
-                if member not in previous:
-                    node, host = splitJID(member, domain)
-                    await self._run(report, srgUserAdd(node, host, group, domain))
+            added = [member for member in members if member not in previous]
+            for member in added:
+                node, host = splitJID(member, domain)
+                await self._run(report, srgUserAdd(node, host, group, domain))
             for member in previous:
                 if member not in members:
                     node, host = splitJID(member, domain)
                     await self._run(report, srgUserDel(node, host, group, domain))
+            if added:
+                shown = {
+                    m.lower() for m in await self._run(report, srgGetMembers(group, domain))
+                }
+                missing = [member for member in added if member not in shown]
+                if missing:
+                    raise CommandFailed(
+                        "srg_user_add", "not applied",
+                        f"ejabberd shows {len(missing)} added members missing "
+                        f"from group {group} of {domain}, {missing[0]} first",
+                    )
             await self._state.setGroupMembers(key, members)
             if jid in members:
                 loginGroups.append(group)
