@@ -51,6 +51,9 @@ BLOCK_WINDOW = 30 * 60.0
 
 _SLOW = re.compile(r"^slow(\d+)-")
 
+#: Login names counted in L{FakeStockNextcloud.loginCounts} at most.
+MAX_COUNTED = 10000
+
 
 @attr.s(auto_attribs=True)
 class StockUser:
@@ -215,6 +218,10 @@ class FakeStockNextcloud(Resource):
         self.logins = 0
         #: Answers 429 given.
         self.tooMany = 0
+        #: Requests per login name (also in the stand-alone server, which
+        #: serves them at C{/fake/counts}, for the end-to-end tests; at most
+        #: L{MAX_COUNTED} names).
+        self.loginCounts: dict[str, int] = {}
 
     # -- what the tests look at ------------------------------------------------
 
@@ -285,6 +292,18 @@ class FakeStockNextcloud(Resource):
         credentials = self._credentials(request)
         if self.recordRequests:
             self.requests.append((method, path, credentials[0] if credentials else None))
+        if credentials is not None:
+            counts = self.loginCounts
+            if credentials[0] in counts or len(counts) < MAX_COUNTED:
+                counts[credentials[0]] = counts.get(credentials[0], 0) + 1
+        if path == "/fake/counts":
+            # Not Nextcloud's: what the tests read from the outside.
+            raise _Answer(200, json.dumps({
+                "logins": self.logins, "tooMany": self.tooMany,
+                "failures30m": self.throttle.count(ip, BLOCK_WINDOW),
+                "failures12h": self.throttle.count(ip),
+                "loginsOf": self.loginCounts,
+            }).encode(), {b"content-type": b"application/json"})
         if path.startswith("/remote.php/dav/"):
             self._dav(method, credentials, ip)
         prefix = "/ocs/v2.php/"
