@@ -141,6 +141,81 @@ class PenaltyBoxTests(SynchronousTestCase):
         self.assertEqual(len(box), 2)
 
 
+class _Watch:
+    """
+    A throttle watch as the penalty box sees it.
+    """
+
+    def __init__(self, listed: bool = False, throttled: bool = False) -> None:
+        self.listed = listed
+        self.isThrottled = throttled
+
+    def throttled(self) -> bool:
+        return self.isThrottled
+
+    def allowListed(self) -> bool:
+        return self.listed
+
+    def key(self) -> str:
+        return "https://cloud.example.org"
+
+
+class BackendBudgetTests(SynchronousTestCase):
+    """
+    The daemon-wide budget of failed checks toward one Nextcloud.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.box = PenaltyBox(self.clock, PenaltyPolicy(baseDelay=0.0, backendFailures=3,
+                                                        allowListedFailures=None))
+
+    def test_limitFollowsAllowList(self) -> None:
+        self.assertEqual(self.box.backendLimit(_Watch()), 3)
+        self.assertIsNone(self.box.backendLimit(_Watch(listed=True)))
+        self.assertIsNone(self.box.backendLimit(None))  # JSXC: no throttle of its own
+
+    def test_spentLoggedOnceAMinute(self) -> None:
+        """
+        Beyond the budget a new password is "unavailable" without asking
+        Nextcloud; the log says so at most once a minute, with the numbers.
+        """
+        asked: list[str] = []
+
+        def check(name: str, answer: bool | None) -> Any:
+            return lambda: (asked.append(name), succeed(answer))[1]
+
+        with capturedLogs() as events:
+            for i in range(3):
+                self.box.gate(f"u{i}@x", KEY_A, check(f"u{i}", False), watch=_Watch())
+            for i in range(3):
+                d = self.box.gate(f"v{i}@x", KEY_A, check(f"v{i}", True), watch=_Watch())
+                self.assertIsNone(self.successResultOf(d))
+            self.clock.advance(61)
+            self.box.gate("w@x", KEY_A, check("w", True), watch=_Watch())
+        self.assertEqual(asked, ["u0", "u1", "u2"])
+        spent = [e for e in events if "budget of" in e.get("log_format", "")]
+        self.assertEqual(len(spent), 2)
+        self.assertEqual((spent[0]["failures"], spent[0]["limit"]), (3, 3))
+        # Allow-listed (no daemon-wide limit here): checked again.
+        d = self.box.gate("w@x", KEY_A, check("w", True), watch=_Watch(listed=True))
+        self.assertIs(self.successResultOf(d), True)
+
+    def test_knownGetsInWhileThrottled(self) -> None:
+        """
+        While Nextcloud throttles, a known password gets in without it, a
+        known one past known-password-ttl does not.
+        """
+        self.box.known.add("a@x", KEY_A, self.clock.seconds())
+        self.box.known.add("a@x", KEY_B, self.clock.seconds() - 86400)
+        never = lambda: succeed(None)  # noqa: E731
+        watch = _Watch(throttled=True)
+        self.assertIs(self.successResultOf(self.box.gate("a@x", KEY_A, never, watch=watch)),
+                      True)
+        self.assertIsNone(self.successResultOf(self.box.gate("a@x", KEY_B, never,
+                                                             watch=watch)))
+
+
 class MemoryBudgetTests(SynchronousTestCase):
     """
     The per-user and daemon-wide budgets in memory.
@@ -572,3 +647,29 @@ class WatchTests(SynchronousTestCase):
         self.assertEqual(len(events), 2)
         self.assertEqual(events[0]["delay"], 3.2)
         self.assertIn("429", events[1]["log_format"])
+
+    def test_throttledAndAllowListed(self) -> None:
+        """
+        The watch says whether Nextcloud throttles xcauth (a 429 or a slow
+        login within 30 minutes, or a delay in the capabilities) and whether
+        its address is allow-listed.
+        """
+        self.assertFalse(self.watch.throttled())
+        self.assertFalse(self.watch.allowListed())
+        self.watch.loginSeen(0.2, 401)
+        self.assertFalse(self.watch.throttled())
+        self.watch.loginSeen(0.0, 429)
+        self.assertTrue(self.watch.throttled())
+        self.clock.advance(1800)
+        self.assertFalse(self.watch.throttled())
+        for _ in range(4):
+            self.nextcloud.throttle.register("127.0.0.1")
+        self.watch.check()
+        self.agent.flush()
+        self.assertTrue(self.watch.throttled())
+        self.nextcloud.allowList()
+        self.watch.check()
+        self.agent.flush()
+        self.assertTrue(self.watch.allowListed())
+        self.assertFalse(self.watch.throttled())
+        self.assertEqual(self.watch.key(), self.client.url)
