@@ -554,6 +554,18 @@ class GentleTests(SynchronousTestCase):
             self.clock.advance(3)
             self.assertIs(self.successResultOf(d), False, i)
 
+    def test_emptyPasswordsSpendNoBudget(self) -> None:
+        """
+        Empty passwords (never right, never sent to Nextcloud) spend neither
+        the user's checks nor the daemon-wide budget.
+        """
+        self.withoutCache()
+        for i in range(30):
+            self.assertIs(self.login(f"user{i}", "")[0], False)
+            self.assertIs(self.login("bob", "")[0], False)
+        self.assertIs(self.login("bob", "bob's secret")[0], True)
+        self.assertEqual(self.penalty.budget.backendFailures(self.watch.key(), 0), 0)
+
     def test_gateFailureIsUnavailable(self) -> None:
         """
         Whatever goes wrong in the protection is answered "unavailable", not

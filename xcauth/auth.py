@@ -124,8 +124,11 @@ class Authenticator:
                     domain=printable(domain),
                 )
             return succeed(True)
-        passwordKey = self._passwordKey(password)
         penalty = self.penalty
+        if penalty is not None and not password:
+            # Never right, and no check Nextcloud could count: no budget spent.
+            return succeed(False)
+        passwordKey = self._passwordKey(password)
         if penalty is not None:
             jid = f"{user}@{domain}"
             cache = self.cache
