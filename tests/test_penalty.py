@@ -540,6 +540,32 @@ class GentleTests(SynchronousTestCase):
         self.assertIs(self.login("alice", "Alice-App")[0], True)
         self.assertEqual(len(self.nextcloud.requests), seen)
 
+    def test_severalKnownPasswordsDuringOutage(self) -> None:
+        """
+        Item 6: with a credential cache, during an outage of Nextcloud both
+        alice's password and her app password get in (the cache's entry
+        holds the last one only).
+        """
+        from xcauth.interfaces import Outcome
+
+        self.nextcloud.users["alice"].appPasswords["Alice-App"] = "alice"
+        self.assertIs(self.login("alice", "pa:ss w")[0], True)
+        self.assertIs(self.login("alice", "Alice-App")[0], True)
+        self.clock.advance(3601)  # past the query TTL: Nextcloud is asked
+
+        class Down:
+            url = "https://down.example.org"
+
+            def auth(self, user: str, domain: str, password: str) -> Deferred[Outcome]:
+                return succeed(Outcome.UNAVAILABLE)
+
+        down = DomainSettings((), None, Down())  # type: ignore[arg-type]
+        self.auth = Authenticator(lambda d: down, self.clock, self.keys, cache=self.cache,
+                                  penalty=self.penalty)
+        self.assertIs(self.login("alice", "pa:ss w")[0], True)
+        self.assertIs(self.login("alice", "Alice-App")[0], True)
+        self.assertIsNone(self.login("alice", "another")[0])
+
     def test_staleRetriedPastOverflow(self) -> None:
         """
         Item 7: a stale password retried 1,100 times is refused every
