@@ -432,8 +432,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "penalty-max-entries", "penaltyMaxEntries", "100000",
-        "Users and refused passwords remembered at most (the oldest are forgotten "
-        "first), bounding the memory a flood of failed logins can use.",
+        "Users, client addresses, refused passwords and users with known passwords "
+        "remembered at most, each (the oldest are forgotten first), bounding the "
+        "memory a flood of failed logins can use.",
         _count,
     ),
     Setting(
