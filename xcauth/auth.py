@@ -59,8 +59,8 @@ class Authenticator:
         authentication (token, cache or backend), before the answer is
         delivered; it must return at once (fire and forget: the roster sync
         only queues the user).  What it raises is logged, never answered.
-    @param penalty: failed logins remembered and held back (L{xcauth.penalty}),
-        or C{None} for none.
+    @param penalty: the brute-force protection (L{xcauth.penalty}: budgets of
+        checks, known passwords, delays), or C{None} for none.
     """
 
     def __init__(
