@@ -14,6 +14,9 @@ C{outage-*}        2,000 users with warm cache entries log in once (C=100)
                    while the fake Nextcloud hangs (SIGSTOP: it accepts
                    connections and never answers); entries fresh, or past
                    cache-query-ttl
+C{guessing-100}    100 users who logged in before log in again and again
+                   (C=100, no cache storage) while 50 connections guess
+                   wrong passwords for their names without pause
 =================  ==========================================================
 
 The load generators are those of L{bench.loadgen}; the flooder is
@@ -56,6 +59,9 @@ STORM_OFFSET = 100_000
 #: first login is cached); its password is bob's.
 CACHED_USER = "slow2000-bob"
 CACHED_PASSWORD = "bob's secret"
+#: The guessing scenario: its real users, and the guessers' connections.
+GUESS_USERS = 100
+GUESS_CONCURRENCY = 50
 
 
 def lineRequests(users: range, domain: str) -> list[tuple[bytes, bytes]]:
@@ -451,7 +457,41 @@ def runOutage(runner: Runner, s: Scenario) -> dict[str, Any]:
         runner.stack.stopNextcloud()
 
 
+def guessRequests(users: int, domain: str, n: int = 100_000) -> list[tuple[bytes, bytes]]:
+    """
+    Wrong passwords (each new) for the names of the first C{users} bench
+    users, in turn: a name-only attack.
+    """
+    return [(f"auth:user{k % users}:{domain}:guess{k}\n".encode(), b"0\n") for k in range(n)]
+
+
+def runGuessing(runner: Runner, s: Scenario) -> dict[str, Any]:
+    """
+    C{guessing-100}: the real users' latency during a sustained name-only
+    guessing attack on their names.
+    """
+    from bench.run import DOMAIN, finishLoad, startLoad
+
+    daemon, port = runner.stack.daemon(s)
+    try:
+        # Every real user logs in once first: their passwords are known.
+        warm = startLoad(port, 20, 1, s.requests(), once=True)
+        now = time.monotonic_ns()
+        sendWindow(warm, now, now + 60_000_000_000)
+        finishLoad(warm, 90)
+        attack = startLoad(port, GUESS_CONCURRENCY, 1, guessRequests(GUESS_USERS, DOMAIN))
+        workers = startLoad(port, s.concurrency, 1, s.requests())
+        figures = runner.measure(daemon, workers, attack)
+        figures["guesses_per_s"] = figures.pop("background_rps", 0.0)
+        figures["guess_errors"] = figures.pop("background_errors", 0)
+        return figures
+    finally:
+        daemon.stop()
+        runner.checkLog(daemon)
+
+
 RUNNERS: dict[str, Callable[[Runner, Scenario], dict[str, Any]]] = {
+    "guessing": runGuessing,
     "flood": runFlood,
     "storm": runStorm,
     "outage": runOutage,
@@ -485,6 +525,13 @@ def notes(row: dict[str, Any]) -> list[str]:
             f"{row['storm_logins']} new users' passwords: {row['storm_cached']} cached, "
             f"{row['storm_not_cached']} not (dropped by the full bcrypt queue or "
             "still queued at the end)"
+        )
+    if "guesses_per_s" in row:
+        extra.append(
+            f"guessers (C={GUESS_CONCURRENCY}, wrong passwords for the {GUESS_USERS} "
+            f"users' names): {row['guesses_per_s']:.0f} answered/s, "
+            f"{row['guess_errors']} not refused; the real users: {row['ok']} right "
+            f"answers, {row['errors']} errors"
         )
     if "total_s" in row:
         extra.append(

@@ -111,7 +111,8 @@ class Scenario:
 
     @ivar kind: C{load} (closed loop), C{idle} (idle connections, then a
         token login probe), C{busy} (token logins while cache misses load the
-        worker threads), C{flood}, C{storm}, C{outage} (L{bench.hostile}).
+        worker threads), C{flood}, C{storm}, C{outage}, C{guessing}
+        (L{bench.hostile}).
     """
 
     name: str
@@ -185,6 +186,12 @@ def scenarios() -> list[Scenario]:
         Scenario("outage-stale", "same, entries past cache-query-ttl=1s",
                  passwordRequests, hostile.OUTAGE_CONCURRENCY, 50, kind="outage", cache=True,
                  options=outage, stale=2.0, staleOptions={"cache_query_ttl": "1s"})
+    )
+    out.append(
+        Scenario("guessing-100",
+                 f"{hostile.GUESS_USERS} users log in (+50 ms) during name-only guessing",
+                 lambda: hostile.lineRequests(range(hostile.GUESS_USERS), DOMAIN),
+                 hostile.GUESS_USERS, 50, kind="guessing", framing="prosody")
     )
     return out
 

@@ -416,11 +416,14 @@ class PenaltyTests(SynchronousTestCase):
         return value(self.metrics, "xcauth_penalized_total", reason=reason)
 
     def gate(self, box: PenaltyBox, key: bytes, answer: bool | None) -> Deferred[bool | None]:
-        return box.gate("a@x", "a@x", key, lambda: succeed(answer))
+        return box.gate("a@x", key, lambda: succeed(answer))
+
+    def bruteForce(self, event: str) -> float:
+        return value(self.metrics, "xcauth_bruteforce_total", event=event)
 
     def test_refusedAndDelayed(self) -> None:
         box = PenaltyBox(self.clock, PenaltyPolicy(baseDelay=0.5, maxDelay=2.0,
-                                                   lockoutAfter=2, lockoutSeconds=900),
+                                                   userChecks=2, userRefill=900),
                          metrics=self.metrics)
         d = self.gate(box, b"k1" * 16, False)  # the backend says no: held back
         self.assertEqual(self.penalized("delayed"), 1)
@@ -430,11 +433,44 @@ class PenaltyTests(SynchronousTestCase):
         self.assertEqual(self.penalized("refused"), 1)
         self.clock.advance(1.0)
         self.assertIs(self.successResultOf(d), False)
-        self.gate(box, b"k2" * 16, False)  # a second distinct one: locked out after
+        self.gate(box, b"k2" * 16, False)  # a second new one spends the budget
         self.clock.advance(2.0)
         d = self.gate(box, b"k3" * 16, True)
-        self.assertEqual(self.penalized("locked-out"), 1)
+        self.assertEqual(self.bruteForce("user-budget"), 1)
         self.assertEqual(self.penalized("delayed"), 2)
+
+    def test_budgetsAndKnown(self) -> None:
+        """
+        Checks refused by the per-user budget and by the daemon-wide one, and
+        known passwords let through during a limit, are counted.
+        """
+
+        class Watch:
+            def throttled(self) -> bool:
+                return False
+
+            def allowListed(self) -> bool:
+                return False
+
+            def key(self) -> str:
+                return "https://cloud"
+
+        box = PenaltyBox(self.clock, PenaltyPolicy(baseDelay=0.0, userChecks=1,
+                                                   backendFailures=2),
+                         metrics=self.metrics)
+        right = b"r" * 32
+        self.successResultOf(box.gate("a@x", right, lambda: succeed(True), watch=Watch()))
+        self.successResultOf(box.gate("a@x", b"1" * 32, lambda: succeed(False), watch=Watch()))
+        self.assertIs(self.successResultOf(
+            box.gate("a@x", b"2" * 32, lambda: succeed(True), watch=Watch())), False)
+        self.assertEqual(self.bruteForce("user-budget"), 1)
+        self.successResultOf(box.gate("b@x", b"3" * 32, lambda: succeed(False), watch=Watch()))
+        self.assertIsNone(self.successResultOf(
+            box.gate("c@x", b"4" * 32, lambda: succeed(True), watch=Watch())))
+        self.assertEqual(self.bruteForce("backend-budget"), 1)
+        self.assertIs(self.successResultOf(
+            box.gate("a@x", right, lambda: succeed(None), watch=Watch())), True)
+        self.assertEqual(self.bruteForce("known-let-through"), 1)
 
     def test_noDelayNotCounted(self) -> None:
         box = PenaltyBox(self.clock, PenaltyPolicy(baseDelay=0.0), metrics=self.metrics)

@@ -256,6 +256,21 @@ class ThrottleTests(SynchronousTestCase):
         self.assertEqual(throttle.delay("10.0.0.1"), 0)
 
 
+class ThrottleResetTests(StockTestCase):
+    def test_successForgetsOwnFailures(self) -> None:
+        """
+        A successful login forgets the failures registered for its uid from
+        that address (resetDelay from lib/OC.php's postLogin hook), not the
+        failures of other names.
+        """
+        for _ in range(2):
+            self.assertIs(self.result(self.client.auth("alice", DOMAIN, "wrong")), Outcome.NO)
+        self.assertIs(self.result(self.client.auth("bob", DOMAIN, "wrong")), Outcome.NO)
+        self.assertEqual(self.nextcloud.throttle.count("127.0.0.1"), 3)
+        self.assertIs(self.result(self.client.auth("alice", DOMAIN, "pa:ss w")), Outcome.YES)
+        self.assertEqual(self.nextcloud.throttle.count("127.0.0.1"), 1)
+
+
 class IsUserTests(StockTestCase):
     def test_exists(self) -> None:
         self.assertIs(self.result(self.client.isUser("alice", DOMAIN)), Outcome.YES)

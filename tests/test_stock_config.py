@@ -48,7 +48,7 @@ class OptionTests(SynchronousTestCase):
         self.assertEqual(config.loginFormat, "{user}")
         self.assertEqual(config.servicePassword, "app-pw")
         self.assertNotIn("app-pw", repr(config))
-        self.assertEqual(config.penaltyLockoutAfter, 5)
+        self.assertEqual(config.penaltyUserChecks, 5)
         self.assertEqual(config.refusedTTL, 600)
         with_secret = self.parse("--backend", "nextcloud", "--url", BASE, "--secret", "t",
                                  "--service-user", "x", "--service-password", "p").config
@@ -101,9 +101,13 @@ class OptionTests(SynchronousTestCase):
     def test_penaltyWithinDeadline(self) -> None:
         self.assertIn("below deadline", self.refused(
             "--url", BASE + "/x", "--secret", "s", "--penalty-max-delay", "4"))
-        config = self.parse("--url", BASE + "/x", "--secret", "s", "--penalty-lockout", "1h",
-                            "--penalty-lockout-after", "3").config
-        self.assertEqual((config.penaltyLockout, config.penaltyLockoutAfter), (3600, 3))
+        config = self.parse("--url", BASE + "/x", "--secret", "s", "--penalty-user-refill",
+                            "1h", "--penalty-user-checks", "3",
+                            "--penalty-allow-listed-failures", "0").config
+        self.assertEqual((config.penaltyUserRefill, config.penaltyUserChecks,
+                          config.penaltyAllowListedFailures), (3600, 3, 0))
+        self.assertIn("penalty-backend-failures", self.refused(
+            "--url", BASE + "/x", "--secret", "s", "--penalty-backend-failures", "0"))
 
 
 class RowSpecTests(SynchronousTestCase):

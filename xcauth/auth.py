@@ -59,8 +59,8 @@ class Authenticator:
         authentication (token, cache or backend), before the answer is
         delivered; it must return at once (fire and forget: the roster sync
         only queues the user).  What it raises is logged, never answered.
-    @param penalty: failed logins remembered and held back (L{xcauth.penalty}),
-        or C{None} for none.
+    @param penalty: the brute-force protection (L{xcauth.penalty}: budgets of
+        checks, known passwords, delays), or C{None} for none.
     """
 
     def __init__(
@@ -124,18 +124,31 @@ class Authenticator:
                     domain=printable(domain),
                 )
             return succeed(True)
-        passwordKey = self._passwordKey(password)
         penalty = self.penalty
+        if penalty is not None and not password:
+            # Never right, and no check Nextcloud could count: no budget spent.
+            return succeed(False)
+        passwordKey = self._passwordKey(password)
         if penalty is not None:
             jid = f"{user}@{domain}"
             cache = self.cache
-            return penalty.gate(
-                jid,
-                penalty.who(jid, peer),
-                passwordKey,
-                lambda: self._shared(settings, user, domain, password, passwordKey),
-                None if cache is None else lambda: cache.vouches(jid, password),
-            )
+            try:
+                return penalty.gate(
+                    jid,
+                    passwordKey,
+                    lambda: self._shared(settings, user, domain, password, passwordKey),
+                    None if cache is None else lambda: cache.vouches(jid, password),
+                    peer=peer,
+                    watch=getattr(settings.client, "watch", None),
+                    shared=(user, domain, passwordKey) in self._inflight,
+                    outage=cache is not None,
+                )
+            except Exception:
+                # Never into a framing: the login is "unavailable", the
+                # daemon goes on.
+                log.failure("the brute-force protection failed for {jid}",
+                            jid=printable(jid))
+                return succeed(None)
         return self._shared(settings, user, domain, password, passwordKey)
 
     def _shared(
@@ -165,7 +178,11 @@ class Authenticator:
         def askBackend() -> Deferred[Outcome]:
             return settings.client.auth(user, settings.authDomain or domain, password)
 
-        return self.cache.authenticate(f"{user}@{domain}", password, askBackend)
+        watch = getattr(settings.client, "watch", None)
+        return self.cache.authenticate(
+            f"{user}@{domain}", password, askBackend,
+            None if watch is None else watch.throttled,
+        )
 
     def isUser(self, user: str, domain: str) -> Deferred[bool | None]:
         """

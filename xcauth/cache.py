@@ -318,18 +318,31 @@ class CredentialCache:
             self._verified.popitem(last=False)
 
     def authenticate(
-        self, jid: str, password: str, askBackend: Callable[[], Deferred[Outcome]]
+        self, jid: str, password: str, askBackend: Callable[[], Deferred[Outcome]],
+        throttled: Callable[[], bool] | None = None,
     ) -> Deferred[bool | None]:
         """
         Decide a login: a fresh cache entry, else the backend (which refreshes
         or evicts the entry), else, if the backend is unavailable, an entry
         verified within the unreachable TTL.  C{None}: the backend is
         unavailable and the cache does not vouch for the password.
+
+        @param throttled: whether the backend throttles xcauth's address
+            (C{429} or brute-force delays, which anyone guessing may
+            provoke): then an entry vouches only within the verification
+            TTL, so that a provoked throttle never brings an old password
+            back.
         """
-        return ensureDeferred(self._authenticate(jid, password, askBackend))
+        return ensureDeferred(self._authenticate(jid, password, askBackend, throttled))
+
+    def _vouchTTL(self, throttled: Callable[[], bool] | None) -> float:
+        if throttled is not None and throttled():
+            return min(self.policy.verificationTTL, self.policy.unreachableTTL)
+        return self.policy.unreachableTTL
 
     async def _authenticate(
-        self, jid: str, password: str, askBackend: Callable[[], Deferred[Outcome]]
+        self, jid: str, password: str, askBackend: Callable[[], Deferred[Outcome]],
+        throttled: Callable[[], bool] | None = None,
     ) -> bool | None:
         started = self._clock.seconds()
         entry = await self._lookup(jid)
@@ -348,7 +361,7 @@ class CredentialCache:
                 return True
         backend = askBackend()
         outcome: Outcome | None = None
-        if self._canVouch(entry, started):
+        if self._canVouch(entry, started, self._vouchTTL(throttled)):
             spent = self._clock.seconds() - started
             outcome = await self._answerOrLate(backend, self._fallbackAfter - spent)
             if outcome is None:
@@ -391,7 +404,7 @@ class CredentialCache:
                 if matched:
                     self.evict(jid)
             return False
-        if entry is None or now - entry.remoteAuth >= self.policy.unreachableTTL:
+        if entry is None or now - entry.remoteAuth >= self._vouchTTL(throttled):
             return None
         if matched is None:
             matched = await self._matches(jid, entry, password)
@@ -403,11 +416,11 @@ class CredentialCache:
             self._background(self.storage.touch(jid, self._clock.seconds(), False))
         return True if matched else None
 
-    def _canVouch(self, entry: CacheEntry | None, now: float) -> bool:
+    def _canVouch(self, entry: CacheEntry | None, now: float, ttl: float) -> bool:
         return (
             entry is not None
             and entry.pwhash is not None
-            and now - entry.remoteAuth < self.policy.unreachableTTL
+            and now - entry.remoteAuth < ttl
         )
 
     def _answerOrLate(self, backend: Deferred[Outcome], delay: float) -> Deferred[Outcome | None]:
@@ -447,15 +460,17 @@ class CredentialCache:
     def vouches(self, jid: str, password: str) -> Deferred[bool]:
         """
         Whether the cache alone accepts C{password} for C{jid}: the entry
-        matches and was verified by the backend within the unreachable TTL
-        (used while the user is in a cool-down, without asking the backend).
+        matches and was verified by the backend within the verification TTL
+        (used while a brute-force budget is spent, without asking the
+        backend: a password cached after a restart is still known).
         """
         return ensureDeferred(self._vouches(jid, password))
 
     async def _vouches(self, jid: str, password: str) -> bool:
         entry = await self._lookup(jid)
         now = self._clock.seconds()
-        if entry is None or now - entry.remoteAuth >= self.policy.unreachableTTL:
+        ttl = min(self.policy.verificationTTL, self.policy.unreachableTTL)
+        if entry is None or now - entry.remoteAuth >= ttl:
             return False
         return bool(await self._matches(jid, entry, password))
 

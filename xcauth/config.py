@@ -47,6 +47,8 @@ IGNORED_KEYS = frozenset(
         "update-roster",
         "shared-roster-db",
         "per-domain-config",
+        "penalty-lockout-after",
+        "penalty-lockout",
     }
 )
 
@@ -274,6 +276,12 @@ def _count(name: str, text: str) -> int:
     return int(parsePositive(name, text, integer=True))
 
 
+def _countOrZero(name: str, text: str) -> int:
+    if text.strip() == "0":
+        return 0
+    return _count(name, text)
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class Setting:
     """
@@ -374,26 +382,59 @@ SETTINGS: tuple[Setting, ...] = (
         _seconds,
     ),
     Setting(
-        "penalty-lockout-after", "penaltyLockoutAfter", "5",
-        "After this many distinct wrong passwords a user is refused locally for "
-        "penalty-lockout (a password the credential cache vouches for still works).",
+        "penalty-user-checks", "penaltyUserChecks", "5",
+        "Checks of passwords new to xcauth that may reach Nextcloud per user at once "
+        "(every framing and client address of the user together); counted when the "
+        "check starts, given back when the password is right.",
         _count,
     ),
     Setting(
-        "penalty-lockout", "penaltyLockout", "15m",
-        "The cool-down after penalty-lockout-after distinct wrong passwords.",
+        "penalty-user-refill", "penaltyUserRefill", "15m",
+        "The time in which a user's spent checks all come back (one every "
+        "penalty-user-refill / penalty-user-checks).",
+        parseTTL,
+    ),
+    Setting(
+        "penalty-backend-failures", "penaltyBackendFailures", "10",
+        "Backend nextcloud: failed (or pending) checks toward one Nextcloud within "
+        "penalty-backend-window, daemon-wide, while xcauth's address is not on its "
+        "brute-force allow-list (Nextcloud answers 429 past 10 in 30 minutes).",
+        _count,
+    ),
+    Setting(
+        "penalty-backend-window", "penaltyBackendWindow", "30m",
+        "Backend nextcloud: the window of penalty-backend-failures.",
+        parseTTL,
+    ),
+    Setting(
+        "penalty-allow-listed-failures", "penaltyAllowListedFailures", "100",
+        "Backend nextcloud: the daemon-wide budget while xcauth's address is "
+        "allow-listed (0: none).",
+        _countOrZero,
+    ),
+    Setting(
+        "known-passwords", "knownPasswords", "8",
+        "Passwords per user (a password and app passwords) remembered as accepted, "
+        "as keyed hashes in memory: they get in during any limit.",
+        _count,
+    ),
+    Setting(
+        "known-password-ttl", "knownPasswordTTL", "1d",
+        "How long after Nextcloud last accepted it a known password gets in without "
+        "asking Nextcloud while a limit is reached or Nextcloud throttles.",
         parseTTL,
     ),
     Setting(
         "penalty-forget", "penaltyForget", "1h",
-        "A user's failures are forgotten this long after the last one (unless in a "
-        "cool-down).",
+        "The failures of a user or client address (which make refusals slower) are "
+        "forgotten this long after the last one.",
         parseTTL,
     ),
     Setting(
         "penalty-max-entries", "penaltyMaxEntries", "100000",
-        "Users and refused passwords remembered at most (the oldest are forgotten "
-        "first), bounding the memory a flood of failed logins can use.",
+        "Users, client addresses, refused passwords and users with known passwords "
+        "remembered at most, each (the oldest are forgotten first), bounding the "
+        "memory a flood of failed logins can use.",
         _count,
     ),
     Setting(
@@ -541,8 +582,13 @@ class Config:
     refusedTTL: float
     penaltyDelay: float
     penaltyMaxDelay: float
-    penaltyLockoutAfter: int
-    penaltyLockout: float
+    penaltyUserChecks: int
+    penaltyUserRefill: float
+    penaltyBackendFailures: int
+    penaltyBackendWindow: float
+    penaltyAllowListedFailures: int
+    knownPasswords: int
+    knownPasswordTTL: float
     penaltyForget: float
     penaltyMaxEntries: int
     throttleCheckInterval: float

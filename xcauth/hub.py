@@ -355,8 +355,13 @@ def buildHub(config: Config, reactor: Any) -> Hub:
                 baseDelay=config.penaltyDelay,
                 # Within the client's deadline, with time left for the backend.
                 maxDelay=min(config.penaltyMaxDelay, config.deadline / 2),
-                lockoutAfter=config.penaltyLockoutAfter,
-                lockoutSeconds=config.penaltyLockout,
+                userChecks=config.penaltyUserChecks,
+                userRefill=config.penaltyUserRefill,
+                backendFailures=config.penaltyBackendFailures,
+                backendWindow=config.penaltyBackendWindow,
+                allowListedFailures=config.penaltyAllowListedFailures or None,
+                knownPasswords=config.knownPasswords,
+                knownTTL=config.knownPasswordTTL,
                 forgetAfter=config.penaltyForget,
                 maxEntries=config.penaltyMaxEntries,
             ),
@@ -417,6 +422,7 @@ def clientFactory(
             client, reactor, config.throttleCheckInterval, config.throttleWarnDelay
         )
         client.onLogin = watch.loginSeen
+        client.watch = watch
         watches.add(watch)
         if forDomain:
             client.checkPrivileges().addErrback(_domainCheckFailed, client.url)

@@ -157,3 +157,56 @@ class ICacheStorage(Interface):
 
         @return: L{Deferred} firing with C{None} once written.
         """
+
+
+class IAttemptBudget(Interface):
+    """
+    The bookkeeping of the password checks that may reach a Nextcloud (see
+    L{xcauth.penalty}): per user, a budget of checks of passwords new to
+    xcauth that refills with time; per Nextcloud, the checks that failed (or
+    are still being made) within a window, daemon-wide.
+
+    Every method answers at once, without a L{Deferred}: it is called on
+    the reactor thread in every login (a shared store keeps what it needs
+    in memory and writes behind).  C{now} is the caller's clock, in seconds;
+    C{user} and C{backend} are opaque keys (C{user@domain} as the
+    authenticator was given it, the backend's URL).  No method raises for
+    any argument value or any count.
+    """
+
+    def reserve(user: str, backend: str, now: float, backendLimit: int | None) -> str | None:
+        """
+        Count one check of a new password of C{user} toward C{backend}
+        before it is made.
+
+        @param backendLimit: checks that may fail toward C{backend} within
+            the window, or C{None} for no daemon-wide limit.
+        @return: C{None} when counted (exactly one L{settle} with the same
+            C{user}, C{backend} and C{now} follows), C{"user"} when the
+            user's budget is spent, C{"backend"} when the daemon-wide one
+            is (then nothing was counted).
+        """
+
+    def settle(user: str, backend: str, reservedAt: float, now: float, accepted: bool) -> None:
+        """
+        A check counted by L{reserve} at C{reservedAt} is over: an accepted
+        password gives the check back to both budgets; any other end (a
+        refusal, no answer, a cancelled login) leaves it counted.
+        """
+
+    def failed(backend: str, now: float) -> None:
+        """
+        A check made without L{reserve} (a password known to be right) was
+        refused: it counts toward C{backend}'s failures.
+        """
+
+    def limited(user: str, backend: str, now: float, backendLimit: int | None) -> bool:
+        """
+        Whether C{user} has checks outstanding in its budget (failures not
+        refilled yet) or the daemon-wide budget of C{backend} is spent.
+        """
+
+    def backendFailures(backend: str, now: float) -> int:
+        """
+        The checks counted toward C{backend} within the window now.
+        """

@@ -106,7 +106,15 @@ class NoMetrics:
     def penalized(self, reason: str) -> None:
         """
         A login refused or delayed by the penalty box (C{reason}: C{refused},
-        C{locked-out}, C{delayed}).
+        C{delayed}).
+        """
+
+    def bruteForce(self, event: str) -> None:
+        """
+        A decision of the brute-force budgets (C{event}: C{user-budget}, a
+        new password refused because the user's checks are spent;
+        C{backend-budget}, because the daemon-wide budget is spent;
+        C{known-let-through}, a known password accepted during a limit).
         """
 
 
@@ -121,6 +129,9 @@ COUNTERS = (
     ("xcauth_deadline_missed", "Requests that got no answer within the deadline.",
      ("framing",)),
     ("xcauth_penalized", "Logins refused or delayed by the penalty box.", ("reason",)),
+    ("xcauth_bruteforce", "Brute-force budget decisions: user-budget, backend-budget "
+     "(checks refused), known-let-through (known passwords accepted during a limit).",
+     ("event",)),
 )
 
 #: The histograms (buckets L{LATENCY_BUCKETS}): C{(name, help, label names)}.
@@ -164,6 +175,7 @@ class Metrics(NoMetrics):
         self._cache: dict[tuple[str, ...], int] = {}
         self._deadline: dict[tuple[str, ...], int] = {}
         self._penalized: dict[tuple[str, ...], int] = {}
+        self._bruteForce: dict[tuple[str, ...], int] = {}
         # Histogram rows by label values, one per HISTOGRAMS entry: the count
         # of each bucket (not cumulative; the last one +Inf), then the sum.
         self._requestSeconds: dict[tuple[str, ...], list[float]] = {}
@@ -179,7 +191,8 @@ class Metrics(NoMetrics):
         """
         The counts of each of L{COUNTERS}, in its order.
         """
-        return (self._requests, self._backend, self._cache, self._deadline, self._penalized)
+        return (self._requests, self._backend, self._cache, self._deadline, self._penalized,
+                self._bruteForce)
 
     def histograms(self) -> tuple[dict[tuple[str, ...], list[float]], ...]:
         """
@@ -229,6 +242,9 @@ class Metrics(NoMetrics):
 
     def penalized(self, reason: str) -> None:
         _count(self._penalized, (reason,))
+
+    def bruteForce(self, event: str) -> None:
+        _count(self._bruteForce, (event,))
 
 
 def _count(counts: dict[tuple[str, ...], int], key: tuple[str, ...]) -> None:

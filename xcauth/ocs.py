@@ -162,6 +162,9 @@ class OCSClient:
         self.loginFormat = loginFormat
         self._clock = clock
         self.onLogin = onLogin
+        #: The throttle watch of this Nextcloud (L{xcauth.throttlewatch}),
+        #: which the brute-force protection asks; set by the hub.
+        self.watch: Any = None
         self._hinted: dict[str, float] = {}
 
     # -- requests --------------------------------------------------------------

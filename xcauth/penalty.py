@@ -1,40 +1,67 @@
 """
-Failed logins, remembered so that Nextcloud's brute-force protection is not
-provoked by xcauth's clients.
+Brute-force protection: how many passwords may be tried, by whom, and which
+passwords always get in.
 
-Nextcloud counts every failed login per client address, and xcauth is one
-address for all of its users: a few clients retrying a stale saved password,
-or one person guessing, would slow down (and, past ten failures in 30
-minutes, block) every login of every user.  L{PenaltyBox} keeps that from
-happening, in the spirit of Dovecot's authentication penalty:
+xcauth logs in to Nextcloud for all its users from one address.  An
+attacker who guesses through xcauth must neither get more checks than the
+limits below, nor use the limits to keep a user out, nor push Nextcloud
+into throttling xcauth's address (which would keep everyone out).
+L{PenaltyBox} decides every password login (tokens are decided before it):
 
- - a refused C{(user, password)} pair is remembered (under a keyed hash of the
-   password, never the password) for C{refusedTTL} seconds and refused again
-   locally, so a client retrying a stale password reaches Nextcloud once;
- - every failure is answered after a delay that doubles with the consecutive
-   failures of the user (from C{baseDelay} up to C{maxDelay}, counted from the
-   moment the request came in, so it stays within the client's deadline);
- - after C{lockoutAfter} distinct wrong passwords the user is refused locally
-   for C{lockoutSeconds} (a cool-down), and again after each further distinct
-   wrong password until a login succeeds;
- - a right password clears the user's record.
+ - B{known passwords}: a password Nextcloud or the credential cache accepted
+   for a user (kept as a keyed hash, L{xcauth.keys}, never the password;
+   L{KnownPasswords}: several per user, the least recently used forgotten
+   first) gets in while the user or the backend is under a limit, or the
+   backend throttles, within C{knownTTL} of the last acceptance, without
+   asking Nextcloud.  Nextcloud refusing one of them forgets only that one;
+ - B{per-user budget}: every check of a password new to xcauth is counted
+   when it starts (L{IAttemptBudget.reserve}), before Nextcloud is asked,
+   whatever the framing, connection or client address; a user has
+   C{userChecks} of them, and they come back one by one over
+   C{userRefill} seconds (an accepted password gives its check back at
+   once).  A spent budget refuses new passwords locally (the cache may still
+   vouch for one);
+ - B{daemon-wide budget}: per Nextcloud, checks that failed (or are being
+   made) within C{backendWindow} are kept below C{backendFailures} while
+   xcauth's address is not on Nextcloud's allow-list (Nextcloud answers
+   C{429} past ten), C{allowListedFailures} (C{None}: no limit) when it is.
+   Beyond it, new passwords are answered "unavailable" locally;
+ - B{refused pairs}: a refused C{(user, password)} is refused again locally
+   for C{refusedTTL} seconds (a client retrying a stale password reaches
+   Nextcloud once);
+ - B{delays}: a refusal is answered after a delay that doubles with the
+   recent failures of the user, and of the client's address where the
+   framing knows it (Dovecot's C{rip=}), from C{baseDelay} to C{maxDelay};
+   an address never opens a budget of its own.
 
-The authenticator lets a password that the credential cache vouches for in
-during a cool-down, so a guesser cannot lock a user with a cached password out.
-Failures are kept per user, or per user and client address where the framing
-knows the address.
+Every count and delay is bounded; nothing here raises for any count.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import attr
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from zope.interface import implementer
 
+from xcauth.interfaces import IAttemptBudget
 from xcauth.metrics import NoMetrics
+from xcauth.text import printable
+
+log = Logger()
+
+#: Seconds between two log lines saying that a daemon-wide budget is spent.
+BUDGET_LOG_INTERVAL = 60.0
+
+#: Failures counted per user or address at most (the delay is long capped
+#: before).
+MAX_FAILURES = 1 << 20
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -46,53 +73,219 @@ class PenaltyPolicy:
     refusedTTL: float = 600.0
     baseDelay: float = 0.5
     maxDelay: float = 2.0
-    lockoutAfter: int = 5
-    lockoutSeconds: float = 900.0
-    #: A user's failures are forgotten this long after the last one.
+    #: Checks of new passwords per user at once, and the seconds in which
+    #: they all come back.
+    userChecks: int = 5
+    userRefill: float = 900.0
+    #: Failed checks toward one Nextcloud within C{backendWindow} seconds,
+    #: while xcauth's address is not allow-listed, and when it is.
+    backendFailures: int = 10
+    backendWindow: float = 1800.0
+    allowListedFailures: int | None = 100
+    #: Known passwords per user, and how long after the last acceptance
+    #: one gets in without Nextcloud during a limit.
+    knownPasswords: int = 8
+    knownTTL: float = 86400.0
+    #: A user's or address's failures are forgotten this long after the last.
     forgetAfter: float = 3600.0
-    #: Users and pairs remembered at most (the oldest are forgotten first).
+    #: Users, addresses and pairs remembered at most (oldest forgotten first).
     maxEntries: int = 100_000
 
 
-class _Record:
-    __slots__ = ("failures", "distinct", "lockedUntil", "last")
+class Throttling(Protocol):
+    """
+    What the penalty box asks about a stock Nextcloud's throttle (a
+    L{xcauth.throttlewatch.ThrottleWatch}).
+    """
 
-    def __init__(self) -> None:
-        self.failures = 0
-        self.distinct: set[bytes] = set()
-        self.lockedUntil = 0.0
-        self.last = 0.0
+    def throttled(self) -> bool: ...
+
+    def allowListed(self) -> bool: ...
+
+    def key(self) -> str: ...
+
+
+@implementer(IAttemptBudget)
+class MemoryBudget:
+    """
+    L{IAttemptBudget} in this process's memory.
+
+    A user's budget is a bucket of C{checks} that refills at C{checks} per
+    C{refill} seconds; a full bucket is forgotten.  At most C{maxEntries}
+    users are remembered (the least recently used first forgotten; the
+    daemon-wide budget still bounds what a flood of names gets).
+    """
+
+    def __init__(self, checks: int = 5, refill: float = 900.0, window: float = 1800.0,
+                 maxEntries: int = 100_000) -> None:
+        self.checks = max(int(checks), 1)
+        self.rate = self.checks / max(float(refill), 1e-3)
+        self.window = max(float(window), 0.0)
+        self.maxEntries = max(int(maxEntries), 1)
+        # user -> [checks spent, when last updated]
+        self._spent: OrderedDict[str, list[float]] = OrderedDict()
+        # backend -> times of the checks counted (oldest first)
+        self._backends: dict[str, deque[float]] = {}
+
+    def _level(self, user: str, now: float) -> float:
+        entry = self._spent.get(user)
+        if entry is None:
+            return 0.0
+        elapsed = max(now - entry[1], 0.0)
+        spent = max(entry[0] - elapsed * self.rate, 0.0)
+        if spent <= 0.0:
+            del self._spent[user]
+            return 0.0
+        entry[0] = spent
+        entry[1] = max(now, entry[1])
+        return spent
+
+    def _setLevel(self, user: str, spent: float, now: float) -> None:
+        if spent <= 0.0:
+            self._spent.pop(user, None)
+            return
+        entry = self._spent.pop(user, None)
+        if entry is None:
+            entry = [0.0, now]
+        entry[0] = min(spent, float(self.checks))
+        entry[1] = max(now, entry[1])
+        self._spent[user] = entry
+        while len(self._spent) > self.maxEntries:
+            self._spent.popitem(last=False)
+
+    def _times(self, backend: str, now: float) -> deque[float]:
+        times = self._backends.get(backend)
+        if times is None:
+            times = self._backends[backend] = deque()
+        cutoff = now - self.window
+        while times and times[0] <= cutoff:
+            times.popleft()
+        return times
+
+    def reserve(self, user: str, backend: str, now: float,
+                backendLimit: int | None) -> str | None:
+        spent = self._level(user, now)
+        if spent + 1.0 > self.checks:
+            return "user"
+        if backendLimit is not None:
+            times = self._times(backend, now)
+            if len(times) >= backendLimit:
+                return "backend"
+            times.append(now)
+        self._setLevel(user, spent + 1.0, now)
+        return None
+
+    def settle(self, user: str, backend: str, reservedAt: float, now: float,
+               accepted: bool) -> None:
+        if not accepted:
+            return
+        self._setLevel(user, self._level(user, now) - 1.0, now)
+        times = self._backends.get(backend)
+        if times is not None:
+            try:
+                times.remove(reservedAt)
+            except ValueError:
+                pass  # not counted (no limit then), or already out of the window
+
+    def failed(self, backend: str, now: float) -> None:
+        times = self._times(backend, now)
+        times.append(now)
+        while len(times) > self.maxEntries:
+            times.popleft()
+
+    def limited(self, user: str, backend: str, now: float,
+                backendLimit: int | None) -> bool:
+        if self._level(user, now) >= 1.0:
+            return True
+        return backendLimit is not None and len(self._times(backend, now)) >= backendLimit
+
+    def backendFailures(self, backend: str, now: float) -> int:
+        return len(self._times(backend, now))
+
+    def __len__(self) -> int:
+        return len(self._spent)
+
+
+class KnownPasswords:
+    """
+    Keyed hashes of the passwords accepted per user, with when each was last
+    accepted: at most C{perUser} per user (the least recently accepted
+    forgotten first) and C{maxUsers} users.
+    """
+
+    def __init__(self, perUser: int = 8, maxUsers: int = 100_000) -> None:
+        self.perUser = max(int(perUser), 1)
+        self.maxUsers = max(int(maxUsers), 1)
+        self._users: OrderedDict[str, OrderedDict[bytes, float]] = OrderedDict()
+
+    def get(self, jid: str, key: bytes) -> float | None:
+        """
+        When C{key} was last accepted for C{jid}, or C{None}.
+        """
+        keys = self._users.get(jid)
+        return None if keys is None else keys.get(key)
+
+    def add(self, jid: str, key: bytes, now: float) -> None:
+        """
+        C{key} was accepted for C{jid} at C{now}.
+        """
+        keys = self._users.pop(jid, None)
+        if keys is None:
+            keys = OrderedDict()
+        keys.pop(key, None)
+        keys[key] = now
+        while len(keys) > self.perUser:
+            keys.popitem(last=False)
+        self._users[jid] = keys
+        while len(self._users) > self.maxUsers:
+            self._users.popitem(last=False)
+
+    def remove(self, jid: str, key: bytes) -> None:
+        """
+        Nextcloud refused C{key} for C{jid}: forget that one only.
+        """
+        keys = self._users.get(jid)
+        if keys is not None:
+            keys.pop(key, None)
+            if not keys:
+                del self._users[jid]
+
+    def count(self, jid: str) -> int:
+        """
+        How many passwords of C{jid} are known.
+        """
+        return len(self._users.get(jid) or ())
 
 
 class PenaltyBox:
     """
-    The failures of recent logins.
+    The brute-force protection of password logins (see the module).
 
     @param clock: the time of every decision and of the delays.
     @param policy: the limits.
-    @param metrics: counts the logins refused or delayed here.
+    @param metrics: counts the logins refused, delayed or let through here.
+    @param budget: where the budgets are kept (default: in memory).
     """
 
     def __init__(
         self, clock: IReactorTime, policy: PenaltyPolicy | None = None,
-        metrics: NoMetrics | None = None,
+        metrics: NoMetrics | None = None, budget: IAttemptBudget | None = None,
     ) -> None:
         self.metrics = metrics if metrics is not None else NoMetrics()  # metrics
         self._clock = clock
-        self.policy = policy or PenaltyPolicy()
+        self.policy = policy = policy or PenaltyPolicy()
+        self.budget: IAttemptBudget = budget if budget is not None else MemoryBudget(
+            policy.userChecks, policy.userRefill, policy.backendWindow, policy.maxEntries
+        )
+        self.known = KnownPasswords(policy.knownPasswords, policy.maxEntries)
         # (jid, password key) -> until when the pair is refused; insertion
         # order is expiry order (a refreshed pair moves to the end).
         self._refused: dict[tuple[str, bytes], float] = {}
-        # who -> record; the least recently failed first.
-        self._records: dict[str, _Record] = {}
+        # user or "@address" -> [failures, time of the last]; least recent first.
+        self._records: OrderedDict[str, list[float]] = OrderedDict()
+        self._lastBudgetLog: dict[str, float] = {}
 
-    @staticmethod
-    def who(jid: str, peer: str | None) -> str:
-        """
-        The key of a user's failures: the JID, with the client's address
-        where it is known.
-        """
-        return jid if not peer else f"{jid} {peer}"
+    # -- the pieces ------------------------------------------------------------
 
     def _expire(self) -> None:
         now = self._clock.seconds()
@@ -106,10 +299,7 @@ class PenaltyBox:
         records = self._records
         while records:
             oldest = next(iter(records))
-            record = records[oldest]
-            stale = (now - record.last >= self.policy.forgetAfter
-                     and record.lockedUntil <= now)
-            if not stale and len(records) <= limit:
+            if now - records[oldest][1] < self.policy.forgetAfter and len(records) <= limit:
                 break
             del records[oldest]
 
@@ -125,118 +315,205 @@ class PenaltyBox:
             return False
         return True
 
-    def lockedOut(self, who: str) -> bool:
-        """
-        Whether C{who} is in a cool-down.
-        """
-        record = self._records.get(who)
-        return record is not None and record.lockedUntil > self._clock.seconds()
-
-    def failed(self, who: str, jid: str, key: bytes, known: bool = False) -> None:
-        """
-        Count a refused login of C{who} with the password of key C{key}.
-
-        @param known: the pair was refused locally (already remembered): it
-            makes the delay grow but is not a new distinct password.
-        """
+    def _remember(self, who: str) -> None:
         now = self._clock.seconds()
-        policy = self.policy
-        pair = (jid, key)
-        self._refused.pop(pair, None)
-        self._refused[pair] = now + policy.refusedTTL
-        record = self._records.pop(who, None) or _Record()
+        record = self._records.pop(who, None) or [0, now]
+        record[0] = min(record[0] + 1, MAX_FAILURES)
+        record[1] = now
         self._records[who] = record
-        record.failures += 1
-        record.last = now
-        if not known and key not in record.distinct:
-            record.distinct.add(key)
-            if len(record.distinct) >= policy.lockoutAfter:
-                record.lockedUntil = now + policy.lockoutSeconds
+
+    def failed(self, jid: str, key: bytes, peer: str | None = None,
+               known: bool = False) -> None:
+        """
+        Count a refusal of C{jid}'s password of key C{key} (from C{peer}).
+
+        @param known: the pair was refused locally (already remembered): the
+            delays grow, the pair is not remembered again.
+        """
+        if not known:
+            self._refused.pop((jid, key), None)
+            self._refused[(jid, key)] = self._clock.seconds() + self.policy.refusedTTL
+        self._remember(jid)
+        if peer:
+            self._remember("@" + peer)
         self._expire()
 
-    def _failedLocally(self, who: str) -> None:
-        # A refusal during a cool-down that Nextcloud was not asked about:
-        # the delay grows, but the password is not remembered as wrong.
-        record = self._records.pop(who, None) or _Record()
-        self._records[who] = record
-        record.failures += 1
-        record.last = self._clock.seconds()
+    def succeeded(self, jid: str, peer: str | None = None) -> None:
+        """
+        A right password: forget the failures of C{jid} (and of C{peer}).
+        """
+        self._records.pop(jid, None)
+        if peer:
+            self._records.pop("@" + peer, None)
+
+    def _failures(self, who: str) -> int:
+        record = self._records.get(who)
+        if record is None or self._clock.seconds() - record[1] >= self.policy.forgetAfter:
+            return 0
+        return int(record[0])
+
+    def delay(self, jid: str, peer: str | None = None) -> float:
+        """
+        Seconds a refusal of C{jid} (from C{peer}) is held back, after the
+        recent failures of both.
+        """
+        failures = self._failures(jid)
+        if peer:
+            failures = max(failures, self._failures("@" + peer))
+        if failures <= 0:
+            return 0.0
+        policy = self.policy
+        # 2 ** 62 times any delay is past any cap: no overflow at any count.
+        return float(min(policy.baseDelay * 2.0 ** min(failures - 1, 62), policy.maxDelay))
+
+    def holdBack(self, jid: str, peer: str | None, started: float) -> Deferred[None]:
+        """
+        A L{Deferred} firing when a refusal of C{jid} (from C{peer}) for a
+        request that came in at C{started} may be answered (cancelling it
+        cancels the wait).
+        """
+        wait = started + self.delay(jid, peer) - self._clock.seconds()
+        if not wait > 0:
+            return succeed(None)
+        return deferLater(self._clock, min(wait, self.policy.maxDelay))
+
+    def backendLimit(self, watch: Throttling | None) -> int | None:
+        """
+        The daemon-wide budget of failed checks toward the backend C{watch}
+        watches (C{None}: no limit; a JSXC backend has none).
+        """
+        if watch is None:
+            return None
+        if watch.allowListed():
+            return self.policy.allowListedFailures
+        return self.policy.backendFailures
+
+    def _budgetSpent(self, backend: str, limit: int | None) -> None:
+        now = self._clock.seconds()
+        last = self._lastBudgetLog.get(backend)
+        if last is not None and now - last < BUDGET_LOG_INTERVAL:
+            return
+        self._lastBudgetLog[backend] = now
+        log.warn(
+            "brute-force budget of {url} spent: {failures} failed or pending checks "
+            "within {window:g} s (limit {limit}); passwords new to xcauth are answered "
+            "'unavailable' until failures age out, known passwords still get in",
+            url=printable(backend),
+            failures=self.budget.backendFailures(backend, now),
+            window=self.policy.backendWindow,
+            limit=limit,
+        )
+
+    # -- the decision ----------------------------------------------------------
 
     def gate(
         self,
         jid: str,
-        who: str,
         key: bytes,
         check: Callable[[], Deferred[bool | None]],
         vouch: Callable[[], Deferred[bool]] | None = None,
+        peer: str | None = None,
+        watch: Throttling | None = None,
+        shared: bool = False,
+        outage: bool = False,
     ) -> Deferred[bool | None]:
         """
-        Decide a login with the penalties around C{check} (the cache and the
+        Decide a login with the limits around C{check} (the cache and the
         backend).
 
-        @param who: see L{who}.
         @param key: the keyed hash of the password.
         @param check: asks the cache and the backend.
-        @param vouch: during a cool-down, whether the credential cache vouches
-            for the password (without the backend); C{None}: no cache.
+        @param vouch: whether the credential cache alone accepts the
+            password (within its verification TTL), used when a budget is
+            spent; C{None}: no cache.
+        @param peer: the client's address, where the framing knows it.
+        @param watch: the backend's throttle (a stock Nextcloud), or C{None}.
+        @param shared: an identical check is already being made: this login
+            follows it without counting another check.
+        @param outage: a known password may answer for an unavailable
+            backend (a credential cache is configured).
         """
-        started = self._clock.seconds()
-
-        def refuse(reason: str = "delayed") -> Deferred[bool | None]:
-            if reason != "delayed" or self.delay(who) > 0:  # metrics
-                self.metrics.penalized(reason)  # metrics
-            return self.holdBack(who, started).addCallback(lambda _: False)
-
+        started = now = self._clock.seconds()
         if self.refused(jid, key):
-            self.failed(who, jid, key, known=True)
-            return refuse("refused")
-        if self.lockedOut(who):
-            vouched: Deferred[bool] = vouch() if vouch is not None else succeed(False)
+            self.failed(jid, key, peer, known=True)
+            self.metrics.penalized("refused")  # metrics
+            return self.holdBack(jid, peer, started).addCallback(lambda _: False)
+        backend = watch.key() if watch is not None else ""
+        limit = self.backendLimit(watch)
+        knownAt = self.known.get(jid, key)
+        if knownAt is not None:
+            fresh = now - knownAt < self.policy.knownTTL
+            if fresh and ((watch is not None and watch.throttled())
+                          or self.budget.limited(jid, backend, now, limit)):
+                self.metrics.bruteForce("known-let-through")  # metrics
+                return succeed(True)
+            return check().addCallback(
+                self._knownAnswer, jid, key, peer, started, knownAt, watch, outage
+            )
+        if shared:
+            followed: Deferred[Any] = check()
+            followed.addBoth(self._answer, jid, key, peer, started, None)
+            return followed
+        reason = self.budget.reserve(jid, backend, now, limit)
+        if reason is None:
+            checked: Deferred[Any] = check()
+            checked.addBoth(self._answer, jid, key, peer, started, (backend, now))
+            return checked
+        self.metrics.bruteForce(f"{reason}-budget")  # metrics
+        if reason == "backend":
+            self._budgetSpent(backend, limit)
+        vouched: Deferred[bool] = vouch() if vouch is not None else succeed(False)
 
-            def decided(ok: bool) -> bool | Deferred[bool | None]:
-                if ok:
-                    self.succeeded(who)
-                    return True
-                self._failedLocally(who)
-                return refuse("locked-out")
+        def decided(ok: bool) -> bool | None | Deferred[bool | None]:
+            if ok:
+                self.known.add(jid, key, self._clock.seconds())
+                self.metrics.bruteForce("known-let-through")  # metrics
+                return True
+            # Refused without asking anyone: the delays grow, the password
+            # is not remembered as wrong (it was never checked).
+            self.failed(jid, key, peer, known=True)
+            answer: bool | None = False if reason == "user" else None
+            return self.holdBack(jid, peer, started).addCallback(lambda _: answer)
 
-            return vouched.addCallback(decided)
+        return vouched.addCallback(decided)
 
-        def result(answer: bool | None) -> bool | None | Deferred[bool | None]:
-            if answer is True:
-                self.succeeded(who)
-            elif answer is False:
-                self.failed(who, jid, key)
-                return refuse()
-            return answer
+    def _answer(
+        self, answer: Any, jid: str, key: bytes, peer: str | None,
+        started: float, reserved: tuple[str, float] | None,
+    ) -> Any:
+        now = self._clock.seconds()
+        if reserved is not None:
+            self.budget.settle(jid, reserved[0], reserved[1], now, answer is True)
+        if answer is True:
+            self.known.add(jid, key, now)
+            self.succeeded(jid, peer)
+        elif answer is False:
+            self.failed(jid, key, peer)
+            if self.delay(jid, peer) > 0:  # metrics
+                self.metrics.penalized("delayed")  # metrics
+            return self.holdBack(jid, peer, started).addCallback(lambda _: False)
+        return answer
 
-        return check().addCallback(result)
-
-    def succeeded(self, who: str) -> None:
-        """
-        A right password: forget C{who}'s failures.
-        """
-        self._records.pop(who, None)
-
-    def delay(self, who: str) -> float:
-        """
-        Seconds a refusal of C{who} is held back, after its failures so far.
-        """
-        record = self._records.get(who)
-        if record is None or record.failures == 0:
-            return 0.0
-        policy = self.policy
-        return float(min(policy.baseDelay * 2 ** (record.failures - 1), policy.maxDelay))
-
-    def holdBack(self, who: str, started: float) -> Deferred[None]:
-        """
-        A L{Deferred} firing when a refusal of C{who} for a request that came
-        in at C{started} may be answered (cancelling it cancels the wait).
-        """
-        wait = started + self.delay(who) - self._clock.seconds()
-        if wait <= 0:
-            return succeed(None)
-        return deferLater(self._clock, wait)
+    def _knownAnswer(
+        self, answer: bool | None, jid: str, key: bytes, peer: str | None, started: float,
+        knownAt: float, watch: Throttling | None, outage: bool,
+    ) -> bool | None | Deferred[bool | None]:
+        now = self._clock.seconds()
+        if answer is True:
+            self.known.add(jid, key, now)
+            self.succeeded(jid, peer)
+            return True
+        if answer is False:
+            # Changed in Nextcloud: this password only stops being known.
+            self.known.remove(jid, key)
+            self.budget.failed(watch.key() if watch is not None else "", now)
+            self.failed(jid, key, peer)
+            return self.holdBack(jid, peer, started).addCallback(lambda _: False)
+        if (self.known.get(jid, key) is not None and now - knownAt < self.policy.knownTTL
+                and (outage or (watch is not None and watch.throttled()))):
+            self.metrics.bruteForce("known-let-through")  # metrics
+            return True
+        return None
 
     def __len__(self) -> int:
         return len(self._records) + len(self._refused)

@@ -28,6 +28,10 @@ log = Logger()
 #: Seconds between two warnings about slow or refused logins.
 WARN_INTERVAL = 60.0
 
+#: Seconds a C{429} or a slow login keeps the backend "throttling" (Nextcloud
+#: blocks for the failures of the last 30 minutes).
+THROTTLED_FOR = 1800.0
+
 ALLOW_LIST_HOWTO = (
     "add xcauth's address (as Nextcloud sees it; behind a proxy see "
     "trusted_proxies) to the allow-list of the Brute-force settings app "
@@ -62,6 +66,32 @@ class ThrottleWatch:
         self._lastWarning = -WARN_INTERVAL
         #: The last state read, or C{None}.
         self.state: ThrottleState | None = None
+        # When a login was last answered 429 or slowed by the throttle.
+        self._lastThrottled: float | None = None
+
+    def key(self) -> str:
+        """
+        The backend's key in the daemon-wide budget (its URL).
+        """
+        return str(self.client.url)
+
+    def allowListed(self) -> bool:
+        """
+        Whether the capabilities last read say xcauth's address is on the
+        brute-force allow-list.
+        """
+        return self.state is not None and self.state.allowListed is True
+
+    def throttled(self) -> bool:
+        """
+        Whether this Nextcloud throttles xcauth's address: the capabilities
+        report a delay of C{warnDelay} or more, or a login was answered
+        C{429} or took C{warnDelay} within L{THROTTLED_FOR} seconds.
+        """
+        if self.state is not None and self.state.delay >= self.warnDelay:
+            return True
+        last = self._lastThrottled
+        return last is not None and 0 <= self.clock.seconds() - last < THROTTLED_FOR
 
     def start(self) -> None:
         """
@@ -120,6 +150,7 @@ class ThrottleWatch:
         if status != 429 and seconds < self.warnDelay:
             return
         now = self.clock.seconds()
+        self._lastThrottled = now
         if now - self._lastWarning < WARN_INTERVAL:
             return
         self._lastWarning = now

@@ -14,7 +14,9 @@ the brute-force throttle, following Nextcloud's source:
    (IPv4 /32, IPv6 /56) in the last 12 hours; delay C{0.1 s * 2**n} capped at
    25 s; more than C{maxAttempts} (C{auth.bruteforce.max-attempts}, 10)
    failures in 30 minutes at the cap: C{429}.  Allow-listed addresses are
-   never delayed.
+   never delayed.  A successful login forgets the failures registered from
+   its address for its uid (C{resetDelay}, from the C{postLogin} hook of
+   C{lib/OC.php}).
  - C{ocs/v1.php} and C{OC\\OCS\\ApiHelper}: a refused login is C{401} with the
    OCS status 997 in the requested format; C{429} for the maximum delay.
  - the provisioning API's answers to a service account: an administrator
@@ -50,6 +52,9 @@ WINDOW = 12 * 3600.0
 BLOCK_WINDOW = 30 * 60.0
 
 _SLOW = re.compile(r"^slow(\d+)-")
+
+#: Login names counted in L{FakeStockNextcloud.loginCounts} at most.
+MAX_COUNTED = 10000
 
 
 @attr.s(auto_attribs=True)
@@ -130,7 +135,9 @@ class Throttle:
     def __init__(self, clock: IReactorTime, maxAttempts: int = MAX_ATTEMPTS) -> None:
         self.clock = clock
         self.maxAttempts = maxAttempts
-        self.attempts: dict[str, list[float]] = {}
+        #: subnet -> (time, login name) of each failure (the metadata
+        #: C{{"user": login}} Session.php registers).
+        self.attempts: dict[str, list[tuple[float, str | None]]] = {}
         #: Subnets that are never throttled (the bruteforcesettings app's list).
         self.allowListed: set[str] = set()
 
@@ -142,7 +149,7 @@ class Throttle:
         if key in self.allowListed:
             return 0
         now = self.clock.seconds()
-        return sum(1 for t in self.attempts.get(key, []) if t > now - window)
+        return sum(1 for t, _ in self.attempts.get(key, []) if t > now - window)
 
     def delay(self, ip: str) -> float:
         """
@@ -161,11 +168,25 @@ class Throttle:
         """
         return self.delay(ip) == MAX_DELAY and self.count(ip, BLOCK_WINDOW) > self.maxAttempts
 
-    def register(self, ip: str) -> None:
+    def register(self, ip: str, login: str | None = None) -> None:
         """
-        Count a failure.
+        Count a failure (of the login name C{login}).
         """
-        self.attempts.setdefault(subnet(ip), []).append(self.clock.seconds())
+        self.attempts.setdefault(subnet(ip), []).append((self.clock.seconds(), login))
+
+    def reset(self, ip: str, uid: str) -> None:
+        """
+        C{resetDelay(ip, 'login', ['user' => uid])}, which C{lib/OC.php}
+        calls after every successful login: the failures of the last 12 hours
+        registered for that exact name from C{ip}'s subnet are forgotten
+        (nothing is counted for an allow-listed address anyway).
+        """
+        key = subnet(ip)
+        if key in self.allowListed or key not in self.attempts:
+            return
+        cutoff = self.clock.seconds() - WINDOW
+        self.attempts[key] = [(t, who) for t, who in self.attempts[key]
+                              if not (t > cutoff and who == uid)]
 
 
 def _ocs(status: int, message: str, data: Any) -> bytes:
@@ -215,6 +236,10 @@ class FakeStockNextcloud(Resource):
         self.logins = 0
         #: Answers 429 given.
         self.tooMany = 0
+        #: Requests per login name (also in the stand-alone server, which
+        #: serves them at C{/fake/counts}, for the end-to-end tests; at most
+        #: L{MAX_COUNTED} names).
+        self.loginCounts: dict[str, int] = {}
 
     # -- what the tests look at ------------------------------------------------
 
@@ -285,6 +310,18 @@ class FakeStockNextcloud(Resource):
         credentials = self._credentials(request)
         if self.recordRequests:
             self.requests.append((method, path, credentials[0] if credentials else None))
+        if credentials is not None:
+            counts = self.loginCounts
+            if credentials[0] in counts or len(counts) < MAX_COUNTED:
+                counts[credentials[0]] = counts.get(credentials[0], 0) + 1
+        if path == "/fake/counts":
+            # Not Nextcloud's: what the tests read from the outside.
+            raise _Answer(200, json.dumps({
+                "logins": self.logins, "tooMany": self.tooMany,
+                "failures30m": self.throttle.count(ip, BLOCK_WINDOW),
+                "failures12h": self.throttle.count(ip),
+                "loginsOf": self.loginCounts,
+            }).encode(), {b"content-type": b"application/json"})
         if path.startswith("/remote.php/dav/"):
             self._dav(method, credentials, ip)
         prefix = "/ocs/v2.php/"
@@ -338,7 +375,7 @@ class FakeStockNextcloud(Resource):
                 raise self._forbidden(via, delay)
         user = self._login(login, password, token)
         if user is None:
-            throttle.register(ip)
+            throttle.register(ip, login)
             if delay == 0:
                 if throttle.blocked(ip):
                     self.tooMany += 1
@@ -348,6 +385,8 @@ class FakeStockNextcloud(Resource):
         if not user.enabled:
             # LoginException("User disabled"), no failure counted.
             raise self._unauthorised(via, delay)
+        # The postLogin hook of lib/OC.php.
+        throttle.reset(ip, user.uid)
         return user, delay
 
     def _forbidden(self, via: str, delay: float) -> _Answer:
