@@ -566,6 +566,31 @@ class GentleTests(SynchronousTestCase):
         self.assertIs(self.login("alice", "Alice-App")[0], True)
         self.assertIsNone(self.login("alice", "another")[0])
 
+    def test_unavailableSpendsNoBudget(self) -> None:
+        """
+        Checks that Nextcloud did not answer (down, or an error) give their
+        check back: a user whose logins failed through an outage, or whose
+        domain moves to another backend, gets in with the right password as
+        soon as a backend answers.
+        """
+        from xcauth.interfaces import Outcome
+
+        class Down:
+            url = "https://down.example.org"
+
+            def auth(self, user: str, domain: str, password: str) -> Deferred[Outcome]:
+                return succeed(Outcome.UNAVAILABLE)
+
+        self.withoutCache()
+        up = self.auth
+        down = DomainSettings((), None, Down())  # type: ignore[arg-type]
+        self.auth = Authenticator(lambda d: down, self.clock, self.keys, penalty=self.penalty)
+        for _ in range(3 * PenaltyPolicy().userChecks):
+            self.assertIsNone(self.login("alice", "pa:ss w")[0])
+        self.auth = up
+        self.assertIs(self.login("alice", "pa:ss w")[0], True)
+        self.assertEqual(self.nextcloud.loginsOf("alice"), 1)
+
     def test_staleRetriedPastOverflow(self) -> None:
         """
         Item 7: a stale password retried 1,100 times is refused every

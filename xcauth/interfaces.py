@@ -187,11 +187,16 @@ class IAttemptBudget(Interface):
             is (then nothing was counted).
         """
 
-    def settle(user: str, backend: str, reservedAt: float, now: float, accepted: bool) -> None:
+    def settle(
+        user: str, backend: str, reservedAt: float, now: float, accepted: bool | None
+    ) -> None:
         """
         A check counted by L{reserve} at C{reservedAt} is over: an accepted
-        password gives the check back to both budgets; any other end (a
-        refusal, no answer, a cancelled login) leaves it counted.
+        password (C{True}) gives the check back to both budgets; no answer
+        (C{None}: Nextcloud unavailable, an error, a cancelled login) gives it
+        back to the user's budget only (the caller learnt nothing about the
+        password, but Nextcloud may have counted a failure); a refusal
+        (C{False}) leaves it counted in both.
         """
 
     def failed(backend: str, now: float) -> None:

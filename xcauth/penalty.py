@@ -176,10 +176,12 @@ class MemoryBudget:
         return None
 
     def settle(self, user: str, backend: str, reservedAt: float, now: float,
-               accepted: bool) -> None:
-        if not accepted:
+               accepted: bool | None) -> None:
+        if accepted is False:
             return
         self._setLevel(user, self._level(user, now) - 1.0, now)
+        if accepted is None:
+            return
         times = self._backends.get(backend)
         if times is not None:
             try:
@@ -483,7 +485,11 @@ class PenaltyBox:
     ) -> Any:
         now = self._clock.seconds()
         if reserved is not None:
-            self.budget.settle(jid, reserved[0], reserved[1], now, answer is True)
+            # A refusal spends the check; an unavailable Nextcloud (or an
+            # error) told nobody anything about the password: the user's
+            # check comes back, Nextcloud's failure count may have grown.
+            self.budget.settle(jid, reserved[0], reserved[1], now,
+                               True if answer is True else False if answer is False else None)
         if answer is True:
             self.known.add(jid, key, now)
             self.succeeded(jid, peer)
