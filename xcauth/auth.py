@@ -124,6 +124,10 @@ class Authenticator:
         that is unavailable gives C{None}, unless the cache vouches for the
         password.
         """
+        identity = canonicalOrNone(user, domain)
+        if identity is None:
+            return succeed(False)
+        user, domain = identity.user, identity.domain
         d = self._whenReady(self._authenticate, user, domain, password, peer)
         if self._onLogin is not None:
             d.addCallback(self._loggedIn, user, domain)

@@ -864,6 +864,8 @@ def backendFetcher(settingsFor: Callable[[str], Any]) -> Fetcher:
 
     def fetch(user: str, domain: str) -> Deferred[dict[str, RosterEntry]]:
         settings = settingsFor(domain)
+        if settings is None:
+            return fail(BackendUnavailable(f"domain {domain} is not served"))
         d: Deferred[dict[str, RosterEntry]] = settings.client.sharedRoster(
             user, settings.authDomain or domain
         )
