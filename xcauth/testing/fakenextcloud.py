@@ -92,8 +92,10 @@ class FakeJSXC(Resource):
         clock: IReactorTime,
         latency: float = 0.0,
         rosterFile: str | None = None,
+        usersFile: str | None = None,
     ) -> None:
         super().__init__()
+        self.usersFile = usersFile
         self.rosterFile = rosterFile
         self.secret = secret
         self.users = users
@@ -101,6 +103,22 @@ class FakeJSXC(Resource):
         self.latency = latency
         #: Every request's operation and fields (passwords included), in order.
         self.requests: list[dict[str, str]] = []
+
+    def _readUsers(self) -> None:
+        """
+        With a users file (C{--users-file}: a JSON object of user names and
+        passwords) that exists, its users replace the others: a test rewrites
+        it to add or delete users while the fake runs.
+        """
+        if self.usersFile is None:
+            return
+        try:
+            with open(self.usersFile, encoding="utf-8") as f:
+                users = json.load(f)
+        except (OSError, ValueError):
+            return
+        if isinstance(users, dict):
+            self.users = {str(k): str(v) for k, v in users.items()}
 
     def render_GET(self, request: Request) -> bytes:
         request.setResponseCode(405)
@@ -145,6 +163,7 @@ class FakeJSXC(Resource):
         C{slow<N>-} user's); the fault left is C{fault-hang}, C{fault-hangbody}
         or C{None}.
         """
+        self._readUsers()
         code, headers, answer, fault = self.answer(body, signature)
         delay = self.latency
         slow = _SLOW.match(fault or "")
@@ -426,6 +445,9 @@ class Options(usage.Options):
         ["bench-users", None, "0",
          "Also know N users userI with the password passwordI (0 <= I < N)."],
         ["processes", None, "1", "Processes accepting on the same port."],
+        ["users-file", None, None,
+         "JSON file of user names and passwords, read on every request: when it "
+         "exists, its users replace the demo users."],
         ["roster-file", None, None,
          "JSON file of sharedRoster answers by user name, read on every request."],
         ["max-attempts", None, "10",
@@ -506,6 +528,7 @@ def main(argv: list[str] | None = None) -> None:
         reactor,
         latency=float(options["latency"]) / 1000.0,
         rosterFile=options["roster-file"],
+        usersFile=options["users-file"],
     )
     resource.recordRequests = False
     # Site serves HTTPChannel, FastJSXCFactory FastJSXCProtocol: one type for both.
