@@ -617,11 +617,10 @@ class DovecotProtocol(LineReceiver):
     def _abandoned(self, request: _Request) -> None:
         request.timer = None
         if self._current(request):
-            log.info(
-                "{framing} request {id} forgotten: no CONT within {timeout} s",
-                framing=self.framing,
-                id=request.command.id,
-                timeout=CONT_TIMEOUT,
+            # A client can leave many requests waiting: counted into the
+            # once-a-minute invalid-request line, not one line each.
+            self.context.noteInvalid(
+                self.framing, f"a request forgotten: no CONT within {CONT_TIMEOUT:g} s"
             )
             del self._requests[request.command.id]
 
