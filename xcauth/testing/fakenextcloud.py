@@ -104,6 +104,19 @@ class FakeJSXC(Resource):
         #: Every request's operation and fields (passwords included), in order.
         self.requests: list[dict[str, str]] = []
 
+    def _storedId(self, name: str) -> str:
+        """
+        The user id as stored for C{name}, compared without case; C{name} if
+        there is none.
+        """
+        if name in self.users:
+            return name
+        wanted = name.lower()
+        for uid in self.users:
+            if uid.lower() == wanted:
+                return uid
+        return name
+
     def _readUsers(self) -> None:
         """
         With a users file (C{--users-file}: a JSON object of user names and
@@ -211,28 +224,31 @@ class FakeJSXC(Resource):
                 return 302, {b"location": b"/login"}, b"", None
             if kind is not None:
                 return 200, jsonHeaders, b"", kind
+        # Nextcloud's user backend finds a user id whatever its case (by
+        # mb_strtolower in its uid_lower column) and answers the stored id.
+        user = self._storedId(_baseName(user))
         if operation == "auth":
             if "password" not in fields:
                 return 500, jsonHeaders, _json(_error("No password given.")), fault
-            if self.users.get(_baseName(user)) == fields["password"]:
-                result = {"result": "success", "data": {"uid": _baseName(user)}}
+            if self.users.get(user) == fields["password"]:
+                result = {"result": "success", "data": {"uid": user}}
             else:
                 result = {"result": "noauth"}
             return 200, jsonHeaders, _json(result), fault
         if operation == "isuser":
-            isUser = _baseName(user) in self.users
+            isUser = user in self.users
             return 200, jsonHeaders, _json({"result": "success", "data": {"isUser": isUser}}), fault
         if operation == "sharedroster":
-            if _baseName(user) not in self.users:
+            if user not in self.users:
                 return 500, jsonHeaders, _json(_error("User not found.")), fault
-            configured = self._configuredRoster(_baseName(user))
+            configured = self._configuredRoster(user)
             if configured is not None:
                 answer = {"result": "success", "data": {"sharedRoster": configured}}
                 return 200, jsonHeaders, _json(answer), fault
             roster = {
                 name: {"name": name.title(), "groups": ["Everyone"]}
                 for name in sorted(self.users)
-                if name != _baseName(user)
+                if name != user
             }
             return 200, jsonHeaders, _json({"result": "success", "data": {"sharedRoster": roster or []}}), fault
         return 500, jsonHeaders, _json(_error("Unsupported operation.")), None
