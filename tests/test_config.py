@@ -244,8 +244,9 @@ class ServedDomainsOptionTests(SynchronousTestCase):
         self.assertEqual(options.config.domains, ("example.org", "b.example"))
 
     def test_fromFile(self) -> None:
-        options = self.parse(conf="domain=a.example, Bücher.example\n")
-        self.assertEqual(options.config.domains, ("a.example", "xn--bcher-kva.example"))
+        options = self.parse(conf="domain=a.example, Bücher.example\ndomain=c.example\n")
+        self.assertEqual(options.config.domains,
+                         ("a.example", "xn--bcher-kva.example", "c.example"))
         # The command line overrides the file.
         options = self.parse("--domain", "c.example", conf="domain=a.example\n")
         self.assertEqual(options.config.domains, ("c.example",))

@@ -679,11 +679,11 @@ class ConfigOptions(usage.Options):
                 return
             path = DEFAULT_CONFIG_FILE
         self["config-file"] = path
-        known = (
-            {p[0] for p in self.optParameters}
-            | {f[0] for f in self.optFlags}
-            | {s.name for s in SETTINGS if s.repeatable}
-        )
+        repeatable = {s.name for s in SETTINGS if s.repeatable}
+        known = {p[0] for p in self.optParameters} | {f[0] for f in self.optFlags} | repeatable
+        # Lines of a repeatable setting add up (domain=a then domain=b); the
+        # command line replaces them all.
+        fromFile: dict[str, list[str]] = {}
         for key, value, number in readConfigFile(path):
             where = f"{path} line {number}"
             if key in IGNORED_KEYS:
@@ -698,12 +698,17 @@ class ConfigOptions(usage.Options):
             elif key in known and key != "config-file":
                 if value is None:
                     raise ConfigError(f"{where}: {key} needs a value ({key}=...)")
-                if self[key] is None:
+                if key in repeatable:
+                    fromFile.setdefault(key, []).append(value)
+                elif self[key] is None:
                     self[key] = value
             else:
                 raise ConfigError(
                     f"{where}: unknown option {key!r}; see --help for the options"
                 )
+        for key, values in fromFile.items():
+            if self[key] is None:
+                self[key] = ",".join(values)
 
     def ignoredKey(self, key: str, value: str | None, where: str) -> None:
         """
