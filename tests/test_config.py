@@ -224,3 +224,61 @@ class ListenTests(SynchronousTestCase):
         options.parseOptions(["-c", sample, "--listen", "tcp:23664:interface=127.0.0.1", "--demo"])
         self.assertEqual(options.config.type, "ejabberd")
         self.assertEqual([(li.framing, li.entry) for li in options.listeners], [("ejabberd", "tcp:23664:interface=127.0.0.1")])
+
+
+class ServedDomainsOptionTests(SynchronousTestCase):
+    """
+    C{domain=}: the domains the global backend serves.
+    """
+
+    def parse(self, *args: str, conf: str = "") -> Options:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("url=https://cloud.example.org/x\nsecret=s\n" + conf)
+        options = Options()
+        options.parseOptions(["-c", path, "--listen", "tcp:1:interface=127.0.0.1", *args])
+        return options
+
+    def test_repeatableAndCanonical(self) -> None:
+        options = self.parse("--domain", "Example.ORG.", "--domain", "b.example,B.example")
+        self.assertEqual(options.config.domains, ("example.org", "b.example"))
+
+    def test_fromFile(self) -> None:
+        options = self.parse(conf="domain=a.example, Bücher.example\ndomain=c.example\n")
+        self.assertEqual(options.config.domains,
+                         ("a.example", "xn--bcher-kva.example", "c.example"))
+        # The command line overrides the file.
+        options = self.parse("--domain", "c.example", conf="domain=a.example\n")
+        self.assertEqual(options.config.domains, ("c.example",))
+
+    def test_noneByDefault(self) -> None:
+        self.assertEqual(self.parse().config.domains, ())
+
+    def test_invalid(self) -> None:
+        e = self.assertRaises(SystemExit, self.parse, "--domain", "a@b.example")
+        self.assertIn("domain", str(e))
+
+    def test_stockUserFormatNeedsList(self) -> None:
+        conf = "backend=nextcloud\nservice-user=svc\nservice-password=pw\n"
+        e = self.assertRaises(SystemExit, self.parse,
+                              conf=conf.replace("secret=s\n", "") + "url=https://c.example\n")
+        self.assertIn("domain=", str(e))
+        self.assertNotIn("\n", str(e))
+        self.parse("--domain", "example.org", conf=conf)
+        self.parse("--login-format", "{user}@{domain}", conf=conf)
+
+
+class TLSListenerTests(SynchronousTestCase):
+    def test_clientCAFileChecked(self) -> None:
+        """
+        A TLS listener with clientCA= whose files cannot be read stops the
+        start with one line.
+        """
+        from xcauth.listen import parseListener
+
+        missing = os.path.abspath(self.mktemp())
+        e = self.assertRaises(
+            ConfigError, parseListener,
+            f"ssl:1:interface=127.0.0.1:privateKey={missing}:clientCA={missing}", "prosody")
+        self.assertIn("cannot read", str(e))
+        self.assertNotIn("\n", str(e))

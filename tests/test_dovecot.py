@@ -407,13 +407,30 @@ class ExchangeTests(_Base, SynchronousTestCase):
         self.send(b"CONT\t9\t\n")
         self.assertEqual(self.answers(), b"CONT\t9\tVXNlcm5hbWU6\nFAIL\t9\n")
 
-    def test_escapedAnswer(self) -> None:
+    def test_controlCharacterLoginRefused(self) -> None:
         """
-        A login with a TAB is escaped in the answer.
+        A login with a TAB or a NUL is no identity: refused without asking
+        anyone, and never echoed.
         """
         self.send(b"AUTH\t1\tPLAIN\tservice=xmpp\tresp=" + plain("a\tb", "pw") + b"\n")
+        self.send(b"AUTH\t2\tLOGIN\tservice=xmpp\n")
+        self.send(b"CONT\t2\t" + base64.b64encode(b"ev\0il@example.org") + b"\n")
+        self.send(b"CONT\t2\t" + base64.b64encode(b"pw") + b"\n")
+        self.assertEqual(self.auth.calls, [])
+        answers = self.answers()
+        self.assertIn(b"FAIL\t1\n", answers)
+        self.assertIn(b"FAIL\t2\n", answers)
+        self.assertNotIn(b"\0", answers)
+
+    def test_canonicalAnswer(self) -> None:
+        """
+        The answer names the canonical identity the password was checked for.
+        """
+        self.send(b"AUTH\t1\tPLAIN\tservice=xmpp\tresp="
+                  + plain("Bob@Other.Example.", "pw") + b"\n")
+        self.assertEqual(self.auth.calls[0][1][:2], ("bob", "other.example"))
         self.fire(0, True)
-        self.assertEqual(self.answers(), b"OK\t1\tuser=a\x01tb\n")
+        self.assertEqual(self.answers(), b"OK\t1\tuser=bob@other.example\n")
 
     def test_outOfOrder(self) -> None:
         """
@@ -956,3 +973,68 @@ class DovecotFairnessTests(SynchronousTestCase):
         for _ in range(5):
             turn(clock)
         self.assertEqual(len(auth.calls), 100)
+
+
+class HostileInputTests(SynchronousTestCase):
+    """
+    What an attacker sends to the framing: huge numbers, NULs in names, and
+    a client that never reads its answers.
+    """
+
+    def connect(self) -> tuple[Any, Any, Any]:
+        auth = ManualAuthenticator()
+        protocol, transport, clock = connect(DovecotProtocol, auth)
+        return protocol, transport, auth
+
+    def test_hugeVersionAndCPID(self) -> None:
+        """
+        A VERSION minor or CPID of thousands of digits (past Python's limit
+        for int()) closes the connection as a protocol error, through the
+        rate-limited invalid-request log: no traceback.
+        """
+        for hello in (b"VERSION\t1\t" + b"9" * 5000 + b"\n",
+                      b"VERSION\t" + b"1" * 5000 + b"\t2\n",
+                      b"VERSION\t1\t1\nCPID\t" + b"7" * 5000 + b"\n"):
+            protocol, transport, _ = self.connect()
+            with capturedLogs() as events:
+                protocol.dataReceived(hello)
+            self.assertTrue(transport.disconnecting)
+            self.assertEqual(self.flushLoggedErrors(), [])
+            text = "".join(formatEvent(e) for e in events)
+            self.assertIn("invalid request", text)
+            self.assertNotIn("Traceback", text)
+
+    def test_nulEscaped(self) -> None:
+        self.assertEqual(escape(b"a\0b"), b"a\x010b")
+        self.assertEqual(unescape(escape(b"a\0b\x01")), b"a\0b\x01")
+
+    def test_rejectsGoThroughRateLimitedLog(self) -> None:
+        """
+        Many refused requests (bad PLAIN data) write one log line, not one
+        each.
+        """
+        protocol, transport, _ = self.connect()
+        protocol.dataReceived(PROSODY_HELLO)
+        with capturedLogs() as events:
+            for n in range(1, 50):
+                protocol.dataReceived(b"AUTH\t%d\tPLAIN\tservice=x\tresp=" % n
+                                      + b64(b"no-nuls") + b"\n")
+        self.assertLessEqual(len(events), 2)
+
+    def test_stopsReadingWhenAnswersAreNotRead(self) -> None:
+        """
+        The framing is its transport's producer: paused (the client does not
+        read), it parses no more requests; resumed, it goes on.
+        """
+        protocol, transport, auth = self.connect()
+        self.assertIsNotNone(transport.producer)
+        self.assertTrue(transport.streaming)
+        protocol.dataReceived(PROSODY_HELLO)
+        transport.producer.pauseProducing()
+        protocol.dataReceived(b"".join(
+            b"AUTH\t%d\tPLAIN\tservice=x\tresp=" % n + plain("alice@example.org", "pw") + b"\n"
+            for n in range(1, 4)))
+        self.assertEqual(auth.calls, [])
+        transport.producer.resumeProducing()
+        protocol.context.clock.advance(0)
+        self.assertEqual(len(auth.calls), 3)

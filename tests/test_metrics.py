@@ -494,9 +494,40 @@ class ServiceTests(SynchronousTestCase):
         svc.startService()
         [(port, factory, _, interface)] = reactor.tcpServers
         self.assertEqual((port, interface), (9464, "127.0.0.1"))
-        self.assertIsInstance(factory, Site)
-        self.assertIs(factory.resource, resource)
+        site = factory.wrappedFactory
+        self.assertIsInstance(site, Site)
+        self.assertIs(site.resource, resource)
+        self.assertFalse(site.noisy)
         self.assertFalse(factory.noisy)
+
+    def test_connectionCap(self) -> None:
+        """
+        The metrics listener accepts a few connections at once: idle ones
+        cannot use up the descriptors the logins need; one closing makes room.
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+        from twisted.logger import capturedLogs
+
+        reactor = MemoryReactorClock()
+        svc = metricsService(Metrics(reactor, process=False),
+                             "tcp:9464:interface=127.0.0.1", reactor, Resource(),
+                             maxConnections=3)
+        svc.privilegedStartService()
+        svc.startService()
+        [(_, factory, _, _)] = reactor.tcpServers
+        addr = IPv4Address("TCP", "127.0.0.1", 40000)
+        open_ = []
+        with capturedLogs() as events:
+            for _ in range(5):
+                p = factory.buildProtocol(addr)
+                if p is not None:
+                    p.makeConnection(StringTransport())
+                    open_.append(p)
+        self.assertEqual(len(open_), 3)
+        self.assertEqual(len([e for e in events if "metrics listener" in e["log_format"]]), 1)
+        open_[0].connectionLost(None)
+        self.assertIsNotNone(factory.buildProtocol(addr))
 
     def test_noAccessLog(self) -> None:
         """

@@ -125,12 +125,34 @@ class AuthTests(StockTestCase):
         )
 
     def test_emailLogin(self) -> None:
+        """
+        With login-format {user}@{domain} the account whose user id is that
+        address logs in (case as Nextcloud compares ids); an account that
+        only has the address as its e-mail is not the one asked for.
+        """
         client = stockClient(self.agent, self.clock, loginFormat="{user}@{domain}")
-        self.assertIs(self.result(client.auth("alice", DOMAIN, "pa:ss w")), Outcome.YES)
-        self.assertIs(
-            self.result(client.auth("erin", DOMAIN, "Erin-Mail-App-Passw0rd")), Outcome.YES
-        )
+        self.assertIs(self.result(client.auth("frank", DOMAIN, "frank-pass")), Outcome.YES)
+        self.assertIs(self.result(client.auth("Frank", DOMAIN, "frank-pass")), Outcome.YES)
+        with capturedLogs() as events:
+            self.assertIs(self.result(client.auth("alice", DOMAIN, "pa:ss w")), Outcome.NO)
+            self.assertIs(
+                self.result(client.auth("erin", DOMAIN, "Erin-Mail-App-Passw0rd")), Outcome.NO
+            )
+        text = " ".join(str(e.get("log_format", "")).format(**e) for e in events)
+        self.assertIn("alice@example.org", text)
+        self.assertIn("account alice ", text)
         self.assertIs(self.result(client.auth("alice", DOMAIN, "bad")), Outcome.NO)
+
+    def test_emailImpersonation(self) -> None:
+        """
+        mallory sets her e-mail to ceo@example.org: her password does not log
+        in as ceo.
+        """
+        self.nextcloud.users["bob"].email = "ceo@example.org"
+        client = stockClient(self.agent, self.clock, loginFormat="{user}@{domain}")
+        with capturedLogs():
+            self.assertIs(self.result(client.auth("ceo", DOMAIN, "bob's secret")), Outcome.NO)
+            self.assertIs(self.result(client.isUser("ceo", DOMAIN)), Outcome.NO)
 
     def test_twoFactorNeedsAppPassword(self) -> None:
         """
@@ -281,7 +303,9 @@ class IsUserTests(StockTestCase):
 
     def test_email(self) -> None:
         client = stockClient(self.agent, self.clock, loginFormat="{user}@{domain}")
-        self.assertIs(self.result(client.isUser("alice", DOMAIN)), Outcome.YES)
+        self.assertIs(self.result(client.isUser("frank", DOMAIN)), Outcome.YES)
+        # alice@example.org is only alice's e-mail: not an account of that name.
+        self.assertIs(self.result(client.isUser("alice", DOMAIN)), Outcome.NO)
         self.assertIs(self.result(client.isUser("nobody", DOMAIN)), Outcome.NO)
 
     def test_fault(self) -> None:

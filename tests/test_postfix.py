@@ -28,7 +28,8 @@ from xcauth.framing.postfix import (
 )
 from xcauth.framing.registry import FRAMINGS, STDIO_FRAMINGS
 
-USERS = {"alice@example.org": "pa:ss w", "jörg@exämple.org": "pässwörd"}
+# Keyed by canonical identity: exämple.org is xn--exmple-cua.org.
+USERS = {"alice@example.org": "pa:ss w", "jörg@xn--exmple-cua.org": "pässwörd"}
 
 
 def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -60,7 +61,21 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(parseQuery(b"get alice@example.org"),
                          Lookup("alice", "example.org"))
         self.assertEqual(parseQuery(b"get j%C3%B6rg@ex%C3%A4mple.org"),
-                         Lookup("jörg", "exämple.org"))
+                         Lookup("jörg", "xn--exmple-cua.org"))
+
+    def test_canonicalIdentity(self) -> None:
+        """
+        The key is looked up as its canonical identity: case, a trailing dot
+        and an IDNA domain in any form name one user; an impossible one is
+        500 without a backend call.
+        """
+        for key in (b"Bob@Other.Example", b"bob@other.example.", b"BOB@OTHER.EXAMPLE."):
+            self.assertEqual(parseQuery(b"get " + key), Lookup("bob", "other.example"))
+        for key in (b"bob@a:b", b"b%00b@example.org", b"bob@a..b", b"bob@a%0Ab"):
+            parsed = parseQuery(b"get " + key)
+            self.assertIsInstance(parsed, Answered)
+            assert isinstance(parsed, Answered)
+            self.assertEqual(parsed.answer, NOT_FOUND)
 
     def test_splitAtLastAt(self) -> None:
         self.assertEqual(parseQuery(b"get a%40b@example.org"), Lookup("a@b", "example.org"))
@@ -97,7 +112,7 @@ class ProtocolTests(ProtocolTestMixin, SynchronousTestCase):
     def test_protocolExample(self) -> None:
         self.send(b"get j%C3%B6rg@ex%C3%A4mple.org\n")
         [(op, args, d)] = self.auth.calls
-        self.assertEqual((op, args), ("isuser", ("jörg", "exämple.org")))
+        self.assertEqual((op, args), ("isuser", ("jörg", "xn--exmple-cua.org")))
         self.assertEqual(self.transport.value(), b"")
         d.callback(True)
         self.assertEqual(self.answers(), b"200 OK\n")

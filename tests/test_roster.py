@@ -592,6 +592,8 @@ class SyncTests(SyncTestMixin, SynchronousTestCase):
         Nextcloud user names are lowercased as XMPP node names; a name with a
         domain keeps it.
         """
+        backend = object()
+        self.sync = self.makeSync(tenantOf={DOMAIN: backend, "other.org": backend}.get)
         self.backend.rosters["alice"] = {
             "Alice": entry("", "g1"), "carol@other.org": entry("", "g1")
         }
@@ -1317,3 +1319,72 @@ class AdminTests(SyncTestMixin, SynchronousTestCase):
         self.assertEqual(self.run_("roster", "refresh", "nojid")[0], 2)
         self.assertEqual(self.run_("roster")[0], 2)
 
+
+
+class ArgvRecorder(FakeEjabberd):
+    """
+    L{FakeEjabberd} that refuses, as C{spawnProcess} does, an argument with a
+    NUL (C{ValueError}) or over 128 KiB (C{OSError} E2BIG).
+    """
+
+    def run(self, command: Command) -> Deferred[list[str]]:
+        for arg in command.argv():
+            if "\0" in arg:
+                raise ValueError("embedded null byte")
+            if len(arg.encode("utf-8")) > 128 * 1024:
+                raise OSError(7, "Argument list too long")
+        return super().run(command)
+
+
+class TenantAndArgumentTests(SyncTestMixin, SynchronousTestCase):
+    """
+    A sync writes only into its own tenant, and one bad name does not fail
+    the sync of the others.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.ejabberd = ArgvRecorder()
+        self.sync = self.makeSync(tenantOf={DOMAIN: "ours", "victim.example": "theirs"}.get)
+
+    def test_otherTenantLeftOut(self) -> None:
+        self.backend.rosters["alice"] = {
+            "ceo@victim.example": entry("Fake CEO", "g1"),
+            "ceo@unserved.example": entry("Fake CEO", "g1"),
+            "bob": entry("Bob", "g1"),
+        }
+        with capturedLogs() as events:
+            commands = self.syncOnce()
+        self.assertFalse([c for c in commands if "victim" in c or "unserved" in c], commands)
+        self.assertIn("set_vcard bob example.org FN Bob", commands)
+        self.assertEqual(self.ejabberd.members("g1"), {"bob@example.org"})
+        self.assertEqual(len([e for e in events if "left out" in e["log_format"]]), 1)
+
+    def test_nulInNameOthersSynced(self) -> None:
+        self.backend.rosters["alice"] = {
+            "bob": entry("B\0b", "g1"),
+            "carol": entry("Carol", "g1"),
+            "d\0ve": entry("Dave", "g1"),
+            "erin": entry("E" * 200_000, "g1"),
+        }
+        with capturedLogs():
+            commands = self.syncOnce()
+        self.assertEqual(self.ejabberd.fullnames["carol@example.org"], "Carol")
+        self.assertEqual(self.ejabberd.fullnames["bob@example.org"], "B b")
+        self.assertEqual(self.ejabberd.fullnames["erin@example.org"], "E" * 1024)
+        self.assertEqual(self.ejabberd.members("g1"),
+                         {"bob@example.org", "carol@example.org", "erin@example.org"})
+        self.assertFalse([c for c in commands if "\0" in c])
+
+    def test_runnerExceptionIsFailedCommand(self) -> None:
+        """
+        Whatever a runner raises is a L{CommandFailed}: logged as a failed
+        sync with a retry, never a traceback.
+        """
+        def broken(command: Command) -> Deferred[list[str]]:
+            raise RuntimeError("broken runner")
+
+        self.ejabberd.run = broken  # type: ignore[method-assign]
+        self.backend.rosters["alice"] = {"bob": entry("Bob", "G1")}
+        failure = self.failureResultOf(self.sync.sync("alice", DOMAIN), CommandFailed)
+        self.assertIn("RuntimeError", str(failure.value))

@@ -27,6 +27,9 @@ BASE = "https://cloud.example.org"
 class OptionTests(SynchronousTestCase):
     def parse(self, *args: str) -> ConfigOptions:
         options = ConfigOptions()
+        if "nextcloud" in args and "--domain" not in args:
+            # login-format={user} needs the served domains listed.
+            args = (*args, "--domain", "example.org")
         options.parseOptions(list(args))
         return options
 

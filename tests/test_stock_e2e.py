@@ -104,7 +104,7 @@ class DaemonTests(TestCase):
         config = writeConfig(
             os.path.join(self.dir, "plain.conf"), self.nextcloud.url,
             backend="nextcloud", service_user=PLAIN_SERVICE_USER,
-            service_password=PLAIN_SERVICE_PASSWORD,
+            service_password=PLAIN_SERVICE_PASSWORD, domain="example.org",
         )
         log = os.path.join(self.dir, "refused.log")
         result = subprocess.run(

@@ -22,6 +22,9 @@ from xcauth.ocs import OCSClient, StartupRefused
 
 def config(*args: str) -> Any:
     options = ConfigOptions()
+    if "nextcloud" in args:
+        # login-format={user} needs the served domains listed.
+        args = (*args, "--domain", "example.org")
     options.parseOptions(list(args))
     return options.config
 

@@ -87,3 +87,22 @@ class GarbageTests(SynchronousTestCase):
         Arbitrary text never verifies and never raises.
         """
         self.assertFalse(verifyToken(text, "tuser", "tdomain", [b"01234"], 2000))
+
+
+class UnambiguousBindingTests(SynchronousTestCase):
+    """
+    A token binds one user to one domain: moving an C{@} from the user into
+    the domain does not make it valid for another pair.
+    """
+
+    def test_atMovedIntoDomainRefused(self) -> None:
+        token = makeToken(b"s3cret", "admin@example.org", "x", 5000)
+        self.assertTrue(verifyToken(token, "admin@example.org", "x", [b"s3cret"], 1000))
+        self.assertFalse(verifyToken(token, "admin", "example.org@x", [b"s3cret"], 1000))
+
+    def test_noTokenForAmbiguousDomain(self) -> None:
+        self.assertRaises(ValueError, makeToken, b"s3cret", "admin", "example.org@x", 5000)
+        self.assertRaises(ValueError, makeToken, b"s3cret", "", "x", 5000)
+
+    def test_vectorsUnchanged(self) -> None:
+        self.assertTrue(verifyToken(VECTOR_1, "tuser", "tdomain", [b"01234"], 2000))

@@ -108,10 +108,14 @@ def databasePath(options: usage.Options) -> str:
 
 
 def _checkDomain(domain: str) -> str:
+    from xcauth.identity import InvalidIdentity, canonicalDomain
+
     domain = domain.strip()
-    if not domain or any(c in domain for c in ":@/ \t") or not domain.isprintable():
-        raise usage.UsageError(f"{domain!r} is not a valid XMPP domain name")
-    return domain
+    try:
+        # Stored in the canonical form the daemon looks domains up in.
+        return canonicalDomain(domain)
+    except InvalidIdentity:
+        raise usage.UsageError(f"{domain!r} is not a valid XMPP domain name") from None
 
 
 class _DomainArg(_DatabaseOptions):

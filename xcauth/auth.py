@@ -11,6 +11,15 @@ Its contract is all the framings know about::
     authenticate(user, domain, password) -> Deferred[bool | None]  # None: unavailable
     isUser(user, domain) -> Deferred[bool | None]     # None: backend unavailable
     roster(user, domain) -> Deferred[bytes | None]
+
+Every public method first reduces C{user} and C{domain} to their canonical
+identity (L{xcauth.identity}; the framings already did, so this changes
+nothing for them) and refuses an invalid one without asking anyone.  A domain
+nobody serves (C{settingsFor} gives C{None}: not in the domains table, not
+listed with C{domain=}) is answered "no", counted and logged at most once a
+minute.  When Nextcloud says a user does not exist, that user's cached
+passwords are evicted at once (and the penalty box's known-good records, if it
+keeps any: C{forgetUser(jid)}).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from xcauth.identity import canonicalOrNone
 from xcauth.interfaces import BackendUnavailable, IAuthenticator, Outcome, RosterEntry
 from xcauth.text import printable
 from xcauth.token import verifyToken
@@ -38,14 +48,25 @@ log = Logger()
 
 T = TypeVar("T")
 
+#: Seconds between two log lines about requests for domains nobody serves.
+UNSERVED_LOG_INTERVAL = 60.0
+
+#: Seconds between two checks, after a refused login, of whether a user with a
+#: cached password still exists (per user).
+EXISTENCE_CHECK_INTERVAL = 60.0
+
+#: Users whose existence check time is remembered, at most.
+MAX_EXISTENCE_CHECKS = 10_000
+
 
 @implementer(IAuthenticator)
 class Authenticator:
     """
     Tokens first, then the credential cache and the backend.
 
-    @param settingsFor: returns the L{DomainSettings} for an XMPP domain, without
-        blocking (a warm in-memory lookup).
+    @param settingsFor: returns the L{DomainSettings} for a (canonical) XMPP
+        domain, without blocking (a warm in-memory lookup), or C{None} for a
+        domain that is not served.
     @param clock: the clock tokens are checked against; read on every request.
     @param passwordKey: keyed hashes of passwords, to share the work of
         identical concurrent logins without keeping the password.
@@ -65,7 +86,7 @@ class Authenticator:
 
     def __init__(
         self,
-        settingsFor: Callable[[str], DomainSettings],
+        settingsFor: Callable[[str], DomainSettings | None],
         clock: IReactorTime,
         passwordKey: Callable[[str], bytes],
         cache: CredentialCache | None = None,
@@ -83,6 +104,11 @@ class Authenticator:
         self._ready = ready
         self._passwordKey = passwordKey
         self._inflight: dict[tuple[str, str, bytes], _Shared] = {}
+        #: Requests for domains nobody serves, since the daemon started.
+        self.unserved = 0
+        self._unservedLogged = 0
+        self._unservedLoggedAt: float | None = None
+        self._existenceChecked: dict[str, float] = {}
 
     def _whenReady(self, f: Callable[..., Deferred[T]], *args: Any) -> Deferred[T]:
         waiting = self._ready() if self._ready is not None else None
@@ -98,6 +124,10 @@ class Authenticator:
         that is unavailable gives C{None}, unless the cache vouches for the
         password.
         """
+        identity = canonicalOrNone(user, domain)
+        if identity is None:
+            return succeed(False)
+        user, domain = identity.user, identity.domain
         d = self._whenReady(self._authenticate, user, domain, password, peer)
         if self._onLogin is not None:
             d.addCallback(self._loggedIn, user, domain)
@@ -116,6 +146,9 @@ class Authenticator:
         self, user: str, domain: str, password: str, peer: str | None = None
     ) -> Deferred[bool | None]:
         settings = self._settingsFor(domain)
+        if settings is None:
+            self._noteUnserved(domain)
+            return succeed(False)
         if verifyToken(password, user, domain, settings.secrets, self._clock.seconds()):
             if self.debug:
                 log.debug(
@@ -171,37 +204,127 @@ class Authenticator:
         self, settings: DomainSettings, user: str, domain: str, password: str
     ) -> Deferred[bool | None]:
         if self.cache is None:
-            return settings.client.auth(
+            plain: Deferred[bool | None] = settings.client.auth(
                 user, settings.authDomain or domain, password
             ).addCallback(_toOptionalBool)
+            if self.penalty is not None:
+                plain.addCallback(self._refused, settings, user, domain)
+            return plain
 
         def askBackend() -> Deferred[Outcome]:
             return settings.client.auth(user, settings.authDomain or domain, password)
 
         watch = getattr(settings.client, "watch", None)
-        return self.cache.authenticate(
+        d = self.cache.authenticate(
             f"{user}@{domain}", password, askBackend,
             None if watch is None else watch.throttled,
         )
+        d.addCallback(self._refused, settings, user, domain)
+        return d
+
+    def _refused(
+        self, result: bool | None, settings: DomainSettings, user: str, domain: str
+    ) -> bool | None:
+        """
+        After a refused login: if the cache holds a password of the user, or
+        the penalty box knows one as good, ask (in the background, at most
+        once per user and L{EXISTENCE_CHECK_INTERVAL}) whether the user still
+        exists, so that a deleted user's cached or known password stops
+        working at once.  (Neither backend tells a wrong password from an
+        unknown user in its login answer.)
+        """
+        if result is not False or (self.cache is None and self.penalty is None):
+            return result
+        jid = f"{user}@{domain}"
+        now = self._clock.seconds()
+        last = self._existenceChecked.get(jid)
+        if last is not None and now - last < EXISTENCE_CHECK_INTERVAL:
+            return result
+        self._existenceChecked.pop(jid, None)
+        self._existenceChecked[jid] = now
+        while len(self._existenceChecked) > MAX_EXISTENCE_CHECKS:
+            del self._existenceChecked[next(iter(self._existenceChecked))]
+        cache = self.cache
+
+        def check(held: bool) -> Deferred[None] | None:
+            if not held:
+                return None
+            asked: Deferred[Outcome] = settings.client.isUser(
+                user, settings.authDomain or domain
+            )
+            return asked.addCallback(self._existence, jid)
+
+        penalty = self.penalty
+        if penalty is not None and penalty.knowsUser(jid):
+            holds: Deferred[bool] = succeed(True)
+        elif cache is not None:
+            holds = cache.holds(jid)
+        else:
+            return result
+        background = holds.addCallback(check)
+        background.addErrback(
+            lambda f: log.failure("checking whether {jid} exists failed", f, jid=printable(jid))
+        )
+        return result
+
+    def _existence(self, outcome: Outcome, jid: str) -> None:
+        if outcome is Outcome.NO:
+            self.forgetUser(jid)
+
+    def forgetUser(self, jid: str) -> None:
+        """
+        Nextcloud says C{jid} does not exist: evict its cached passwords and
+        whatever the penalty box knows as good for it.
+        """
+        if self.cache is not None:
+            self.cache.forget(jid)
+        if self.penalty is not None:
+            self.penalty.forgetUser(jid)
+
+    def _noteUnserved(self, domain: str) -> None:
+        self.unserved += 1
+        now = self._clock.seconds()
+        last = self._unservedLoggedAt
+        if last is None or now - last >= UNSERVED_LOG_INTERVAL:
+            log.warn(
+                "{count} request(s) for domains this daemon does not serve answered "
+                "false; last: {domain} (serve a domain with domain= or a row of "
+                "'xcauth domains add')",
+                count=self.unserved - self._unservedLogged,
+                domain=printable(domain),
+            )
+            self._unservedLoggedAt = now
+            self._unservedLogged = self.unserved
 
     def isUser(self, user: str, domain: str) -> Deferred[bool | None]:
         """
         Whether C{user@domain} exists; C{None} when the backend is unavailable
         and the user was not seen to exist within the cache's verification TTL.
         """
-        return self._whenReady(self._isUser, user, domain)
+        identity = canonicalOrNone(user, domain)
+        if identity is None:
+            return succeed(False)
+        return self._whenReady(self._isUser, identity.user, identity.domain)
 
     def _isUser(self, user: str, domain: str) -> Deferred[bool | None]:
         settings = self._settingsFor(domain)
+        if settings is None:
+            self._noteUnserved(domain)
+            return succeed(False)
         d = settings.client.isUser(user, settings.authDomain or domain).addCallback(
             _toOptionalBool
         )
         cache = self.cache
-        if cache is None:
-            return d
         jid = f"{user}@{domain}"
+        if cache is None:
+            if self.penalty is not None and hasattr(self.penalty, "forgetUser"):
+                d.addCallback(self._forgetIfGone, jid)
+            return d
 
         def fromState(answer: bool | None) -> bool | None | Deferred[bool | None]:
+            if answer is False:
+                self.forgetUser(jid)
+                return answer
             if answer is not None:
                 cache.seen(jid, answer)
                 return answer
@@ -220,14 +343,25 @@ class Authenticator:
         result: Deferred[bool | None] = d.addCallback(fromState)
         return result
 
+    def _forgetIfGone(self, answer: bool | None, jid: str) -> bool | None:
+        if answer is False:
+            self.forgetUser(jid)
+        return answer
+
     def roster(self, user: str, domain: str) -> Deferred[bytes | None]:
         """
         The backend's shared roster answer for C{user@domain} as one JSON line.
         """
-        return self._whenReady(self._roster, user, domain)
+        identity = canonicalOrNone(user, domain)
+        if identity is None:
+            return succeed(None)
+        return self._whenReady(self._roster, identity.user, identity.domain)
 
     def _roster(self, user: str, domain: str) -> Deferred[bytes | None]:
         settings = self._settingsFor(domain)
+        if settings is None:
+            self._noteUnserved(domain)
+            return succeed(None)
         d: Deferred[Any] = settings.client.sharedRoster(user, settings.authDomain or domain)
         d.addCallbacks(encodeRoster, _rosterUnavailable, errbackArgs=(user, domain))
         return d

@@ -267,6 +267,8 @@ class CredentialCache:
         self._seen: dict[str, float] = {}
         # jid -> (key of the confirmed password, the bcrypt hash it matches).
         self._verified: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()
+        # jid -> evictions of unknown users not yet written: no lookup finds it.
+        self._forgetting: dict[str, int] = {}
         #: Background writes not finished yet (tests wait for them).
         self.pending: set[Deferred[Any]] = set()
 
@@ -480,6 +482,8 @@ class CredentialCache:
         database) is logged and treated as having no entry, so logins still
         reach the backend.
         """
+        if jid in self._forgetting:
+            return None
         try:
             entry: CacheEntry | None = await self.storage.get(jid)
         except Exception:
@@ -540,6 +544,47 @@ class CredentialCache:
         self._verified.pop(jid, None)
         log.info("evicting the cached password of {jid}", jid=printable(jid))
         self._background(self.storage.delete(jid))
+
+    def forget(self, jid: str) -> None:
+        """
+        The backend says C{jid} does not exist: its entry (if any) is evicted,
+        and until that is written no lookup finds it, so a login that follows
+        at once is decided by the backend.
+        """
+        self._hashing.pop(jid, None)
+        self._verified.pop(jid, None)
+        self._seen.pop(jid, None)
+        self._forgetting[jid] = self._forgetting.get(jid, 0) + 1
+
+        def gone(entry: CacheEntry | None) -> Deferred[None] | None:
+            if entry is None:
+                return None
+            log.info(
+                "evicting the cached password of {jid}: the backend says the user "
+                "does not exist",
+                jid=printable(jid),
+            )
+            return self.storage.delete(jid)
+
+        def done(result: Any) -> Any:
+            left = self._forgetting.get(jid, 1) - 1
+            if left:
+                self._forgetting[jid] = left
+            else:
+                self._forgetting.pop(jid, None)
+            return result
+
+        d = self.storage.get(jid).addCallback(gone)
+        d.addBoth(done)
+        self._background(d)
+
+    def holds(self, jid: str) -> Deferred[bool]:
+        """
+        Whether the cache holds a password of C{jid}.
+        """
+        return ensureDeferred(self._lookup(jid)).addCallback(
+            lambda entry: entry is not None and entry.pwhash is not None
+        )
 
     def _background(self, d: Deferred[Any]) -> None:
         self.pending.add(d)

@@ -145,9 +145,15 @@ async def _oneShot(reactor: Any, options: Options) -> int:
         elif options["mode"] == "isuser-test":
             result = await auth.isUser(args[0], args[1])
         elif hub.rosterSync is not None:
+            from xcauth.identity import canonicalOrNone
             from xcauth.roster import describeSync
 
-            result = await describeSync(hub.rosterSync, args[0], args[1])
+            # The sync runs for the canonical identity, as after a login.
+            identity = canonicalOrNone(args[0], args[1])
+            if identity is None:
+                result = None
+            else:
+                result = await describeSync(hub.rosterSync, identity.user, identity.domain)
         else:
             roster = await auth.roster(args[0], args[1])
             result = None if roster is None else roster.decode("utf-8")

@@ -251,6 +251,27 @@ def checkNextcloudBackend(values: dict[str, Any]) -> None:
         )
 
 
+def parseDomains(name: str, text: str) -> tuple[str, ...]:
+    """
+    A comma-separated list of domains, each in its canonical form
+    (L{xcauth.identity.canonicalDomain}), without repeats.
+    """
+    from xcauth.identity import InvalidIdentity, canonicalDomain
+
+    domains: list[str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            domain = canonicalDomain(part)
+        except InvalidIdentity as e:
+            raise ConfigError(f"{name}: {part!r} is not a domain: {e}") from None
+        if domain not in domains:
+            domains.append(domain)
+    return tuple(domains)
+
+
 def _choice(choices: Iterable[str]) -> Callable[[str, str], str]:
     allowed = tuple(choices)
 
@@ -293,6 +314,8 @@ class Setting:
     @ivar help: what it does, for C{--help}.
     @ivar parse: turns C{(name, text)} into the value, or raises L{ConfigError}.
     @ivar short: the one-letter command-line form, if any.
+    @ivar repeatable: given several times on the command line, the values
+        are joined with commas (C{--domain a --domain b}).
     """
 
     name: str
@@ -301,6 +324,7 @@ class Setting:
     help: str
     parse: Callable[[str, str], Any] = _text
     short: str | None = None
+    repeatable: bool = False
 
 
 #: Every option with a value, its default and how it is parsed: the one place
@@ -362,6 +386,17 @@ SETTINGS: tuple[Setting, ...] = (
         "Backend nextcloud: the Nextcloud login name of an XMPP user: {user}, or "
         "{user}@{domain} (e-mail logins).",
         _choice(LOGIN_FORMATS),
+    ),
+    Setting(
+        "domain", "domains", None,
+        "A domain the global backend serves (repeatable; domain=a.example,b.example "
+        "in the file). A domain is served by its own row of the domains table "
+        "(xcauth domains add) or by being listed here; any other gets no. Without "
+        "a list, backend jsxc serves any domain (Nextcloud decides) and backend "
+        "nextcloud with login-format={user}@{domain} too; backend nextcloud with "
+        "login-format={user} needs the list.",
+        parseDomains,
+        repeatable=True,
     ),
     Setting(
         "refused-password-ttl", "refusedTTL", "10m",
@@ -614,6 +649,7 @@ class Config:
     log: str | None
     logRequests: str = "failures"
     metrics: str | None = None
+    domains: tuple[str, ...] = ()
 
     @property
     def connectTimeout(self) -> float:
@@ -654,6 +690,7 @@ class ConfigOptions(usage.Options):
             s.help + (f" [default: {s.default}]" if s.default is not None else ""),
         ]
         for s in SETTINGS
+        if not s.repeatable
     ]
 
     config: Config
@@ -662,6 +699,16 @@ class ConfigOptions(usage.Options):
         super().__init__()
         self.fileListen: list[str] = []
         self["listen"] = []
+        for s in SETTINGS:
+            if s.repeatable:
+                self[s.name] = None
+
+    def opt_domain(self, value: str) -> None:
+        """
+        A domain the global backend serves; repeatable, or comma-separated
+        (see the config file's domain=).
+        """
+        self["domain"] = value if self["domain"] is None else f"{self['domain']},{value}"
 
     def framingNames(self) -> Iterable[str]:
         """
@@ -678,7 +725,11 @@ class ConfigOptions(usage.Options):
                 return
             path = DEFAULT_CONFIG_FILE
         self["config-file"] = path
-        known = {p[0] for p in self.optParameters} | {f[0] for f in self.optFlags}
+        repeatable = {s.name for s in SETTINGS if s.repeatable}
+        known = {p[0] for p in self.optParameters} | {f[0] for f in self.optFlags} | repeatable
+        # Lines of a repeatable setting add up (domain=a then domain=b); the
+        # command line replaces them all.
+        fromFile: dict[str, list[str]] = {}
         for key, value, number in readConfigFile(path):
             where = f"{path} line {number}"
             if key in IGNORED_KEYS:
@@ -693,12 +744,17 @@ class ConfigOptions(usage.Options):
             elif key in known and key != "config-file":
                 if value is None:
                     raise ConfigError(f"{where}: {key} needs a value ({key}=...)")
-                if self[key] is None:
+                if key in repeatable:
+                    fromFile.setdefault(key, []).append(value)
+                elif self[key] is None:
                     self[key] = value
             else:
                 raise ConfigError(
                     f"{where}: unknown option {key!r}; see --help for the options"
                 )
+        for key, values in fromFile.items():
+            if self[key] is None:
+                self[key] = ",".join(values)
 
     def ignoredKey(self, key: str, value: str | None, where: str) -> None:
         """
@@ -741,8 +797,15 @@ class ConfigOptions(usage.Options):
             validateURL(values["url"])
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        values["domains"] = values["domains"] or ()
         if values["backend"] == "nextcloud":
             checkNextcloudBackend(values)
+            if values["loginFormat"] == "{user}" and not values["domains"]:
+                raise ConfigError(
+                    "backend nextcloud with login-format={user} does not send the "
+                    "domain to Nextcloud, so it would answer for any domain: list the "
+                    "domains it serves with domain=a.example,b.example (or --domain NAME)"
+                )
         elif not values["secrets"]:
             raise ConfigError(
                 "no API secret: set secret=... in the config file or give --secret"

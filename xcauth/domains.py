@@ -3,8 +3,14 @@ Per-domain settings from the C{domains} table of the state database.
 
 L{DomainTable} keeps the table in a dict, re-read in the database thread every
 L{REFRESH_SECONDS} seconds, so a lookup is a dict access and changes made with
-C{xcauth domains ...} take effect within seconds, without a restart.  A domain
-not listed uses the global url and secret.
+C{xcauth domains ...} take effect within seconds, without a restart.
+
+Domains are compared in their canonical form (L{xcauth.identity}): a row for
+C{Other.Example} serves C{other.example}, C{OTHER.EXAMPLE.} and so on.  A
+domain without a row is served by the global backend only if it is in the
+served list (C{domain=}), or if there is no list at all (C{served=None}: the
+JSXC backend, or a stock Nextcloud whose login names carry the domain);
+otherwise it is not served: L{DomainTable.settingsFor} gives C{None}.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from twisted.python.failure import Failure
 
 from xcauth import store
 from xcauth.config import splitSecrets, validateURL
+from xcauth.identity import InvalidIdentity, canonicalDomain
 from xcauth.interfaces import IBackendClient
 
 log = Logger()
@@ -77,6 +84,8 @@ class DomainTable:
     @param interval: seconds between refreshes.
     @param globalSpec: what the global client was built from (default: the
         JSXC backend at the global client's URL with the first global secret).
+    @param served: the (canonical) domains the global backend serves without
+        a row, or C{None} for any domain.
     """
 
     def __init__(
@@ -87,8 +96,10 @@ class DomainTable:
         clock: IReactorTime,
         interval: float = REFRESH_SECONDS,
         globalSpec: BackendSpec | None = None,
+        served: tuple[str, ...] | None = None,
     ) -> None:
         self._db = db
+        self.served = None if served is None else frozenset(served)
         self.globalSettings = globalSettings
         if globalSpec is None:
             globalSpec = BackendSpec(
@@ -106,11 +117,17 @@ class DomainTable:
         self._waiting: list[Deferred[None]] = []
         self._lastError: str | None = None
 
-    def settingsFor(self, domain: str) -> DomainSettings:
+    def settingsFor(self, domain: str) -> DomainSettings | None:
         """
-        The settings of C{domain}: a dict lookup.
+        The settings of the canonical C{domain} (a dict lookup), or C{None}
+        if it is not served.
         """
-        return self._settings.get(domain, self.globalSettings)
+        settings = self._settings.get(domain)
+        if settings is not None:
+            return settings
+        if self.served is None or domain in self.served:
+            return self.globalSettings
+        return None
 
     def whenReady(self) -> Deferred[None] | None:
         """
@@ -146,11 +163,14 @@ class DomainTable:
         globalSettings: DomainSettings,
         makeClient: Callable[[BackendSpec], IBackendClient],
         globalSpec: BackendSpec,
+        served: tuple[str, ...] | None = None,
     ) -> None:
         """
-        Use new global settings and a new client factory (a configuration
-        reload): the domains read so far are rebuilt with them at once.
+        Use new global settings, served domains and a new client factory (a
+        configuration reload): the domains read so far are rebuilt with them
+        at once.
         """
+        self.served = None if served is None else frozenset(served)
         self.globalSettings = globalSettings
         self.globalSpec = globalSpec
         self._makeClient = makeClient
@@ -205,6 +225,15 @@ class DomainTable:
         for row in rows:
             secrets = splitSecrets(row.authsecret or "") or g.secrets
             try:
+                domain = canonicalDomain(row.xmppdomain or "")
+            except InvalidIdentity as e:
+                log.error(
+                    "domain {domain!r} in the database is ignored: {error}",
+                    domain=row.xmppdomain,
+                    error=str(e),
+                )
+                continue
+            try:
                 key = rowSpec(row, self.globalSpec, secrets)
                 client = clients.get(key) or self._clients.get(key)
                 if client is None:
@@ -217,7 +246,7 @@ class DomainTable:
                 )
                 continue
             clients[key] = client
-            settings[row.xmppdomain] = DomainSettings(
+            settings[domain] = DomainSettings(
                 secrets=secrets, authDomain=row.authdomain or None, client=client
             )
         self._clients = clients

@@ -202,6 +202,7 @@ class Hub(Service):
             ),
             makeClient,
             spec,
+            servedDomains(config),
         )
         if self.running:
             self.watches.start()
@@ -332,6 +333,7 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         makeClient,
         reactor,
         globalSpec=spec,
+        served=servedDomains(config),
     )
     check = globalClient.checkPrivileges if isinstance(globalClient, OCSClient) else None
     gate = Gate(opened=check is None)
@@ -383,6 +385,14 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         config=config, reactor=reactor, agent=agent, watches=watches, startupCheck=check,
         refuse=lambda m: refuseToRun(reactor, m), gate=gate, metrics=metrics,
     )
+
+
+def servedDomains(config: Config) -> tuple[str, ...] | None:
+    """
+    The domains the global backend serves without a row of the domains table
+    (C{domain=}), or C{None}: any domain (no list given).
+    """
+    return config.domains or None
 
 
 def globalSpec(config: Config) -> BackendSpec:

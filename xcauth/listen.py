@@ -93,9 +93,47 @@ def parseListener(entry: str, defaultFraming: str) -> Listener:
     if group is not None:
         groupID(description, group)
         unixSocketPath(bare)
-    bare = systemdUNIXForm(withBacklog(bare))
+    bare = mutualTLSForm(systemdUNIXForm(withBacklog(bare)))
     checkEndpoint(bare)
     return Listener(framing, description, bare, group)
+
+
+def mutualTLSForm(description: str) -> str:
+    """
+    An C{ssl:...:clientCA=CA} description in the C{xcauth-tls:...} form that
+    requires client certificates (L{xcauth.tls}); any other unchanged.
+    """
+    parts = _splitArgs(description)
+    if parts[0] != "ssl" or not any(p.startswith("clientCA=") for p in parts[1:]):
+        return description
+    return ":".join(["xcauth-tls", *parts[1:]])
+
+
+#: Addresses a plain listener may use without a warning.
+_LOOPBACK = ("127.", "::1", "localhost", "::ffff:127.")
+
+
+def plainRemoteWarning(listener: Listener) -> str | None:
+    """
+    For a plain TCP listener that is not on loopback only, why that is
+    dangerous (the framings carry passwords in the clear); else C{None}.
+    """
+    parts = _splitArgs(listener.endpoint)
+    if parts[0] not in ("tcp", "tcp6"):
+        return None
+    interface = ""
+    for part in parts[1:]:
+        if part.startswith("interface="):
+            interface = _unescape(part[len("interface="):])
+    if interface.startswith(_LOOPBACK) or interface in ("::1", "0:0:0:0:0:0:0:1"):
+        return None
+    where = interface or "every address"
+    return (
+        f"listener {listener.name} accepts plain TCP on {where}: its requests carry "
+        "passwords in the clear and nothing authenticates the client; listen on "
+        "loopback, or use a TLS listener with client certificates "
+        "(ssl:PORT:privateKey=KEY:certKey=CERT:clientCA=CA)"
+    )
 
 
 def withBacklog(description: str) -> str:

@@ -23,12 +23,16 @@ from typing import TYPE_CHECKING, Any
 from twisted.application.service import IService
 from twisted.application.strports import service as strportsService
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import IResource
 
 if TYPE_CHECKING:
     from twisted.web.server import Site
 
     from xcauth.interfaces import Outcome
+
+log = Logger()
 
 #: Bounds (seconds) of the latency histograms: 1 ms to 5 s, the deadline's
 #: range (a request past 5 s is in the C{+Inf} bucket).
@@ -319,8 +323,43 @@ def quietSite(resource: IResource, reactor: Any) -> Site:
     return QuietSite(resource, reactor=reactor)
 
 
+#: Connections the metrics listener accepts at once (a scraper or two, with
+#: room for a person's curl); past it new connections are closed at once.
+METRICS_MAX_CONNECTIONS = 8
+
+
+class LimitedFactory(WrappingFactory):
+    """
+    C{wrappedFactory} with at most C{limit} connections open at once; past it
+    a new connection is closed at once (logged at most once a minute).
+    """
+
+    noisy = False
+    LOG_INTERVAL = 60.0
+
+    def __init__(self, wrappedFactory: Any, limit: int, clock: IReactorTime) -> None:
+        super().__init__(wrappedFactory)
+        self.limit = limit
+        self._clock = clock
+        self._loggedAt: float | None = None
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if len(self.protocols) >= self.limit:
+            now = self._clock.seconds()
+            if self._loggedAt is None or now - self._loggedAt >= self.LOG_INTERVAL:
+                self._loggedAt = now
+                log.warn(
+                    "{limit} connections open on the metrics listener: new ones are "
+                    "closed until some close",
+                    limit=self.limit,
+                )
+            return None
+        return super().buildProtocol(addr)
+
+
 def metricsService(
-    metrics: Metrics, endpoint: str, reactor: Any, resource: IResource | None = None
+    metrics: Metrics, endpoint: str, reactor: Any, resource: IResource | None = None,
+    maxConnections: int = METRICS_MAX_CONNECTIONS,
 ) -> IService:
     """
     The web listener serving C{metrics} on C{endpoint} (a Twisted server
@@ -338,7 +377,7 @@ def metricsService(
         from prometheus_client.twisted import MetricsResource
 
         resource = MetricsResource(metrics.registry)
-    site = quietSite(resource, reactor)
+    site = LimitedFactory(quietSite(resource, reactor), maxConnections, reactor)
     svc = strportsService(endpoint, site, reactor=reactor)
     svc.setName(f"metrics={endpoint}")
     return svc

@@ -19,6 +19,13 @@ like a wrong one, but with the OCS message C{Current user is not logged in}
 instead of C{Unauthorised}: after such a refusal the client asks WebDAV once
 (per user and hour), whose refusal says C{password login forbidden} in that
 case, and logs that the user needs an app password.
+
+A "yes" counts only for the account asked for: Nextcloud also logs a login
+name in by the e-mail address an account has set (which its owner chooses),
+so the user id it answers (C{data.id}) must be the login name itself, compared
+as Nextcloud compares user ids (lower-cased, see L{xcauth.identity}); any
+other account is a "no", logged with both names.  The same holds for the
+account C{isuser} finds.
 """
 
 from __future__ import annotations
@@ -217,7 +224,7 @@ class OCSClient:
             data = _ocsData(answer)
             if not isinstance(data, dict) or not isinstance(data.get("id"), str):
                 raise BackendUnavailable("HTTP 200 without the user's id")
-            return Outcome.YES
+            return self._sameAccount(login, data["id"], "auth")
         if answer.code == 401:
             # Nextcloud answers a wrong password (or a disabled user) with the
             # message "Unauthorised" (a LoginException in ocs/v1.php); a login
@@ -229,6 +236,23 @@ class OCSClient:
                 self._maybeHint(login, password)
             return Outcome.NO
         raise _unexpected(answer)
+
+    def _sameAccount(self, login: str, uid: str, operation: str) -> Outcome:
+        """
+        C{YES} if C{uid} (what Nextcloud answered) is the account of C{login}
+        (the login name asked for), else C{NO}, logged with both names.
+        """
+        if uid.lower() == login.lower():
+            return Outcome.YES
+        log.warn(
+            "Nextcloud answered {operation} for login {login} with the account "
+            "{uid} (an e-mail address or another name of that account): not the "
+            "account asked for, answered no",
+            operation=operation,
+            login=printable(login),
+            uid=printable(uid),
+        )
+        return Outcome.NO
 
     def _maybeHint(self, login: str, password: str) -> None:
         """
@@ -273,30 +297,17 @@ class OCSClient:
 
     def _isUserAnswer(self, answer: Answer, login: str) -> Outcome | Deferred[Outcome]:
         if answer.code == 200:
-            _ocsData(answer)
+            data = _ocsData(answer)
+            uid = data.get("id") if isinstance(data, dict) else None
+            if isinstance(uid, str):
+                return self._sameAccount(login, uid, "isuser")
             return Outcome.YES
         if answer.code == 404:
             _ocsData(answer)
-            if "@" in login:
-                return self._byEmail(login)
+            # An account that only has this address as its e-mail is not the
+            # account of this login name (see the module docstring).
             return Outcome.NO
         raise _unexpected(answer)
-
-    def _byEmail(self, login: str) -> Deferred[Outcome]:
-        query = "format=json&search=" + quote(login, safe="")
-        d: Deferred[Any] = self._get("/ocs/v2.php/cloud/users/details", self._serviceAuth, query=query)
-
-        def found(answer: Answer) -> Outcome:
-            if answer.code != 200:
-                raise _unexpected(answer)
-            users = _usersOf(answer, "users/details")
-            wanted = login.lower()
-            for entry in users.values():
-                if isinstance(entry, dict) and str(entry.get("email") or "").lower() == wanted:
-                    return Outcome.YES
-            return Outcome.NO
-
-        return d.addCallback(found)
 
     def sharedRoster(self, user: str, domain: str) -> Deferred[dict[str, RosterEntry]]:
         """

@@ -252,6 +252,12 @@ class KnownPasswords:
             if not keys:
                 del self._users[jid]
 
+    def forget(self, jid: str) -> None:
+        """
+        Forget every password of C{jid} (the user no longer exists).
+        """
+        self._users.pop(jid, None)
+
     def count(self, jid: str) -> int:
         """
         How many passwords of C{jid} are known.
@@ -520,6 +526,20 @@ class PenaltyBox:
             self.metrics.bruteForce("known-let-through")  # metrics
             return True
         return None
+
+    def knowsUser(self, jid: str) -> bool:
+        """
+        Whether a password of C{jid} is known as good.
+        """
+        return self.known.count(jid) > 0
+
+    def forgetUser(self, jid: str) -> None:
+        """
+        Nextcloud says C{jid} does not exist: none of its passwords is known
+        as good any longer (a user created again under the name starts
+        afresh).
+        """
+        self.known.forget(jid)
 
     def __len__(self) -> int:
         return len(self._records) + len(self._refused)

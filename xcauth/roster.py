@@ -35,6 +35,15 @@ command.  A failed sync is logged with the failing command's name and status
 and tried again later (L{RETRY_DELAYS}); the state of each step that succeeded
 is kept (L{xcauth.rosterstore}), and the answer's hash only once every step
 succeeded.
+
+A sync stays in its tenant: a roster member whose domain is not served by the
+same backend as the user (C{tenantOf}) is left out, so one Nextcloud cannot
+write names or group members into another tenant's ejabberd host.  Every name
+is made fit to be a command argument: a member whose name is no valid
+identity is skipped, a display name loses its control characters and is cut
+at L{MAX_ARGUMENT} characters, a group name longer than that is skipped (each
+logged once per sync); the rest of the sync goes on.  Whatever a command
+runner raises is a failed command (L{CommandFailed}).
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from xcauth.identity import InvalidIdentity, canonical
 from xcauth.interfaces import BackendUnavailable, RosterEntry
 from xcauth.rosterstore import RosterInfo, RosterState, groupKey
 from xcauth.store import whenFired
@@ -84,6 +94,11 @@ COMMAND_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 #: Bytes of a command's output kept (the rest is dropped).
 MAX_OUTPUT = 1024 * 1024
+
+#: Characters of one command argument at most (a display name is cut there, a
+#: longer group name skipped): far below the kernel's limit of an argument
+#: (128 KiB) and anything a person's name needs.
+MAX_ARGUMENT = 1024
 
 #: Unicode categories a group name keeps: letters, digits, punctuation, symbols
 #: and spaces (no control, format, separator-line or private-use characters).
@@ -131,6 +146,20 @@ def groupId(name: str) -> str:
     readable = "-".join(part for part in readable.split("-") if part)[:_ID_PREFIX]
     digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:12]
     return f"{readable or 'group'}-{digest}".lstrip(".")
+
+
+def cleanDisplayName(name: str) -> str:
+    """
+    A display name fit to be a command argument: without control, format,
+    line-separator or private-use characters (a NUL cannot be passed at all),
+    cut at L{MAX_ARGUMENT} characters.
+    """
+    if not name.isprintable():
+        name = "".join(
+            c if c == " " or unicodedata.category(c) in _KEPT_CATEGORIES else " "
+            for c in name
+        ).strip()
+    return name[:MAX_ARGUMENT]
 
 
 def ignoredGroup(name: str) -> bool:
@@ -497,7 +526,8 @@ class EjabberdctlRunner:
                 [self.path, *command.argv()],
                 env=self._environ,
             )
-        except OSError as e:
+        except Exception as e:
+            # OSError (E2BIG, ENOENT), ValueError (a NUL in an argument), ...
             return fail(CommandFailed(command.name, "not started", str(e)[:200]))
         def kill() -> None:
             try:
@@ -599,6 +629,10 @@ class RosterSync:
     @param maxConcurrent: syncs running at once.
     @param retryDelays: seconds before each retry of a failed sync.
     @param stopTimeout: seconds L{stop} waits for the syncs in flight.
+    @param tenantOf: the backend serving a domain (compared by identity), or
+        C{None} for a domain not served: members of other domains are synced
+        only if the same backend serves them.  Without it, only members of
+        the user's own domain are.
     """
 
     def __init__(
@@ -610,7 +644,9 @@ class RosterSync:
         maxConcurrent: int = MAX_CONCURRENT,
         retryDelays: Sequence[float] = RETRY_DELAYS,
         stopTimeout: float = STOP_TIMEOUT,
+        tenantOf: Callable[[str], object | None] | None = None,
     ) -> None:
+        self._tenantOf = tenantOf
         self._fetch = fetch
         self._runner = runner
         self._state = state
@@ -792,8 +828,23 @@ class RosterSync:
 
     async def _run(self, report: SyncReport, command: Command) -> list[str]:
         report.commands.append(str(command))
-        result: list[str] = await self._runner.run(command)
+        try:
+            result: list[str] = await self._runner.run(command)
+        except (CommandFailed, CancelledError):
+            raise
+        except Exception as e:
+            # Whatever else a runner raises (a ValueError for an argument the
+            # system refuses, say) is a failed command, not a traceback.
+            raise CommandFailed(command.name, "error", f"{type(e).__name__}: {e}"[:200]) from e
         return result
+
+    def _inTenant(self, domain: str, host: str) -> bool:
+        if host == domain:
+            return True
+        if self._tenantOf is None:
+            return False
+        own = self._tenantOf(domain)
+        return own is not None and self._tenantOf(host) is own
 
     async def _apply(
         self,
@@ -810,24 +861,49 @@ class RosterSync:
         groups: dict[str, list[str]] = {}
         labels: dict[str, str] = {}
         names: dict[str, tuple[str, str, str]] = {}
+        otherTenants = invalid = longGroups = 0
         for name, entry in roster.items():
             node, host = splitJID(name, domain)
             if not node:
                 continue
-            member = f"{node}@{host}"
-            if entry.name:
-                names.setdefault(member, (node, host, entry.name))
+            try:
+                identity = canonical(node, host)
+            except InvalidIdentity:
+                invalid += 1
+                continue
+            node, host = identity.user, identity.domain
+            if not self._inTenant(domain, host):
+                otherTenants += 1
+                continue
+            member = identity.jid
+            fullname = cleanDisplayName(entry.name)
+            if fullname:
+                names.setdefault(member, (node, host, fullname))
             for group in entry.groups:
                 if ignoredGroup(group):
                     continue
                 clean = cleanGroupName(group)
                 if not clean:
                     continue
+                if len(clean) > MAX_ARGUMENT:
+                    longGroups += 1
+                    continue
                 ident = groupId(clean)
                 labels.setdefault(ident, clean)
                 members = groups.setdefault(ident, [])
                 if member not in members:
                     members.append(member)
+        if otherTenants or invalid or longGroups:
+            log.warn(
+                "roster sync of {jid}: left out {others} member(s) of domains another "
+                "backend serves (or none), {invalid} member(s) whose name is no valid "
+                "user name, {groups} group(s) with names over {limit} characters",
+                jid=jid,
+                others=otherTenants,
+                invalid=invalid,
+                groups=longGroups,
+                limit=MAX_ARGUMENT,
+            )
         # 1. Full names.
         stored = await self._state.fullNames(list(names))
         for member, (node, host, fullname) in names.items():
@@ -942,6 +1018,8 @@ def backendFetcher(settingsFor: Callable[[str], Any]) -> Fetcher:
 
     def fetch(user: str, domain: str) -> Deferred[dict[str, RosterEntry]]:
         settings = settingsFor(domain)
+        if settings is None:
+            return fail(BackendUnavailable(f"domain {domain} is not served"))
         d: Deferred[dict[str, RosterEntry]] = settings.client.sharedRoster(
             user, settings.authDomain or domain
         )

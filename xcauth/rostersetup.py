@@ -66,5 +66,12 @@ def makeRosterSync(
     runner = makeRunner(config, reactor)
     if runner is None:
         return None, None
-    sync = RosterSync(backendFetcher(settingsFor), runner, RosterState(store), reactor)
+    def tenantOf(domain: str) -> object | None:
+        # Domains are one tenant when one backend client serves them.
+        settings = settingsFor(domain)
+        return None if settings is None else settings.client
+
+    sync = RosterSync(
+        backendFetcher(settingsFor), runner, RosterState(store), reactor, tenantOf=tenantOf
+    )
     return sync, runner

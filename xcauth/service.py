@@ -25,9 +25,10 @@ from xcauth.listen import (
     descriptorLimit,
     groupID,
     listenerService,
+    plainRemoteWarning,
     unixSocketPath,
 )
-from xcauth.metrics import metricsService
+from xcauth.metrics import METRICS_MAX_CONNECTIONS, metricsService
 
 log = Logger()
 
@@ -51,12 +52,21 @@ class XcauthService(MultiService):
         self.factories: list[XcauthFactory] = []
         #: UNIX sockets to give to a group once they listen.
         self.socketGroups = [listener for listener in listeners if listener.group]
+        serveMetrics = hub.metrics is not None and hub.config is not None and bool(
+            hub.config.metrics
+        )
+        descriptors = descriptorLimit()
+        if serveMetrics:
+            # The metrics listener's connections come out of the same budget.
+            descriptors -= METRICS_MAX_CONNECTIONS
+        #: Warnings about plain listeners off loopback, logged at start.
+        self.warnings = [w for w in map(plainRemoteWarning, listeners) if w]
         for listener in listeners:
             factory = XcauthFactory(
                 FRAMINGS[listener.framing],
                 hub.context,
                 connectionLimit(hub.config.maxConnections if hub.config else None,
-                                len(listeners), descriptorLimit()),
+                                len(listeners), descriptors),
             )
             self.factories.append(factory)
             svc = listenerService(listener, factory, reactor)
@@ -64,8 +74,13 @@ class XcauthService(MultiService):
             self.listeners.append(svc)
         #: The metrics listener (C{--metrics}), started with the others.
         self.metricsListener = None
-        if hub.metrics is not None and hub.config is not None and hub.config.metrics:
-            self.metricsListener = metricsService(hub.metrics, hub.config.metrics, reactor)
+        if serveMetrics:
+            assert hub.metrics is not None and hub.config is not None
+            assert hub.config.metrics is not None
+            self.metricsListener = metricsService(
+                hub.metrics, hub.config.metrics, reactor,
+                maxConnections=METRICS_MAX_CONNECTIONS,
+            )
             self.metricsListener.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
@@ -83,6 +98,8 @@ class XcauthService(MultiService):
         self._giveSocketsToGroups()
         for svc in [*self.listeners, *filter(None, [self.metricsListener])]:
             log.info("listening: {listener}", listener=svc.name)
+        for warning in self.warnings:
+            log.warn("{warning}", warning=warning)
         self.reactor.callWhenRunning(
             log.info, "xcauth ready: serving {count} listeners", count=len(self.listeners)
         )

@@ -9,6 +9,12 @@ with ``keyid = sha256(secret)[0:2]`` and
 ``mac = HMAC-SHA256(secret, 0x00 | keyid | expiry | utf8("user@domain"))[0:16]``.
 Its text form is standard base64 without ``=`` padding, with ``O``, ``I`` and
 ``l`` replaced by ``-``, ``$`` and ``%``.
+
+The MAC's message joins user and domain with ``@``; a user name may hold an
+``@`` (Nextcloud allows it), a domain never does, so ``user@domain`` names
+exactly one pair.  A domain with an ``@`` (or an empty part) is refused: a
+token for user ``admin@example.org`` at ``x`` is never one for ``admin`` at
+``example.org@x``.
 """
 
 from __future__ import annotations
@@ -45,7 +51,12 @@ def makeToken(secret: bytes, user: str, domain: str, expiry: int) -> str:
     """
     Make the text form of a token for C{user@domain} valid until C{expiry}
     (unix seconds, inclusive).
+
+    @raise ValueError: the user or domain is empty, or the domain holds an
+        C{@} (the token would be ambiguous).
     """
+    if not _unambiguous(user, domain):
+        raise ValueError("a token needs a user and a domain without @")
     kid = keyId(secret)
     packedExpiry = struct.pack(">I", expiry)
     raw = (
@@ -55,6 +66,10 @@ def makeToken(secret: bytes, user: str, domain: str, expiry: int) -> str:
         + packedExpiry
     )
     return base64.b64encode(raw).decode("ascii").rstrip("=").translate(_ENCODE)
+
+
+def _unambiguous(user: str, domain: str) -> bool:
+    return bool(user) and bool(domain) and "@" not in domain
 
 
 def _decode(text: str) -> bytes | None:
@@ -85,8 +100,11 @@ def verifyToken(
     The token's key id selects which of C{secrets} made it, so several secrets can
     be valid at once while a secret is being rotated.  The MAC is compared in
     constant time.  Anything that is not a well-formed, unexpired token made with
-    one of C{secrets} for exactly this user and domain gives C{False}.
+    one of C{secrets} for exactly this user and domain gives C{False}, and so
+    does a domain with an C{@} (see the module docstring).
     """
+    if not _unambiguous(user, domain):
+        return False
     raw = _decode(text)
     if raw is None:
         return False

@@ -96,11 +96,19 @@ def run(options: TokenOptions, out: IO[str] = sys.stdout,
     """
     Print the token; returns the exit status.
     """
+    from xcauth.identity import InvalidIdentity, canonical
+
     try:
-        secret = secretFor(options, options["domain"])
+        # Tokens are checked for the canonical identity of each login.
+        identity = canonical(options["user"], options["domain"])
+    except InvalidIdentity as e:
+        print(f"xcauth: {e}", file=sys.stderr)
+        return 1
+    try:
+        secret = secretFor(options, identity.domain)
     except ConfigError as e:
         print(f"xcauth: {e}", file=sys.stderr)
         return 1
     expiry = int(now() + options["seconds"])
-    print(makeToken(secret, options["user"], options["domain"], expiry), file=out)
+    print(makeToken(secret, identity.user, identity.domain, expiry), file=out)
     return 0

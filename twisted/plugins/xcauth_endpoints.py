@@ -1,7 +1,8 @@
 """
-Endpoint type C{xcauth-systemd-unix:name=NAME}: a UNIX socket passed by systemd,
-served without changing its mode or removing its file (L{xcauth.systemdunix}).
-Imports nothing heavy.
+Endpoint types C{xcauth-systemd-unix:name=NAME}: a UNIX socket passed by systemd,
+served without changing its mode or removing its file (L{xcauth.systemdunix});
+and C{xcauth-tls:PORT:...:clientCA=CA}: a TLS listener that requires a client
+certificate (L{xcauth.tls}).  Imports nothing heavy.
 """
 
 from typing import Any
@@ -22,3 +23,16 @@ class _SystemdUNIXParser:
 
 
 xcauthSystemdUNIX = _SystemdUNIXParser()
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class _MutualTLSParser:
+    prefix = "xcauth-tls"
+
+    def parseStreamServer(self, reactor: Any, *args: str, **kwargs: str) -> Any:
+        from xcauth.tls import parseMutualTLS
+
+        return parseMutualTLS(reactor, *args, **kwargs)
+
+
+xcauthMutualTLS = _MutualTLSParser()

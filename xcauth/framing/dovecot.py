@@ -65,13 +65,14 @@ from typing import Any
 
 import attr
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xcauth.framing.base import ServerContext, logRequestFailure
+from xcauth.identity import InvalidIdentity, canonical
 from xcauth.text import printable
 
 log = Logger()
@@ -146,10 +147,12 @@ def unescape(value: bytes) -> bytes:
 
 def escape(value: bytes) -> bytes:
     """
-    Dovecot's tab escaping of one value (C{\\1}, TAB, CR, LF).
+    Dovecot's tab escaping of one value (C{\\1}, TAB, CR, LF, and NUL as
+    Dovecot 2.3's C{str_tabescape} writes it, 0x01 C{0}).
     """
     return (
         value.replace(b"\1", b"\x011")
+        .replace(b"\0", b"\x010")
         .replace(b"\t", b"\x01t")
         .replace(b"\r", b"\x01r")
         .replace(b"\n", b"\x01n")
@@ -191,7 +194,7 @@ def parseVersion(line: bytes) -> tuple[int, int] | None:
     if len(fields) < 3 or fields[0] != b"VERSION":
         return None
     major, minor = fields[1], fields[2]
-    if not (major.isdigit() and minor.isdigit()):
+    if not (_isNumber(major) and _isNumber(minor)):
         return None
     return int(major), int(minor)
 
@@ -201,9 +204,22 @@ def parseCPID(line: bytes) -> int | None:
     The client's process id from its C{CPID} line (positive), or C{None}.
     """
     command, tab, value = line.partition(b"\t")
-    if command != b"CPID" or not tab or not value.isdigit() or int(value) == 0:
+    if command != b"CPID" or not tab or not _isNumber(value) or int(value) == 0:
         return None
     return int(value)
+
+
+#: Digits of a number field at most (a process id, a version, a request id
+#: fit in 10): longer ones are refused before C{int()}, which would raise on
+#: thousands of digits.
+MAX_DIGITS = 10
+
+
+def _isNumber(text: bytes) -> bool:
+    """
+    Whether C{text} is 1 to L{MAX_DIGITS} ASCII digits.
+    """
+    return 0 < len(text) <= MAX_DIGITS and text.isdigit()
 
 
 _NAME = re.compile(rb"\A[A-Za-z0-9_-]{1,32}\Z")
@@ -221,7 +237,7 @@ def _safeName(name: bytes) -> str:
 
 
 def _parseId(text: bytes) -> int | None:
-    if not text.isdigit() or len(text) > 10:
+    if not _isNumber(text):
         return None
     value = int(text)
     return value if 0 < value < 2**32 else None
@@ -383,6 +399,29 @@ class _Request:
             self.timer = None
 
 
+@implementer(IPushProducer)
+class _UnsentAnswers:
+    """
+    Registered with the connection's transport as its producer: while the
+    answers pile up unsent (the client does not read them), the connection
+    reads no more requests.
+    """
+
+    __slots__ = ("connection",)
+
+    def __init__(self, connection: DovecotProtocol) -> None:
+        self.connection = connection
+
+    def pauseProducing(self) -> None:
+        self.connection._unsentPaused(True)
+
+    def resumeProducing(self) -> None:
+        self.connection._unsentPaused(False)
+
+    def stopProducing(self) -> None:
+        pass
+
+
 @implementer(IHalfCloseableProtocol)
 class DovecotProtocol(LineReceiver):
     """
@@ -404,6 +443,8 @@ class DovecotProtocol(LineReceiver):
     #: The client closed its side.
     _eof = False
     _pausedForLoad = False
+    #: The client does not read its answers (the transport paused us).
+    _pausedForUnsent = False
     #: Requests whose work (the authenticator) is in flight.
     _working = 0
 
@@ -412,6 +453,7 @@ class DovecotProtocol(LineReceiver):
         self._requests: dict[int, _Request] = {}
 
     def connectionMade(self) -> None:
+        self.transport.registerProducer(_UnsentAnswers(self), True)
         self.transport.write(handshake(os.getpid(), self._connectionNumber(), os.urandom(16)))
 
     def _connectionNumber(self) -> int:
@@ -465,11 +507,10 @@ class DovecotProtocol(LineReceiver):
             self._protocolError(f"AUTH with id {parsed.id}, which is already in use")
             return
         if len(self._requests) >= MAX_OPEN_FACTOR * self.context.maxInFlight:
-            log.warn(
-                "{framing} client has {count} requests open (most waiting for its "
-                "CONT); refusing another for now",
-                framing=self.framing,
-                count=len(self._requests),
+            self.context.noteInvalid(
+                self.framing,
+                f"a client has {len(self._requests)} requests open (most waiting "
+                "for its CONT); another refused for now",
             )
             self.transport.write(tempFailLine(parsed.id))
             return
@@ -543,10 +584,9 @@ class DovecotProtocol(LineReceiver):
                 return
             authzid, authcid, password = plain
             if authzid and authzid != authcid:
-                log.info(
-                    "request refused via {framing}: the authorization identity "
-                    "differs from the login",
-                    framing=self.framing,
+                self.context.noteInvalid(
+                    self.framing,
+                    "request refused: the authorization identity differs from the login",
                 )
                 self._answer(
                     request,
@@ -577,19 +617,17 @@ class DovecotProtocol(LineReceiver):
     def _abandoned(self, request: _Request) -> None:
         request.timer = None
         if self._current(request):
-            log.info(
-                "{framing} request {id} forgotten: no CONT within {timeout} s",
-                framing=self.framing,
-                id=request.command.id,
-                timeout=CONT_TIMEOUT,
+            # A client can leave many requests waiting: counted into the
+            # once-a-minute invalid-request line, not one line each.
+            self.context.noteInvalid(
+                self.framing, f"a request forgotten: no CONT within {CONT_TIMEOUT:g} s"
             )
             del self._requests[request.command.id]
 
     def _reject(self, request: _Request, reason: str) -> None:
-        self.context.metrics.invalid(self.framing)  # metrics
-        log.info(
-            "request answered FAIL via {framing}: {reason}", framing=self.framing, reason=reason
-        )
+        # Counted (and so in the metrics) into one log line a minute for the
+        # whole daemon, like every other invalid request.
+        self.context.noteInvalid(self.framing, f"answered FAIL: {reason}")
         self._answer(request, failLine(request.command.id))
 
     def _verify(self, request: _Request, authcid: bytes, password: bytes) -> None:
@@ -611,7 +649,14 @@ class DovecotProtocol(LineReceiver):
                 "no dovecot-default-domain)",
             )
             return
-        user, domain = split
+        try:
+            identity = canonical(*split)
+        except InvalidIdentity as e:
+            self._reject(request, f"invalid identity: {e}")
+            return
+        user, domain = identity.user, identity.domain
+        # Answers name the canonical identity, in the form the client used.
+        login = identity.jid if "@" in login else user
         request.login = login
         timer = self.context.timer(self.framing, "auth", user, domain)
         work = timer.observe(
@@ -712,9 +757,23 @@ class DovecotProtocol(LineReceiver):
             # may run inside the receiver's own parsing loop.
             self.context.clock.callLater(0, self._resumeReading)
 
+    def _unsentPaused(self, paused: bool) -> None:
+        """
+        The transport's buffer of unsent answers is full (C{True}) or has
+        drained (C{False}).
+        """
+        if paused:
+            if not self._pausedForUnsent:
+                self._pausedForUnsent = True
+                if not self._closed:
+                    self.pauseProducing()
+        elif self._pausedForUnsent:
+            self._pausedForUnsent = False
+            self.context.clock.callLater(0, self._resumeReading)
+
     def _resumeReading(self) -> None:
         self._pausedForTurn = False
-        if not (self._closed or self._pausedForLoad):
+        if not (self._closed or self._pausedForLoad or self._pausedForUnsent):
             self._turnLines = 0
             self.resumeProducing()
 
@@ -732,7 +791,7 @@ class DovecotProtocol(LineReceiver):
         self._turnLines += 1
         if self._turnLines >= self.MAX_PER_TURN and not self._pausedForTurn:
             self._pausedForTurn = True
-            if not self._pausedForLoad:
+            if not (self._pausedForLoad or self._pausedForUnsent):
                 self.pauseProducing()
             self.context.clock.callLater(0, self._resumeReading)
 

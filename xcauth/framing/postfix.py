@@ -30,6 +30,7 @@ from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
 from xcauth.framing.base import OrderedAnswers
+from xcauth.identity import InvalidIdentity, canonical
 from xcauth.text import printable
 
 log = Logger()
@@ -56,7 +57,7 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 @attr.s(frozen=True, auto_attribs=True)
 class Lookup:
     """
-    A key to look up: C{user@domain}.
+    A key to look up: C{user@domain}, in its canonical form.
     """
 
     user: str
@@ -111,7 +112,11 @@ def parseQuery(line: bytes) -> Parsed:
     user, at, domain = text.rpartition("@")
     if not at or not user or not domain:
         return Answered(NOT_FOUND, f"key {printable(text)!r} is not local@domain", False)
-    return Lookup(user, domain)
+    try:
+        identity = canonical(user, domain)
+    except InvalidIdentity as e:
+        return Answered(NOT_FOUND, f"key {printable(text)!r}: {e}", False)
+    return Lookup(identity.user, identity.domain)
 
 
 def encodeLookupAnswer(result: bool | None) -> bytes:

@@ -48,6 +48,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from xcauth.framing.base import OrderedAnswers, ServerContext
+from xcauth.identity import InvalidIdentity, canonical
 
 log = Logger()
 
@@ -155,7 +156,7 @@ class FieldReader:
 @attr.s(frozen=True, auto_attribs=True)
 class SaslRequest:
     """
-    A login to check.
+    A login to check, its user and domain in their canonical form.
     """
 
     user: str
@@ -218,7 +219,11 @@ def parseFields(fields: list[Field]) -> SaslRequest | Invalid:
     split = splitLogin(loginText, realmText)
     if split is None:
         return Invalid("login names no domain (no realm and no @)")
-    return SaslRequest(split[0], split[1], passwordText)
+    try:
+        identity = canonical(*split)
+    except InvalidIdentity as e:
+        return Invalid(f"invalid identity: {e}")
+    return SaslRequest(identity.user, identity.domain, passwordText)
 
 
 def encodeSaslAnswer(result: object) -> bytes:

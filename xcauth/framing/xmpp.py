@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from xcauth.framing.base import ServerContext
+from xcauth.identity import InvalidIdentity, canonical
 from xcauth.text import printable
 
 log = Logger()
@@ -26,7 +27,8 @@ CLOSE_OPERATIONS = frozenset({"quit", "exit"})
 @attr.s(frozen=True, auto_attribs=True)
 class Request:
     """
-    One parsed request.  C{password} is C{None} except for C{auth}.
+    One parsed request, its user and domain in their canonical form
+    (L{xcauth.identity}).  C{password} is C{None} except for C{auth}.
     """
 
     operation: str
@@ -77,7 +79,11 @@ def parseRequest(data: bytes) -> Parsed:
         return Invalid(f"{operation} with {len(fields)} fields instead of {expected}")
     if not fields[1] or not fields[2]:
         return Invalid(f"{operation} with an empty user or domain")
-    return Request(*fields)
+    try:
+        identity = canonical(fields[1], fields[2])
+    except InvalidIdentity as e:
+        return Invalid(f"{operation} with an invalid identity: {e}")
+    return Request(operation, identity.user, identity.domain, *fields[3:])
 
 
 def answerRequest(

@@ -92,8 +92,10 @@ class FakeJSXC(Resource):
         clock: IReactorTime,
         latency: float = 0.0,
         rosterFile: str | None = None,
+        usersFile: str | None = None,
     ) -> None:
         super().__init__()
+        self.usersFile = usersFile
         self.rosterFile = rosterFile
         self.secret = secret
         self.users = users
@@ -101,6 +103,35 @@ class FakeJSXC(Resource):
         self.latency = latency
         #: Every request's operation and fields (passwords included), in order.
         self.requests: list[dict[str, str]] = []
+
+    def _storedId(self, name: str) -> str:
+        """
+        The user id as stored for C{name}, compared without case; C{name} if
+        there is none.
+        """
+        if name in self.users:
+            return name
+        wanted = name.lower()
+        for uid in self.users:
+            if uid.lower() == wanted:
+                return uid
+        return name
+
+    def _readUsers(self) -> None:
+        """
+        With a users file (C{--users-file}: a JSON object of user names and
+        passwords) that exists, its users replace the others: a test rewrites
+        it to add or delete users while the fake runs.
+        """
+        if self.usersFile is None:
+            return
+        try:
+            with open(self.usersFile, encoding="utf-8") as f:
+                users = json.load(f)
+        except (OSError, ValueError):
+            return
+        if isinstance(users, dict):
+            self.users = {str(k): str(v) for k, v in users.items()}
 
     def render_GET(self, request: Request) -> bytes:
         request.setResponseCode(405)
@@ -145,6 +176,7 @@ class FakeJSXC(Resource):
         C{slow<N>-} user's); the fault left is C{fault-hang}, C{fault-hangbody}
         or C{None}.
         """
+        self._readUsers()
         code, headers, answer, fault = self.answer(body, signature)
         delay = self.latency
         slow = _SLOW.match(fault or "")
@@ -192,28 +224,31 @@ class FakeJSXC(Resource):
                 return 302, {b"location": b"/login"}, b"", None
             if kind is not None:
                 return 200, jsonHeaders, b"", kind
+        # Nextcloud's user backend finds a user id whatever its case (by
+        # mb_strtolower in its uid_lower column) and answers the stored id.
+        user = self._storedId(_baseName(user))
         if operation == "auth":
             if "password" not in fields:
                 return 500, jsonHeaders, _json(_error("No password given.")), fault
-            if self.users.get(_baseName(user)) == fields["password"]:
-                result = {"result": "success", "data": {"uid": _baseName(user)}}
+            if self.users.get(user) == fields["password"]:
+                result = {"result": "success", "data": {"uid": user}}
             else:
                 result = {"result": "noauth"}
             return 200, jsonHeaders, _json(result), fault
         if operation == "isuser":
-            isUser = _baseName(user) in self.users
+            isUser = user in self.users
             return 200, jsonHeaders, _json({"result": "success", "data": {"isUser": isUser}}), fault
         if operation == "sharedroster":
-            if _baseName(user) not in self.users:
+            if user not in self.users:
                 return 500, jsonHeaders, _json(_error("User not found.")), fault
-            configured = self._configuredRoster(_baseName(user))
+            configured = self._configuredRoster(user)
             if configured is not None:
                 answer = {"result": "success", "data": {"sharedRoster": configured}}
                 return 200, jsonHeaders, _json(answer), fault
             roster = {
                 name: {"name": name.title(), "groups": ["Everyone"]}
                 for name in sorted(self.users)
-                if name != _baseName(user)
+                if name != user
             }
             return 200, jsonHeaders, _json({"result": "success", "data": {"sharedRoster": roster or []}}), fault
         return 500, jsonHeaders, _json(_error("Unsupported operation.")), None
@@ -426,6 +461,9 @@ class Options(usage.Options):
         ["bench-users", None, "0",
          "Also know N users userI with the password passwordI (0 <= I < N)."],
         ["processes", None, "1", "Processes accepting on the same port."],
+        ["users-file", None, None,
+         "JSON file of user names and passwords, read on every request: when it "
+         "exists, its users replace the demo users."],
         ["roster-file", None, None,
          "JSON file of sharedRoster answers by user name, read on every request."],
         ["max-attempts", None, "10",
@@ -506,6 +544,7 @@ def main(argv: list[str] | None = None) -> None:
         reactor,
         latency=float(options["latency"]) / 1000.0,
         rosterFile=options["roster-file"],
+        usersFile=options["users-file"],
     )
     resource.recordRequests = False
     # Site serves HTTPChannel, FastJSXCFactory FastJSXCProtocol: one type for both.

@@ -102,6 +102,9 @@ def demoUsers() -> list[StockUser]:
                   twoFactor=True, appPasswords={"Carol-App-Passw0rd": "carol"}),
         StockUser("dave", "dave-pass", "Dave Disabled", "dave@example.org", ["Everyone"],
                   enabled=False),
+        # A user id in the form of an e-mail address (login-format
+        # {user}@{domain}): no groups, so no roster changes.
+        StockUser("frank@example.org", "frank-pass", "Frank", "frank@example.org"),
         StockUser("erin", "erin-pass", "Erin", "erin@example.org", ["Wonderland"],
                   appPasswords={"Erin-Mail-App-Passw0rd": "erin@example.org"}),
         StockUser(SERVICE_USER, "service-real-password", "xcauth service", None, ["admin"],
@@ -359,6 +362,7 @@ class FakeStockNextcloud(Resource):
         self.logins += 1
         slow = _SLOW.match(login)
         extra = 0.0
+        asked = login
         if slow:
             extra = int(slow.group(1)) / 1000.0
             login = login[slow.end():]
@@ -387,6 +391,9 @@ class FakeStockNextcloud(Resource):
             raise self._unauthorised(via, delay)
         # The postLogin hook of lib/OC.php.
         throttle.reset(ip, user.uid)
+        if slow:
+            # A slow user is an account of its own (with NAME's password).
+            user = attr.evolve(user, uid=asked)
         return user, delay
 
     def _forbidden(self, via: str, delay: float) -> _Answer:
@@ -410,8 +417,22 @@ class FakeStockNextcloud(Resource):
                 return user, user.appPasswords[password]
         return None
 
+    def _user(self, uid: str) -> StockUser | None:
+        """
+        The user C{uid}, compared as Nextcloud's user backend does: by
+        C{mb_strtolower()} (its C{uid_lower} column).
+        """
+        user = self.users.get(uid)
+        if user is not None:
+            return user
+        wanted = uid.lower()
+        for candidate in self.users.values():
+            if candidate.uid.lower() == wanted:
+                return candidate
+        return None
+
     def _byLogin(self, login: str) -> StockUser | None:
-        user = self.users.get(login)
+        user = self._user(login)
         if user is not None:
             return user
         matches = [u for u in self.users.values()
@@ -423,7 +444,7 @@ class FakeStockNextcloud(Resource):
         if token is not None:
             owner, loginName = token
             return owner if loginName.lower() == login.lower() else None
-        user = self.users.get(login)
+        user = self._user(login)
         if user is not None and user.password == password:
             return user
         if "@" not in login:
@@ -494,7 +515,7 @@ class FakeStockNextcloud(Resource):
                 raise self._ok({"users": [u.uid for u in found]}, delay)
             raise self._ok({"users": {u.uid: self._userData(u) for u in found}}, delay)
         if route[:2] == ["cloud", "users"] and len(route) in (3, 4):
-            target = self.users.get(route[2])
+            target = self._user(route[2])
             if target is None or not self._sees(me, target):
                 raise _ocsError(404, 404, "User does not exist", delay)
             if len(route) == 3:

@@ -189,8 +189,9 @@ class FakeNextcloud(Process):
         """
         from xcauth.testing.fakestock import SERVICE_PASSWORD, SERVICE_USER
 
+        # login-format={user} sends no domain: the served one is listed.
         return {"backend": "nextcloud", "service_user": SERVICE_USER,
-                "service_password": SERVICE_PASSWORD}
+                "service_password": SERVICE_PASSWORD, "domain": "example.org"}
 
 
 def writeConfig(path: str, url: str, secret: str = SECRET, **options: object) -> str:
