@@ -118,15 +118,12 @@ install:
 	    sed 's|/usr/local/lib/xcauth/venv/|$(INSTALL_VENV)/|g' "$$f" \
 	        > $(DESTDIR)$(SYSTEMD_UNIT_DIR)/$${f##*/} && \
 	    chmod 644 $(DESTDIR)$(SYSTEMD_UNIT_DIR)/$${f##*/} || exit 1; done
-	# The sample with its demo backend commented out: the daemon does not
-	# start until url= and secret= are set.
+	# The stock backend's sample with its demo Nextcloud commented out: the
+	# daemon does not start until url= and the service account are set.
 	install -d $(DESTDIR)$(SYSCONFDIR)
 	test -e $(DESTDIR)$(SYSCONFDIR)/xcauth.conf || { \
-	    umask 027 && sed \
-	        -e "s|^# admin settings, JSXC)\. This sample .*|# admin settings, JSXC). Set both: xcauth does not start without them.|" \
-	        -e "s|^url=.*|#url=https://cloud.example.org/index.php/apps/ojsxc/ajax/externalApi.php|" \
-	        -e "s|^secret=.*|#secret=THE-JSXC-API-SECRET|" \
-	        xcauth.conf > $(DESTDIR)$(SYSCONFDIR)/xcauth.conf && \
+	    umask 027 && scripts/installed-conf xcauth-nextcloud.conf \
+	        > $(DESTDIR)$(SYSCONFDIR)/xcauth.conf && \
 	    chmod 640 $(DESTDIR)$(SYSCONFDIR)/xcauth.conf; }
 	install -d $(DESTDIR)$(PROSODY_MODULE_DIR)
 	install -m 644 prosody/mod_auth_xcauth.lua $(DESTDIR)$(PROSODY_MODULE_DIR)/

@@ -141,6 +141,11 @@ class ConfigFileTests(SynchronousTestCase):
         cases = [
             ("url=http://f/x\nsecret=s\nlisten=tcp:1\nfrobnicate=1\n", "unknown option 'frobnicate'"),
             ("secret=s\nlisten=tcp:1\n", "no backend url"),
+            # The "no backend" error names the stock backend's settings.
+            ("listen=tcp:1\n", "set backend=nextcloud, url=, service-user= and "
+             "service-password-file="),
+            ("backend=nextcloud\nlisten=tcp:1\n", "no backend url: set url= (your "
+             "Nextcloud's address), service-user= and service-password-file="),
             ("url=http://f/x\nlisten=tcp:1\n", "no API secret"),
             ("url=ftp://f/x\nsecret=s\nlisten=tcp:1\n", "http:// or https://"),
             ("url=http://f/x\nsecret=s\nlisten=tcp:1\ntimeout=0\n", "timeout '0' is not valid"),

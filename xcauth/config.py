@@ -688,8 +688,15 @@ class ConfigOptions(usage.Options):
                 + ", ".join(self.framingNames())
             )
         if not values["url"]:
+            if values["backend"] == "nextcloud":
+                raise ConfigError(
+                    "no backend url: set url= (your Nextcloud's address), "
+                    "service-user= and service-password-file= in the config file"
+                )
             raise ConfigError(
-                "no backend url: set url=... in the config file or give --url"
+                "no backend url: for a stock Nextcloud set backend=nextcloud, url=, "
+                "service-user= and service-password-file= in the config file "
+                "(for the JSXC app: url= and secret=)"
             )
         try:
             validateURL(values["url"])
