@@ -90,23 +90,6 @@ class Gate:
             d.callback(None)
 
 
-def bothReady(
-    first: Callable[[], Deferred[None] | None], gate: Gate
-) -> Callable[[], Deferred[None] | None]:
-    """
-    A C{ready} function for the authenticator: C{first} (the domain table's),
-    then the gate.
-    """
-
-    def ready() -> Deferred[None] | None:
-        waiting = first()
-        if waiting is None:
-            return gate.whenOpen()
-        return waiting.addCallback(lambda _: gate.whenOpen())
-
-    return ready
-
-
 class Hub(Service):
     """
     Runs what every listener shares: starts the worker threads and the domain
@@ -345,7 +328,9 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         reactor,
         keys,
         cache=cache,
-        ready=bothReady(domains.whenReady, gate),
+        # Tokens need the domain table, never Nextcloud's start-up check.
+        ready=domains.whenReady,
+        backendReady=gate.whenOpen,
         debug=config.debug,
         onLogin=None if rosterSync is None else rosterSync.onLogin,
         penalty=PenaltyBox(
