@@ -223,7 +223,7 @@ class AdminCommandTests(SynchronousTestCase):
         r = xcauth("--url", "http://127.0.0.1:1/x", "--secret", "s", "-I", "domains",
                    "example.org")
         self.assertEqual(r.stdout.strip(), "None")
-        self.assertEqual(r.returncode, 2)
+        self.assertEqual(r.returncode, 3)
 
 
 class LiveDaemonTests(TestCase):

@@ -420,21 +420,23 @@ def _domainCheckFailed(f: Failure, url: str) -> None:
         log.failure("checking the service account of {url} failed", f, url=url)
 
 
-def refuseToRun(reactor: Any, message: str) -> None:
+def refuseToRun(reactor: Any, message: str, status: int = 1, logged: bool = True) -> None:
     """
     Stop the daemon (or command) because it cannot work as configured: one
-    line C{xcauth: ...} on standard error and in the log, exit status 1.
+    line C{xcauth: ...} on standard error and (if C{logged}) in the log, exit
+    status C{status}.
 
     twistd offers no exit status for a service that fails after the reactor
     started, so the process ends with C{os._exit(1)} once the reactor has
     shut down (the services have stopped and the log is written).
     """
-    log.critical("xcauth: {message}", message=message)
+    if logged:
+        log.critical("xcauth: {message}", message=message)
     # twistd sends sys.stderr to its log: write to the process's own stderr.
     stream = sys.__stderr__ or sys.stderr
     stream.write(f"xcauth: {message}\n")
     stream.flush()
-    reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+    reactor.addSystemEventTrigger("after", "shutdown", os._exit, status)
     if reactor.running:
         reactor.stop()
     else:
