@@ -284,7 +284,7 @@ def buildHub(config: Config, reactor: Any) -> Hub:
     agent, pool = makeAgent(reactor, connectTimeout=config.connectTimeout)
     watches = ThrottleWatches()
     # Counted only when served (--metrics): otherwise every count is a no-op.
-    metrics = Metrics(reactor) if config.metrics is not None else None
+    metrics = Metrics(reactor, backends=(config.backend,)) if config.metrics is not None else None
     counts: NoMetrics = metrics if metrics is not None else NoMetrics()
     makeClient = clientFactory(
         HTTPRequester(
@@ -399,7 +399,8 @@ def clientFactory(
             reactor, metrics=metrics,
         )
         watch = ThrottleWatch(
-            client, reactor, config.throttleCheckInterval, config.throttleWarnDelay
+            client, reactor, config.throttleCheckInterval, config.throttleWarnDelay,
+            metrics=metrics,
         )
         client.onLogin = watch.loginSeen
         watches.add(watch)

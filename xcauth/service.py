@@ -59,6 +59,9 @@ class XcauthService(MultiService):
                                 len(listeners), descriptorLimit()),
             )
             self.factories.append(factory)
+            # The framing label its requests are counted under ("generic": prosody).
+            label = getattr(FRAMINGS[listener.framing], "framing", listener.framing)
+            hub.context.metrics.serving(label, factory.openConnections)
             svc = listenerService(listener, factory, reactor)
             svc.setServiceParent(self)
             self.listeners.append(svc)
