@@ -357,3 +357,54 @@ class LiveDaemonTests(TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         waitFor(lambda: ask(f"auth:bob:example.org:{token}") == b"0",
                 "the daemon to drop the domain", timeout=30)
+
+
+class CommandLineTests(SynchronousTestCase):
+    """
+    --help shows a usage line, a command's help only its own; --version is
+    xcauth's everywhere; an unknown option is one line and a pointer.
+    """
+
+    def test_help(self) -> None:
+        r = xcauth("--help")
+        self.assertEqual(r.returncode, 0)
+        self.assertTrue(r.stdout.startswith("Usage: xcauth [-c FILE] [-A USER DOMAIN"),
+                        r.stdout)
+        r = xcauth("domains", "add", "--help")
+        self.assertEqual(r.returncode, 0)
+        self.assertTrue(r.stdout.startswith("Usage: xcauth domains add DOMAIN --url URL"),
+                        r.stdout)
+        self.assertNotIn("-A USER", r.stdout)
+        self.assertNotIn("add|set|remove", r.stdout)
+        r = xcauth("token", "--help")
+        self.assertTrue(r.stdout.startswith("Usage: xcauth token USER DOMAIN"), r.stdout)
+
+    def test_version(self) -> None:
+        import platform
+
+        import twisted
+        from xcauth import __version__
+
+        line = (f"{__version__} (Twisted {twisted.__version__}, "
+                f"Python {platform.python_version()})\n")
+        for args in (["--version"], ["token", "--version"], ["domains", "--version"],
+                     ["domains", "list", "--version"], ["cache", "clear", "--version"]):
+            r = xcauth(*args)
+            self.assertEqual((r.returncode, r.stdout), (0, "xcauth " + line), args)
+        r = subprocess.run([XCAUTH + "-daemon", "--version"], capture_output=True, text=True,
+                           env=childEnv(), timeout=60)
+        self.assertEqual((r.returncode, r.stdout), (0, "xcauth-daemon " + line))
+
+    def test_unknownOption(self) -> None:
+        for args in (["--bogus"], ["domains", "add", "--bogus"], ["token", "--bogus"]):
+            r = xcauth(*args)
+            self.assertEqual(r.returncode, 2, args)
+            self.assertEqual(len(r.stderr.splitlines()), 2, (args, r.stderr))
+            self.assertIn("--bogus", r.stderr)
+        for args in (["--bogus"], ["-n", "xcauth", "--bogus"]):
+            r = subprocess.run([XCAUTH + "-daemon", *args], capture_output=True, text=True,
+                               env=childEnv(), timeout=60)
+            self.assertEqual(r.returncode, 1, args)
+            self.assertEqual(r.stderr, "xcauth-daemon: option --bogus not recognized\n"
+                             "Run 'xcauth-daemon --help' or 'xcauth-daemon xcauth --help' "
+                             "for the options.\n")

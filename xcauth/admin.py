@@ -44,6 +44,7 @@ from xcauth.config import (
     default,
     readConfigFile,
     validateURL,
+    versionLine,
 )
 
 
@@ -71,6 +72,13 @@ class _DatabaseOptions(usage.Options):
         ["db", None, None, "The state database (overrides the config file)."],
     ]
 
+    def opt_version(self) -> None:
+        """
+        Print xcauth's version and exit.
+        """
+        print(versionLine())
+        raise SystemExit(0)
+
 
 class _CommandGroup(_DatabaseOptions):
     """
@@ -86,6 +94,15 @@ class _CommandGroup(_DatabaseOptions):
             raise usage.UsageError(
                 f"{self.name} needs one of: " + ", ".join(c[0] for c in self.subCommands)
             )
+
+    def getSynopsis(self) -> str:
+        """
+        Under one of its commands, just the words so far (C{xcauth domains}),
+        which the command's own synopsis continues.
+        """
+        if self.subCommand is not None and self.parent is not None:
+            return f"{self.parent.getSynopsis()} {self.parent.subCommand}"
+        return super().getSynopsis()
 
 
 def databasePath(options: usage.Options) -> str:

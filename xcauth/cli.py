@@ -38,7 +38,6 @@ from twisted.logger import (
 )
 from twisted.python import usage
 
-from xcauth import __version__
 from xcauth.admin import SUBCOMMANDS
 from xcauth.config import ConfigOptions
 
@@ -55,11 +54,22 @@ class Options(ConfigOptions):
     """
 
     synopsis = (
-        "[-c FILE] [-A USER DOMAIN PASSWORD | -I USER DOMAIN | -R USER DOMAIN]\n"
-        "Without -A/-I/-R: serve the configured framing on stdin/stdout.\n"
-        "Administration: xcauth [-c FILE | --db PATH] domains|cache ... "
-        "(xcauth domains --help)"
+        "Usage: xcauth [-c FILE] [-A USER DOMAIN PASSWORD | -I USER DOMAIN | "
+        "-R USER DOMAIN]\n"
+        "       xcauth [-c FILE | --db PATH] domains|cache|roster ...  "
+        "(xcauth domains --help)\n"
+        "       xcauth [-c FILE] token USER DOMAIN [--ttl 1h]\n"
+        "Without -A/-I/-R or a command: serve the configured framing on stdin/stdout."
     )
+
+    def getSynopsis(self) -> str:
+        """
+        The usage line; under a command (C{xcauth domains add --help}) only
+        the start its own synopsis continues.
+        """
+        if self.subCommand is not None:
+            return "Usage: xcauth"
+        return super().getSynopsis()
     optFlags = ConfigOptions.optFlags + [
         ["auth-test", "A", "Check USER DOMAIN PASSWORD once and print True/False/None."],
         ["isuser-test", "I", "Check whether USER DOMAIN exists: True/False/None."],
@@ -82,13 +92,6 @@ class Options(ConfigOptions):
         from xcauth.tokencmd import SUBCOMMAND
 
         return SUBCOMMANDS + [SUBCOMMAND]
-
-    def opt_version(self) -> None:
-        """
-        Print xcauth's version and exit.
-        """
-        print(f"xcauth {__version__}")
-        raise SystemExit(0)
 
     def parseArgs(self, *args: str) -> None:
         self["args"] = list(args)

@@ -584,10 +584,30 @@ class Config:
         return self.timeout[1]
 
 
+def versionLine(program: str = "xcauth") -> str:
+    """
+    What C{--version} prints: xcauth's version and what it runs on.
+    """
+    import platform
+
+    import twisted
+    from xcauth import __version__
+
+    return (f"{program} {__version__} (Twisted {twisted.__version__}, "
+            f"Python {platform.python_version()})")
+
+
 class ConfigOptions(usage.Options):
     """
     The options every xcauth entry point shares, merged with the config file.
     """
+
+    def opt_version(self) -> None:
+        """
+        Print xcauth's version and exit.
+        """
+        print(versionLine())
+        raise SystemExit(0)
 
     optFlags: list[list[str | None]] = [
         ["debug", "d", "Log every request's details at debug level."]

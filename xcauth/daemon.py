@@ -96,6 +96,16 @@ def main() -> None:
     from twisted.application import app
     from twisted.scripts._twistd_unix import ServerOptions
 
+    from xcauth.config import versionLine
+
+    class Options(ServerOptions):
+        def opt_version(self) -> None:
+            """
+            Print xcauth's version (and Twisted's) and exit.
+            """
+            print(versionLine("xcauth-daemon"))
+            raise SystemExit(0)
+
     Runner = _runner()
 
     def runApp(config: Any) -> None:
@@ -104,4 +114,16 @@ def main() -> None:
         if runner._exitSignal is not None:
             app._exitWithSignal(runner._exitSignal)
 
-    app.run(runApp, ServerOptions)
+    # twistd's app.run, but a wrong option is one line and a pointer, not the
+    # whole help followed by the line.
+    from twisted.python import usage
+
+    config = Options()
+    try:
+        config.parseOptions()
+    except usage.error as e:
+        print(f"xcauth-daemon: {e}", file=sys.stderr)
+        print("Run 'xcauth-daemon --help' or 'xcauth-daemon xcauth --help' for the "
+              "options.", file=sys.stderr)
+        raise SystemExit(1) from None
+    runApp(config)
