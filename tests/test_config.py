@@ -137,6 +137,28 @@ class ConfigFileTests(SynchronousTestCase):
         config = self.parse("url=http://f/x\nsecret= new , old \nlisten=tcp:1\n").config
         self.assertEqual(config.secrets, (b"new", b"old"))
 
+    def test_timeoutNotBelowDeadline(self) -> None:
+        """
+        A backend timeout above the deadline is accepted with a
+        warning saying why it defeats the cache; the invalid-value message
+        suggests a valid one.
+        """
+        import io
+        from contextlib import redirect_stderr
+
+        err = io.StringIO()
+        with redirect_stderr(err):
+            self.parse("url=http://f/x\nsecret=s\nlisten=tcp:1\ntimeout=5,10\n")
+        self.assertEqual(err.getvalue().count("\n"), 1)
+        self.assertIn("xcauth: warning: the backend timeout 10 s is above the "
+                      "deadline 4 s", err.getvalue())
+        err = io.StringIO()
+        with redirect_stderr(err):
+            self.parse("url=http://f/x\nsecret=s\nlisten=tcp:1\ntimeout=2,3\n")
+        self.assertEqual(err.getvalue(), "")
+        e = self.assertRaises(ConfigError, parseTimeout, "abc")
+        self.assertIn("(for example 2,2.5: the total below the deadline)", str(e))
+
     def test_errors(self) -> None:
         cases = [
             ("url=http://f/x\nsecret=s\nlisten=tcp:1\nfrobnicate=1\n", "unknown option 'frobnicate'"),

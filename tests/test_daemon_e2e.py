@@ -203,7 +203,9 @@ class StartupErrorTests(TestCase):
         self.assertFails("unknown framing 'xmpp'", "--listen", "xmpp=tcp:1:interface=127.0.0.1")
 
     def test_malformedEndpoint(self) -> None:
-        self.assertFails("not a valid endpoint", "--listen", "tcp:notaport")
+        # As written (no backlog= added by xcauth), and in words.
+        self.assertFails("xcauth: listen 'tcp:notaport' is not a valid endpoint: "
+                         "'notaport' is not a number", "--listen", "tcp:notaport")
 
     def test_unknownEndpointType(self) -> None:
         self.assertFails("not a valid endpoint", "--listen", "carrierpigeon:1")

@@ -200,6 +200,8 @@ class MetricsStartTests(TestCase):
         self.assertNotEqual(p.returncode, 0)
         lines: Any = (p.stdout + p.stderr).strip().splitlines()
         self.assertIn(f"Couldn't listen on {HOST}:{taken}", lines[-1])
-        self.assertIn("xcauth: cannot start a listener: ", lines[-1])
+        # The message names the listener that cannot start.
+        self.assertIn(f"xcauth: cannot start the listener metrics=tcp:{taken}:interface={HOST}: ",
+                      lines[-1])
         self.assertIn("Address already in use", lines[-1])
         self.assertEqual(len([line for line in lines if "Couldn't listen" in line]), 1, lines)

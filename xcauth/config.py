@@ -121,7 +121,7 @@ def parseTimeout(text: str) -> tuple[float, float]:
     if len(values) not in (1, 2) or not all(0 < v <= 3600 for v in values):
         raise ConfigError(
             f"timeout {text!r} is not valid: give seconds as N or CONNECT,TOTAL "
-            "(for example 5,10)"
+            "(for example 2,2.5: the total below the deadline)"
         )
     connect = values[0]
     total = values[-1]
@@ -738,6 +738,15 @@ class ConfigOptions(usage.Options):
             raise ConfigError(
                 f"penalty-max-delay {values['penaltyMaxDelay']:g} must be below "
                 f"deadline {values['deadline']:g}"
+            )
+        total, deadline = values["timeout"][1], values["deadline"]
+        if total > deadline:
+            print(
+                f"xcauth: warning: the backend timeout {total:g} s is above the "
+                f"deadline {deadline:g} s: while Nextcloud hangs, requests are answered "
+                "by the deadline and the credential cache never gets to answer; set "
+                f"timeout=CONNECT,TOTAL with TOTAL below {deadline:g}",
+                file=sys.stderr,
             )
         db = values["db"]
         if not db:

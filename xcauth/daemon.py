@@ -76,6 +76,20 @@ def _runner() -> Any:
         def _formatChildException(self, exception: BaseException) -> bytes:
             return formatStartError(exception)
 
+        def postApplication(self) -> None:
+            try:
+                super().postApplication()
+            except StartError as e:
+                # In the foreground with --logfile=FILE, standard error goes
+                # to the log file: the terminal gets the line too.
+                logfile = self.config.get("logfile")
+                if self.config.get("nodaemon") and logfile and logfile != "-":
+                    stderr = sys.__stderr__
+                    if stderr is not None:
+                        untilConcludes(stderr.write, str(e) + "\n")
+                        stderr.flush()
+                raise
+
         def _waitForStart(self, readPipe: int) -> int:
             data = untilConcludes(os.read, readPipe, STATUS_LIMIT)
             message = statusMessage(data)
