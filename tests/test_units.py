@@ -111,3 +111,17 @@ class PackageUnitTests(TestCase):
             self.assertNotIn(key, values)
         self.assertNotIn("Passw0rd", text)
         self.assertNotIn("demo-secret", text)
+
+
+class PackageVersionTests(TestCase):
+    def test_changelogHasTheVersion(self) -> None:
+        """
+        The version comes from one place: debian/changelog's newest entry is
+        xcauth/__init__.py's __version__ (debian/rules refuses to build
+        otherwise).
+        """
+        from xcauth import __version__
+
+        with open(os.path.join(REPO, "debian", "changelog")) as f:
+            first = f.readline()
+        self.assertTrue(first.startswith(f"xcauth ({__version__}) "), first)
