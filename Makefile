@@ -20,7 +20,8 @@ PROSODY_MODULE_DIR ?= $(XCAUTH_LIBDIR)/prosody
 # under /root); "make install PYTHON=..." to choose another.
 INSTALL_PYTHON = $(if $(filter command line environment,$(origin PYTHON)),$(PYTHON),/usr/bin/python3)
 
-.PHONY: all venv demo test test-only system-packages lint typecheck bench clean install
+.PHONY: all venv demo test test-only system-packages lint typecheck bench clean install \
+	deb test-deb
 
 all: venv
 
@@ -69,6 +70,20 @@ $(BIN)/.bench-installed: $(BIN)/.installed setup.cfg
 bench: venv $(BIN)/.bench-installed
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+# The Debian package, from the files of this checkout: build/deb/xcauth_*.deb
+# (scripts/build-deb; on Debian 12 with the libraries it lacks, debian/rules).
+DEB_DIR ?= build/deb
+deb:
+	scripts/build-deb $(DEB_DIR)
+
+# Build the package in Debian 13 and Debian 12 build roots, install it in fresh
+# root directories of each (debootstrap, cached in $(TEST_DEB_CACHE)), check it
+# and run its daemon against the fake Nextcloud (scripts/test-deb).
+TEST_DEB_CACHE ?= /var/cache/xcauth-test-deb
+TEST_DEB_SUITES ?= trixie bookworm
+test-deb: venv
+	$(BIN)/python scripts/test-deb --cache $(TEST_DEB_CACHE) $(TEST_DEB_SUITES)
+
 clean:
 	rm -rf $(VENV) _trial_temp* build *.egg-info results .mypy_cache .ruff_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
@@ -103,15 +118,12 @@ install:
 	    sed 's|/usr/local/lib/xcauth/venv/|$(INSTALL_VENV)/|g' "$$f" \
 	        > $(DESTDIR)$(SYSTEMD_UNIT_DIR)/$${f##*/} && \
 	    chmod 644 $(DESTDIR)$(SYSTEMD_UNIT_DIR)/$${f##*/} || exit 1; done
-	# The sample with its demo backend commented out: the daemon does not
-	# start until url= and secret= are set.
+	# The stock backend's sample with its demo Nextcloud commented out: the
+	# daemon does not start until url= and the service account are set.
 	install -d $(DESTDIR)$(SYSCONFDIR)
 	test -e $(DESTDIR)$(SYSCONFDIR)/xcauth.conf || { \
-	    umask 027 && sed \
-	        -e "s|^# admin settings, JSXC)\. This sample .*|# admin settings, JSXC). Set both: xcauth does not start without them.|" \
-	        -e "s|^url=.*|#url=https://cloud.example.org/index.php/apps/ojsxc/ajax/externalApi.php|" \
-	        -e "s|^secret=.*|#secret=THE-JSXC-API-SECRET|" \
-	        xcauth.conf > $(DESTDIR)$(SYSCONFDIR)/xcauth.conf && \
+	    umask 027 && scripts/installed-conf xcauth-nextcloud.conf \
+	        > $(DESTDIR)$(SYSCONFDIR)/xcauth.conf && \
 	    chmod 640 $(DESTDIR)$(SYSCONFDIR)/xcauth.conf; }
 	install -d $(DESTDIR)$(PROSODY_MODULE_DIR)
 	install -m 644 prosody/mod_auth_xcauth.lua $(DESTDIR)$(PROSODY_MODULE_DIR)/

@@ -12,7 +12,7 @@ import subprocess
 import time
 
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from xcauth import store
 from xcauth.config import ConfigError, ConfigOptions, parseRounds, parseTTL
@@ -180,6 +180,91 @@ class AdminCommandTests(SynchronousTestCase):
         self.assertIn("no state database", r.stderr)
         self.assertFalse(os.path.exists(os.path.join(self.dir, "missing.db")))
 
+    def test_secretsNotOnTheCommandLine(self) -> None:
+        """
+        domains add takes the service password from a file or standard input;
+        without one (and no terminal) it says which option to give.
+        """
+        path = os.path.join(self.dir, "app-password")
+        with open(path, "w") as f:
+            f.write("App-Passw0rd-1\n")
+        r = xcauth("--db", self.db, "domains", "add", "nc.org", "--backend", "nextcloud",
+                   "--url", "https://cloud.nc.org", "--service-user", "svc",
+                   "--service-password-file", path)
+        self.assertEqual((r.returncode, r.stderr), (0, ""))
+        r = subprocess.run(
+            [XCAUTH, "--db", self.db, "domains", "add", "nc2.org", "--backend", "nextcloud",
+             "--url", "https://cloud.nc.org", "--service-user", "svc",
+             "--service-password-file", "-"],
+            input="App-Passw0rd-2\n", capture_output=True, text=True, env=childEnv(),
+            timeout=60)
+        self.assertEqual((r.returncode, r.stderr), (0, ""))
+        r = xcauth("--db", self.db, "domains", "set", "nc2.org", "--secret-file", path)
+        self.assertEqual((r.returncode, r.stderr), (0, ""))
+        self.assertEqual(r.stdout, "changed domain nc2.org: secret\n")
+        conn = store.connect(self.db)
+        self.assertEqual(store.getDomain(conn, "nc.org").servicepassword,  # type: ignore[union-attr]
+                         "App-Passw0rd-1")
+        found = store.getDomain(conn, "nc2.org")
+        assert found is not None
+        self.assertEqual((found.servicepassword, found.authsecret),
+                         ("App-Passw0rd-2", "App-Passw0rd-1"))
+        conn.close()
+        r = subprocess.run(
+            [XCAUTH, "--db", self.db, "domains", "add", "nc3.org", "--backend", "nextcloud",
+             "--url", "https://cloud.nc.org", "--service-user", "svc"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, env=childEnv(),
+            timeout=60)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("--service-password-file (or --service-password)", r.stderr)
+        r = xcauth("--db", self.db, "domains", "add", "nc4.org", "--backend", "nextcloud",
+                   "--url", "https://cloud.nc.org", "--service-user", "svc",
+                   "--service-password-file", os.path.join(self.dir, "missing"))
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("--service-password-file: cannot read", r.stderr)
+
+    def test_listAndShowSayTheBackend(self) -> None:
+        """
+        list and show name every domain's backend (jsxc for a row with a URL
+        and no backend); --show-secret prints "(global)" for a domain without a
+        secret of its own, never "None"; messages use the options' names.
+        """
+        xcauth("--db", self.db, "domains", "add", "old.org", "--url", URL, "--secret", "s")
+        r = subprocess.run(
+            [XCAUTH, "--db", self.db, "domains", "add", "nc.org", "--backend", "nextcloud",
+             "--url", "https://cloud.nc.org", "--service-user", "svc",
+             "--service-password-file", "-"],
+            input="pw\n", capture_output=True, text=True, env=childEnv(), timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        listing = xcauth("--db", self.db, "domains", "list").stdout.splitlines()
+        self.assertTrue(listing[0].startswith("nc.org\tbackend=nextcloud\t"), listing)
+        self.assertTrue(listing[1].startswith("old.org\tbackend=jsxc\t"), listing)
+        r = xcauth("--db", self.db, "domains", "show", "nc.org", "--show-secret")
+        self.assertIn("secret:     (global)\n", r.stdout)
+        self.assertIn("backend:    nextcloud\n", r.stdout)
+        self.assertNotIn("None", r.stdout)
+        r = xcauth("--db", self.db, "domains", "set", "old.org", "--url", URL, "--secret", "t")
+        self.assertEqual(r.stdout, "changed domain old.org: secret, url\n")
+
+    def test_rootRefusesServiceDatabase(self) -> None:
+        """
+        As root, on a database directory that belongs to another user (the
+        service's), the commands refuse with a line saying how to run them,
+        and create nothing.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("needs root")
+        os.chown(self.dir, 65534, 65534)
+        for args in (["domains", "list"],
+                     ["domains", "add", "a.org", "--url", URL, "--secret", "s"]):
+            r = xcauth("--db", self.db, *args)
+            self.assertEqual(r.returncode, 1, r.stderr)
+            self.assertIn(f"xcauth: {self.dir} belongs to nobody, the service's user: as "
+                          "root this command would leave files the service cannot open; "
+                          f"run it as nobody: runuser -u nobody -- xcauth {args[0]} ...",
+                          r.stderr)
+            self.assertEqual(os.listdir(self.dir), [])
+
     def test_databaseFromConfigFile(self) -> None:
         config = writeConfig(os.path.join(self.dir, "x.conf"), URL, db=self.db)
         r = xcauth("-c", config, "domains", "add", "c.org", "--url", URL, "--secret", "s")
@@ -223,7 +308,7 @@ class AdminCommandTests(SynchronousTestCase):
         r = xcauth("--url", "http://127.0.0.1:1/x", "--secret", "s", "-I", "domains",
                    "example.org")
         self.assertEqual(r.stdout.strip(), "None")
-        self.assertEqual(r.returncode, 2)
+        self.assertEqual(r.returncode, 3)
 
 
 class LiveDaemonTests(TestCase):
@@ -272,3 +357,54 @@ class LiveDaemonTests(TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         waitFor(lambda: ask(f"auth:bob:example.org:{token}") == b"0",
                 "the daemon to drop the domain", timeout=30)
+
+
+class CommandLineTests(SynchronousTestCase):
+    """
+    --help shows a usage line, a command's help only its own; --version is
+    xcauth's everywhere; an unknown option is one line and a pointer.
+    """
+
+    def test_help(self) -> None:
+        r = xcauth("--help")
+        self.assertEqual(r.returncode, 0)
+        self.assertTrue(r.stdout.startswith("Usage: xcauth [-c FILE] [-A USER DOMAIN"),
+                        r.stdout)
+        r = xcauth("domains", "add", "--help")
+        self.assertEqual(r.returncode, 0)
+        self.assertTrue(r.stdout.startswith("Usage: xcauth domains add DOMAIN --url URL"),
+                        r.stdout)
+        self.assertNotIn("-A USER", r.stdout)
+        self.assertNotIn("add|set|remove", r.stdout)
+        r = xcauth("token", "--help")
+        self.assertTrue(r.stdout.startswith("Usage: xcauth token USER DOMAIN"), r.stdout)
+
+    def test_version(self) -> None:
+        import platform
+
+        import twisted
+        from xcauth import __version__
+
+        line = (f"{__version__} (Twisted {twisted.__version__}, "
+                f"Python {platform.python_version()})\n")
+        for args in (["--version"], ["token", "--version"], ["domains", "--version"],
+                     ["domains", "list", "--version"], ["cache", "clear", "--version"]):
+            r = xcauth(*args)
+            self.assertEqual((r.returncode, r.stdout), (0, "xcauth " + line), args)
+        r = subprocess.run([XCAUTH + "-daemon", "--version"], capture_output=True, text=True,
+                           env=childEnv(), timeout=60)
+        self.assertEqual((r.returncode, r.stdout), (0, "xcauth-daemon " + line))
+
+    def test_unknownOption(self) -> None:
+        for args in (["--bogus"], ["domains", "add", "--bogus"], ["token", "--bogus"]):
+            r = xcauth(*args)
+            self.assertEqual(r.returncode, 2, args)
+            self.assertEqual(len(r.stderr.splitlines()), 2, (args, r.stderr))
+            self.assertIn("--bogus", r.stderr)
+        for args in (["--bogus"], ["-n", "xcauth", "--bogus"]):
+            r = subprocess.run([XCAUTH + "-daemon", *args], capture_output=True, text=True,
+                               env=childEnv(), timeout=60)
+            self.assertEqual(r.returncode, 1, args)
+            self.assertEqual(r.stderr, "xcauth-daemon: option --bogus not recognized\n"
+                             "Run 'xcauth-daemon --help' or 'xcauth-daemon xcauth --help' "
+                             "for the options.\n")

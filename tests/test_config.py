@@ -137,10 +137,37 @@ class ConfigFileTests(SynchronousTestCase):
         config = self.parse("url=http://f/x\nsecret= new , old \nlisten=tcp:1\n").config
         self.assertEqual(config.secrets, (b"new", b"old"))
 
+    def test_timeoutNotBelowDeadline(self) -> None:
+        """
+        A backend timeout above the deadline is accepted with a
+        warning saying why it defeats the cache; the invalid-value message
+        suggests a valid one.
+        """
+        import io
+        from contextlib import redirect_stderr
+
+        err = io.StringIO()
+        with redirect_stderr(err):
+            self.parse("url=http://f/x\nsecret=s\nlisten=tcp:1\ntimeout=5,10\n")
+        self.assertEqual(err.getvalue().count("\n"), 1)
+        self.assertIn("xcauth: warning: the backend timeout 10 s is above the "
+                      "deadline 4 s", err.getvalue())
+        err = io.StringIO()
+        with redirect_stderr(err):
+            self.parse("url=http://f/x\nsecret=s\nlisten=tcp:1\ntimeout=2,3\n")
+        self.assertEqual(err.getvalue(), "")
+        e = self.assertRaises(ConfigError, parseTimeout, "abc")
+        self.assertIn("(for example 2,2.5: the total below the deadline)", str(e))
+
     def test_errors(self) -> None:
         cases = [
             ("url=http://f/x\nsecret=s\nlisten=tcp:1\nfrobnicate=1\n", "unknown option 'frobnicate'"),
             ("secret=s\nlisten=tcp:1\n", "no backend url"),
+            # The "no backend" error names the stock backend's settings.
+            ("listen=tcp:1\n", "set backend=nextcloud, url=, service-user= and "
+             "service-password-file="),
+            ("backend=nextcloud\nlisten=tcp:1\n", "no backend url: set url= (your "
+             "Nextcloud's address), service-user= and service-password-file="),
             ("url=http://f/x\nlisten=tcp:1\n", "no API secret"),
             ("url=ftp://f/x\nsecret=s\nlisten=tcp:1\n", "http:// or https://"),
             ("url=http://f/x\nsecret=s\nlisten=tcp:1\ntimeout=0\n", "timeout '0' is not valid"),

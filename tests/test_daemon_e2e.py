@@ -203,7 +203,9 @@ class StartupErrorTests(TestCase):
         self.assertFails("unknown framing 'xmpp'", "--listen", "xmpp=tcp:1:interface=127.0.0.1")
 
     def test_malformedEndpoint(self) -> None:
-        self.assertFails("not a valid endpoint", "--listen", "tcp:notaport")
+        # As written (no backlog= added by xcauth), and in words.
+        self.assertFails("xcauth: listen 'tcp:notaport' is not a valid endpoint: "
+                         "'notaport' is not a number", "--listen", "tcp:notaport")
 
     def test_unknownEndpointType(self) -> None:
         self.assertFails("not a valid endpoint", "--listen", "carrierpigeon:1")
@@ -285,8 +287,9 @@ class OneShotTests(TestCase):
         return p.returncode, p.stdout, p.stderr
 
     def test_auth(self) -> None:
-        self.assertEqual(self.xcauth("-A", "alice", "example.org", "pa:ss w")[:2], (0, "True\n"))
-        self.assertEqual(self.xcauth("-A", "alice", "example.org", "nope")[:2], (1, "False\n"))
+        # Quiet: the answer on standard output, no log lines.
+        self.assertEqual(self.xcauth("-A", "alice", "example.org", "pa:ss w"), (0, "True\n", ""))
+        self.assertEqual(self.xcauth("-A", "alice", "example.org", "nope"), (1, "False\n", ""))
 
     def test_isuser(self) -> None:
         self.assertEqual(self.xcauth("-I", "alice", "example.org")[:2], (0, "True\n"))
@@ -294,12 +297,15 @@ class OneShotTests(TestCase):
 
     def test_backendDown(self) -> None:
         self.nextcloud.stop()
+        # Unavailable is status 3, apart from usage and configuration errors (2).
         code, out, err = self.xcauth("-I", "alice", "example.org")
-        self.assertEqual((code, out), (2, "None\n"))
+        self.assertEqual((code, out), (3, "None\n"))
         self.assertIn("unavailable", err)
         code, out, err = self.xcauth("-A", "alice", "example.org", "pa:ss w")
-        self.assertEqual((code, out), (2, "None\n"))
+        self.assertEqual((code, out), (3, "None\n"))
         self.assertNotIn("pa:ss w", err)
+        self.assertTrue(err.endswith("\nxcauth: the backend is unavailable\n"), err)
+        self.assertNotIn("allow-list", err)
 
     def test_usageError(self) -> None:
         code, out, err = self.xcauth("-A", "alice")

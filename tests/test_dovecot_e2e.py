@@ -59,7 +59,7 @@ PASSWORDS = ["pa:ss w", "pässwörd", "wrong-Passw0rd", "bob's secret"]
 CHECK_BY_HAND = (
     "printf 'VERSION\\t1\\t1\\nCPID\\t1\\nAUTH\\t1\\tPLAIN\\tservice=smtp\\tresp=%s\\n' "
     "\"$(printf '\\0alice@example.org\\0pa:ss w' | base64)\" "
-    "| socat - UNIX-CONNECT:/run/xcauth/dovecot-auth"
+    "| socat - UNIX-CONNECT:/run/xcauth-sockets/dovecot-auth"
 )
 
 
@@ -569,7 +569,7 @@ class SystemdDovecotSocketsTests(TestCase):
                 self.assertEqual(lines[-2:], [b"OK\t1\tuser=alice@example.org", b""])
         # The README's check by hand, with Debian's socat.
         if shutil.which("socat"):
-            command = CHECK_BY_HAND.replace("/run/xcauth/dovecot-auth", unixPath)
+            command = CHECK_BY_HAND.replace("/run/xcauth-sockets/dovecot-auth", unixPath)
             result = subprocess.run(["sh", "-c", command], capture_output=True, timeout=30)
             self.assertTrue(
                 result.stdout.endswith(b"DONE\nOK\t1\tuser=alice@example.org\n"), result

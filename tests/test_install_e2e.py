@@ -58,6 +58,9 @@ class InstallTests(TestCase):
         self.assertNotIn("demo-secret", text)
         self.assertNotIn("\nurl=", text)
         self.assertNotIn("\nsecret=", text)
+        self.assertNotIn("\nservice-password=", text)
+        # New installations start from the stock backend.
+        self.assertIn("\nbackend=nextcloud\n", text)
         # The installed daemon (its venv, the system interpreter) refuses the
         # inert config with one line saying what to set.
         p = subprocess.run(
@@ -70,7 +73,8 @@ class InstallTests(TestCase):
         self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
         self.assertEqual(
             p.stderr.strip().splitlines()[-1],
-            "xcauth: no backend url: set url=... in the config file or give --url",
+            "xcauth: no backend url: set url= (your Nextcloud's address), "
+            "service-user= and service-password-file= in the config file",
         )
 
     def test_unusableInterpreterRefused(self) -> None:

@@ -119,17 +119,98 @@ class MetricsTests(SynchronousTestCase):
                            operation="isuser", le="5.0"), 0)
         self.assertEqual(v("xcauth_request_seconds_bucket", framing="postfix",
                            operation="isuser", le="+Inf"), 1)
-        self.assertEqual(v("xcauth_cache_total", result="hit"), 2)
+        self.assertEqual(v("xcauth_cache_decisions_total", result="hit"), 2)
         for result in ("miss", "stale", "fallback"):
-            self.assertEqual(v("xcauth_cache_total", result=result), 1)
+            self.assertEqual(v("xcauth_cache_decisions_total", result=result), 1)
         self.assertEqual(v("xcauth_deadline_missed_total", framing="dovecot"), 1)
         self.assertEqual(v("xcauth_penalized_total", reason="delayed"), 1)
         self.assertEqual(v("xcauth_penalized_total", reason="refused"), 1)
-        self.assertEqual(v("xcauth_backend_requests_total", backend="jsxc", outcome="yes"), 1)
+        self.assertEqual(v("xcauth_backend_requests_total", backend="jsxc", outcome="true"), 1)
         self.assertEqual(v("xcauth_backend_requests_total", backend="nextcloud",
                            outcome="unavailable"), 1)
         self.assertAlmostEqual(v("xcauth_backend_seconds_sum", backend="jsxc"), 0.02)
         self.assertEqual(v("xcauth_in_flight"), 0)
+
+    def test_seriesFromTheStart(self) -> None:
+        """
+        Before anything happened, every series whose labels are known exists
+        at 0: the cache's decisions, the penalty reasons, the backend's
+        outcomes, and per framing served its deadline misses and requests.
+        """
+        m = Metrics(self.clock, process=False, backends=("nextcloud",))
+        m.serving("prosody", lambda: 2)
+        m.serving("postfix", lambda: 1)
+        m.serving("prosody", lambda: 1)
+        got = samples(m)
+
+        def zero(name: str, **labels: str) -> None:
+            key = (name, tuple(sorted(labels.items())))
+            self.assertIn(key, got)
+            self.assertEqual(got[key], 0, key)
+
+        for result in ("hit", "miss", "stale", "fallback"):
+            zero("xcauth_cache_decisions_total", result=result)
+        for reason in ("refused", "delayed"):
+            zero("xcauth_penalized_total", reason=reason)
+        for outcome in ("true", "false", "unavailable"):
+            zero("xcauth_backend_requests_total", backend="nextcloud", outcome=outcome)
+        zero("xcauth_backend_seconds_count", backend="nextcloud")
+        for framing in ("prosody", "postfix"):
+            zero("xcauth_deadline_missed_total", framing=framing)
+        for result in ("true", "false", "unavailable", "error"):
+            zero("xcauth_requests_total", framing="prosody", operation="auth", result=result)
+            zero("xcauth_requests_total", framing="prosody", operation="isuser",
+                 result=result)
+            zero("xcauth_requests_total", framing="postfix", operation="isuser",
+                 result=result)
+        self.assertNotIn(("xcauth_requests_total", (("framing", "postfix"),
+                          ("operation", "auth"), ("result", "true"))), got)
+        zero("xcauth_request_seconds_count", framing="postfix", operation="isuser")
+        # Two prosody listeners: their connections add up.
+        self.assertEqual(got[("xcauth_open_connections", (("framing", "prosody"),))], 3)
+        self.assertEqual(got[("xcauth_open_connections", (("framing", "postfix"),))], 1)
+
+    def test_oneVocabulary(self) -> None:
+        """
+        Requests' results and backend outcomes use the same words.
+        """
+        m = self.metrics
+        started = m.now()
+        for outcome in Outcome:
+            m.backend(outcome, "jsxc", started)
+        outcomes = {dict(labels)["outcome"] for (name, labels) in samples(m)
+                    if name == "xcauth_backend_requests_total"}
+        self.assertEqual(outcomes, {"true", "false", "unavailable"})
+        self.assertEqual({resultLabel(r) for r in (True, False, None, "cancelled")},
+                         {"true", "false", "unavailable"})
+
+    def test_buildInfo(self) -> None:
+        import platform
+
+        import twisted
+        from xcauth import __version__
+
+        self.assertEqual(value(self.metrics, "xcauth_build_info", version=__version__,
+                               python=platform.python_version(),
+                               twisted=twisted.__version__), 1)
+
+    def test_throttle(self) -> None:
+        """
+        Nextcloud's throttle delay and allow-listing, by Nextcloud; the
+        allow-listing is absent when Nextcloud does not say.
+        """
+        m = self.metrics
+        m.throttle("https://a.example", 1.6, False)
+        m.throttle("https://b.example", 0.0, True)
+        m.throttle("https://c.example", 0.2, None)
+        got = samples(m)
+        delay = "xcauth_nextcloud_throttle_delay_seconds"
+        listed = "xcauth_nextcloud_allow_listed"
+        self.assertEqual(got[(delay, (("nextcloud", "https://a.example"),))], 1.6)
+        self.assertEqual(got[(delay, (("nextcloud", "https://c.example"),))], 0.2)
+        self.assertEqual(got[(listed, (("nextcloud", "https://a.example"),))], 0)
+        self.assertEqual(got[(listed, (("nextcloud", "https://b.example"),))], 1)
+        self.assertNotIn((listed, (("nextcloud", "https://c.example"),)), got)
 
     @given(st.lists(st.tuples(
         st.sampled_from(["prosody", "ejabberd"]),
@@ -196,8 +277,8 @@ class MetricsTests(SynchronousTestCase):
         """
         other = Metrics(self.clock)
         self.metrics.cache("hit")
-        self.assertEqual(value(self.metrics, "xcauth_cache_total", result="hit"), 1)
-        self.assertEqual(value(other, "xcauth_cache_total", result="hit"), 0)
+        self.assertEqual(value(self.metrics, "xcauth_cache_decisions_total", result="hit"), 1)
+        self.assertEqual(value(other, "xcauth_cache_decisions_total", result="hit"), 0)
 
     def test_noMetrics(self) -> None:
         """
@@ -368,7 +449,7 @@ class CacheAndBackendTests(SynchronousTestCase):
         return self.successResultOf(d)
 
     def cache_(self, result: str) -> float:
-        return value(self.metrics, "xcauth_cache_total", result=result)
+        return value(self.metrics, "xcauth_cache_decisions_total", result=result)
 
     def backend(self, outcome: str) -> float:
         return value(self.metrics, "xcauth_backend_requests_total", backend="jsxc",
@@ -376,16 +457,16 @@ class CacheAndBackendTests(SynchronousTestCase):
 
     def test_timeline(self) -> None:
         self.assertIs(self.login(ALICE), True)  # no entry: asks the backend
-        self.assertEqual((self.cache_("miss"), self.backend("yes")), (1, 1))
+        self.assertEqual((self.cache_("miss"), self.backend("true")), (1, 1))
         self.assertIs(self.login(ALICE), True)  # fresh entry
-        self.assertEqual((self.cache_("hit"), self.backend("yes")), (1, 1))
+        self.assertEqual((self.cache_("hit"), self.backend("true")), (1, 1))
         self.assertIs(self.login("wrong"), False)  # fresh entry, no match
-        self.assertEqual((self.cache_("miss"), self.backend("no")), (2, 1))
+        self.assertEqual((self.cache_("miss"), self.backend("false")), (2, 1))
         self.assertIs(self.login(ALICE), True)  # a wrong password evicts nothing
         self.assertEqual((self.cache_("hit"), self.cache_("miss")), (2, 2))
         self.clock.advance(2 * HOUR)  # past the query TTL
         self.assertIs(self.login(ALICE), True)
-        self.assertEqual((self.cache_("stale"), self.backend("yes")), (1, 2))
+        self.assertEqual((self.cache_("stale"), self.backend("true")), (1, 2))
         self.clock.advance(2 * HOUR)
         self.agent.down = True
         self.assertIs(self.login(ALICE), True)  # accepted while unavailable
@@ -400,7 +481,7 @@ class CacheAndBackendTests(SynchronousTestCase):
         d = self.client.isUser("nobody", DOMAIN)
         self.agent.agent.flush()
         self.assertIs(self.successResultOf(d), Outcome.NO)
-        self.assertEqual((self.backend("yes"), self.backend("no")), (1, 1))
+        self.assertEqual((self.backend("true"), self.backend("false")), (1, 1))
 
 
 class PenaltyTests(SynchronousTestCase):

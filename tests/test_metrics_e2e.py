@@ -127,15 +127,21 @@ class MetricsDaemonTests(TestCase):
         backend = {
             outcome: sample(samples, "xcauth_backend_requests_total", backend="jsxc",
                             outcome=outcome)
-            for outcome in ("yes", "no", "unavailable")
+            for outcome in ("true", "false", "unavailable")
         }
-        self.assertEqual(backend, {"yes": 3, "no": 3, "unavailable": 0})
+        self.assertEqual(backend, {"true": 3, "false": 3, "unavailable": 0})
         self.assertEqual(sample(samples, "xcauth_backend_seconds_count", backend="jsxc"), 6)
         cache = {
-            result: sample(samples, "xcauth_cache_total", result=result)
+            result: sample(samples, "xcauth_cache_decisions_total", result=result)
             for result in ("hit", "miss", "stale", "fallback")
         }
         self.assertEqual(cache, {"hit": 1, "miss": 5, "stale": 0, "fallback": 0})
+        # Gauges: the one connection open (counted in the reactor's thread for
+        # a scrape served from the thread pool), the build.
+        self.assertEqual(sample(samples, "xcauth_open_connections", framing="prosody"), 1)
+        self.assertEqual(sum(v for (name, _), v in samples.items()
+                             if name == "xcauth_build_info"), 1)
+        self.assertIn(("xcauth_deadline_missed_total", (("framing", "prosody"),)), samples)
         # Both wrong passwords were answered late (penalty-delay).
         self.assertEqual(sample(samples, "xcauth_penalized_total", reason="delayed"), 2)
         self.assertEqual(sample(samples, "xcauth_in_flight"), 0)
@@ -194,6 +200,8 @@ class MetricsStartTests(TestCase):
         self.assertNotEqual(p.returncode, 0)
         lines: Any = (p.stdout + p.stderr).strip().splitlines()
         self.assertIn(f"Couldn't listen on {HOST}:{taken}", lines[-1])
-        self.assertIn("xcauth: cannot start a listener: ", lines[-1])
+        # The message names the listener that cannot start.
+        self.assertIn(f"xcauth: cannot start the listener metrics=tcp:{taken}:interface={HOST}: ",
+                      lines[-1])
         self.assertIn("Address already in use", lines[-1])
         self.assertEqual(len([line for line in lines if "Couldn't listen" in line]), 1, lines)

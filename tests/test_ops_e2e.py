@@ -255,9 +255,33 @@ class DaemonModeStartErrorTests(TestCase):
         port, err = self.portInUse(XCAUTH_DAEMON)
         self.assertEqual(
             err.strip().splitlines()[-1],
-            f"xcauth: cannot start a listener: Couldn't listen on 127.0.0.1:{port}: "
-            "[Errno 98] Address already in use.",
+            f"xcauth: cannot start the listener generic=tcp:{port}:interface=127.0.0.1: "
+            f"Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use.",
         )
+
+    def test_foregroundWithLogFile(self) -> None:
+        """
+        In the foreground with --logfile=FILE (standard error goes to the log),
+        the failed start's line reaches the terminal too.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        config = writeConfig(os.path.join(directory, "x.conf"), "http://127.0.0.1:9/api")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen(1)
+            port = s.getsockname()[1]
+            p = subprocess.run(
+                [XCAUTH_DAEMON, "-n", "--pidfile=", f"--logfile={directory}/x.log",
+                 "xcauth", "-c", config, "--listen", f"tcp:{port}:interface=127.0.0.1"],
+                capture_output=True, text=True, timeout=30, env=childEnv(), cwd=directory,
+            )
+        self.assertEqual(p.returncode, 1)
+        line = (f"xcauth: cannot start the listener generic=tcp:{port}:interface=127.0.0.1: "
+                f"Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use.")
+        self.assertEqual(p.stderr, line + "\n")
+        with open(os.path.join(directory, "x.log")) as f:
+            self.assertIn(line, f.read())
 
     def test_twistdPortInUse(self) -> None:
         """
@@ -265,7 +289,7 @@ class DaemonModeStartErrorTests(TestCase):
         message (its parent reads 100 bytes of it).
         """
         port, err = self.portInUse(TWISTD)
-        self.assertIn("xcauth: cannot start a listener: Couldn't listen on 127.0.0.1", err)
+        self.assertIn("xcauth: cannot start the listener ", err)
 
     def test_optionErrorDaemonMode(self) -> None:
         code, out, err = self.start(XCAUTH_DAEMON, "--listen", "tcp:notaport")

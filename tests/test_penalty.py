@@ -677,6 +677,24 @@ class WatchTests(SynchronousTestCase):
         self.assertEqual(self.watch.state, ThrottleState(0.0, False))
         self.watch.stop()
 
+    def test_stateCounted(self) -> None:
+        """
+        What the watch reads is handed to the metrics, under the URL without
+        user information.
+        """
+        from xcauth.metrics import Metrics
+        from xcauth.throttlewatch import publicURL
+
+        metrics = Metrics(self.clock, process=False)
+        watch = ThrottleWatch(self.client, self.clock, interval=300, warnDelay=1.0,
+                              metrics=metrics)
+        with capturedLogs():
+            watch.check()
+            self.agent.flush()
+        self.assertEqual(metrics.throttleStates(), {self.client.url: (0.0, False)})
+        self.assertEqual(publicURL("https://u:p@cloud.example/nc"), "https://cloud.example/nc")
+        self.assertEqual(publicURL("https://cloud.example"), "https://cloud.example")
+
     def test_allowListedAndPeriodic(self) -> None:
         self.nextcloud.allowList()
         with capturedLogs() as events:

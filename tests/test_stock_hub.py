@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from xcauth import store
 from xcauth.config import ConfigOptions
-from xcauth.hub import Gate, Hub, bothReady, buildHub
+from xcauth.hub import Gate, Hub, buildHub
 from xcauth.jsxc import JSXCClient
 from xcauth.ocs import OCSClient, StartupRefused
 
@@ -93,7 +93,7 @@ class RefusalTests(SynchronousTestCase):
         checked: Deferred[None] = Deferred()
         hub, refused = self.hub(lambda: checked)
         hub.gate = gate
-        ready = bothReady(lambda: None, gate)
+        ready = gate.whenOpen
         waiting = ready()
         assert waiting is not None
         hub.runStartupCheck()
@@ -111,3 +111,34 @@ class RefusalTests(SynchronousTestCase):
             self.successResultOf(hub.runStartupCheck())  # type: ignore[arg-type]
             self.assertEqual(refused, [])
             self.assertIsNone(hub.gate.whenOpen())
+
+
+class TokensDoNotWaitTests(SynchronousTestCase):
+    """
+    While Nextcloud's start-up check is pending (a slow Nextcloud), a token is
+    answered at once; what needs Nextcloud waits for the check.
+    """
+
+    def test_tokenAnsweredBeforeCheck(self) -> None:
+        import time
+
+        from xcauth.token import makeToken
+
+        hub = buildHub(config("--backend", "nextcloud", "--url", "https://c.example",
+                              "--service-user", "svc", "--service-password", "pw",
+                              "--secret", "token-key", "--db",
+                              os.path.abspath(self.mktemp())), MemoryReactorClock())
+        hub.domains.apply([])
+        hub.domains._markLoaded(None)
+        self.assertIsNotNone(hub.gate)
+        assert hub.gate is not None
+        self.assertFalse(hub.gate.opened)
+        auth = hub.authenticator
+        token = makeToken(b"token-key", "alice", "example.org", int(time.time()) + 3600)
+        self.assertIs(self.successResultOf(auth.authenticate("alice", "example.org", token)),
+                      True)
+        waiting = auth.authenticate("alice", "example.org", "a password")
+        self.assertNoResult(waiting)
+        self.assertNoResult(auth.isUser("alice", "example.org"))
+        waiting.cancel()
+        self.failureResultOf(waiting)

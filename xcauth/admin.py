@@ -8,6 +8,9 @@ which picks domain changes up within seconds)::
     xcauth [-c FILE] [--db PATH] domains remove DOMAIN
     xcauth [-c FILE] [--db PATH] domains list
     xcauth [-c FILE] [--db PATH] domains show DOMAIN [--show-secret]
+    (domains add|set: --service-password-file FILE and --secret-file FILE read
+    the secret from a file, '-' from standard input; domains add --backend
+    nextcloud asks for the app password on the terminal when none is given)
     xcauth [-c FILE] [--db PATH] cache list
     xcauth [-c FILE] [--db PATH] cache remove JID
     xcauth [-c FILE] [--db PATH] cache clear
@@ -17,7 +20,9 @@ which picks domain changes up within seconds)::
 
 The database is the one given with C{--db}, else the C{db=} of the config file
 (C{-c}, or C{/etc/xcauth.conf} when it exists), else the default.  Secrets are
-masked unless asked for; password hashes are never printed.
+masked unless asked for; password hashes are never printed.  Run as root on a
+database (or its directory) that belongs to another user, the service's, the
+commands refuse with a line saying how to run them as that user.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from xcauth.config import (
     default,
     readConfigFile,
     validateURL,
+    versionLine,
 )
 
 
@@ -66,6 +72,13 @@ class _DatabaseOptions(usage.Options):
         ["db", None, None, "The state database (overrides the config file)."],
     ]
 
+    def opt_version(self) -> None:
+        """
+        Print xcauth's version and exit.
+        """
+        print(versionLine())
+        raise SystemExit(0)
+
 
 class _CommandGroup(_DatabaseOptions):
     """
@@ -81,6 +94,15 @@ class _CommandGroup(_DatabaseOptions):
             raise usage.UsageError(
                 f"{self.name} needs one of: " + ", ".join(c[0] for c in self.subCommands)
             )
+
+    def getSynopsis(self) -> str:
+        """
+        Under one of its commands, just the words so far (C{xcauth domains}),
+        which the command's own synopsis continues.
+        """
+        if self.subCommand is not None and self.parent is not None:
+            return f"{self.parent.getSynopsis()} {self.parent.subCommand}"
+        return super().getSynopsis()
 
 
 def databasePath(options: usage.Options) -> str:
@@ -167,11 +189,30 @@ class _DomainEdit(_DomainArg):
          "--url is then its base URL)."],
         ["service-user", None, None, "Backend nextcloud: the service account's login."],
         ["service-password", None, None,
-         "Backend nextcloud: the service account's app password."],
+         "Backend nextcloud: the service account's app password (visible in ps and "
+         "the shell's history: prefer --service-password-file)."],
+        ["service-password-file", None, None,
+         "Backend nextcloud: read the app password from this file ('-': standard "
+         "input)."],
+        ["secret-file", None, None,
+         "Read --secret from this file ('-': standard input)."],
         ["login-format", None, None, "Backend nextcloud: {user} or {user}@{domain}."],
     ]
 
+    def readSecretFiles(self) -> None:
+        """
+        Read the secrets given as files (once).
+        """
+        for option, target in (("service-password-file", "service-password"),
+                               ("secret-file", "secret")):
+            if self[option] is not None:
+                if self[target] is not None:
+                    raise usage.UsageError(f"give --{target} or --{option}, not both")
+                self[target] = _readSecret(self[option], f"--{option}")
+                self[option] = None
+
     def postOptions(self) -> None:
+        self.readSecretFiles()
         if self["backend"] is not None and self["backend"] not in BACKENDS:
             raise usage.UsageError(
                 f"--backend {self['backend']!r}: use one of " + ", ".join(BACKENDS)
@@ -188,6 +229,42 @@ class _DomainEdit(_DomainArg):
                 raise usage.UsageError(str(e)) from None
         if self["secret"] is not None and not self["secret"].strip():
             raise usage.UsageError("--secret must not be empty")
+
+
+def _readSecret(path: str, option: str) -> str:
+    """
+    The first line of the file C{path} (C{-}: standard input), for a secret
+    that must not appear on a command line.
+    """
+    try:
+        if path == "-":
+            text = sys.stdin.readline()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.readline()
+    except OSError as e:
+        raise usage.UsageError(f"{option}: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise usage.UsageError(f"{option}: {path} is not UTF-8 text") from None
+    secret = text.strip("\r\n")
+    if not secret.strip():
+        raise usage.UsageError(f"{option}: {path} holds no secret")
+    return secret
+
+
+def _promptSecret(what: str) -> str | None:
+    """
+    Ask for a secret on the terminal (not echoed); C{None} without one.
+    """
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        return None
+    import getpass
+
+    try:
+        secret = getpass.getpass(f"{what}: ")
+    except (EOFError, KeyboardInterrupt):
+        return None
+    return secret if secret.strip() else None
 
 
 #: Options of C{domains set} and the columns they change.
@@ -218,13 +295,21 @@ class DomainAddOptions(_DomainEdit):
     synopsis = (
         "DOMAIN --url URL --secret SECRET [--authdomain NAME]\n"
         "       DOMAIN --backend nextcloud --url BASE-URL --service-user LOGIN "
-        "--service-password APP-PASSWORD [--login-format FORMAT] [--secret TOKEN-KEY]"
+        "[--service-password-file FILE|-] [--login-format FORMAT] [--secret TOKEN-KEY]\n"
+        "(without --service-password-file, the app password is asked for on the "
+        "terminal)"
     )
 
     def postOptions(self) -> None:
+        self.readSecretFiles()
+        if self["backend"] == "nextcloud" and self["service-password"] is None:
+            self["service-password"] = _promptSecret("the service account's app password")
         if self["backend"] == "nextcloud":
             missing = [f"--{k}" for k in ("url", "service-user", "service-password")
                        if self[k] is None]
+            if "--service-password" in missing:
+                missing[missing.index("--service-password")] = (
+                    "--service-password-file (or --service-password)")
             if missing:
                 raise usage.UsageError(
                     "domains add --backend nextcloud needs " + ", ".join(missing)
@@ -242,6 +327,7 @@ class DomainSetOptions(_DomainEdit):
     synopsis = "DOMAIN [--url URL] [--secret SECRET] [--authdomain NAME]"
 
     def postOptions(self) -> None:
+        self.readSecretFiles()
         if all(self[k] is None for k in _EDITABLE):
             raise usage.UsageError(
                 "domains set needs at least one of "
@@ -382,6 +468,50 @@ def maskSecret(secret: str | None) -> str:
     return "******** (hidden; --show-secret prints it)"
 
 
+def rowBackend(row: store.DomainRow) -> str:
+    """
+    The backend a domain row uses: its own, C{jsxc} for a row with a URL
+    written before there was a choice, else the global one.
+    """
+    if row.backend:
+        return row.backend
+    return "jsxc" if row.authurl else "(global)"
+
+
+def checkOwner(path: str, command: str, euid: int | None = None) -> None:
+    """
+    Refuse to work as root on a database that belongs to the service's user:
+    root would leave files (the database, its journal) that the service
+    cannot open.  The error says how to run the command as that user.
+    """
+    if (os.geteuid() if euid is None else euid) != 0:
+        return
+    target = path if os.path.exists(path) else os.path.dirname(os.path.abspath(path))
+    try:
+        uid = os.stat(target).st_uid
+    except OSError:
+        return
+    if uid == 0:
+        return
+    import pwd
+
+    try:
+        name: str | None = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = None
+    if name is not None:
+        how = f"runuser -u {name} -- xcauth {command} ..."
+    else:
+        # A DynamicUser= of systemd (make install): no name outside the service.
+        how = ("systemd-run --pipe --wait -p DynamicUser=yes -p User=xcauth "
+               f"-p StateDirectory=xcauth xcauth {command} ...")
+    owner = name or f"uid {uid}"
+    raise AdminError(
+        f"{target} belongs to {owner}, the service's user: as root this command "
+        f"would leave files the service cannot open; run it as {owner}: {how}"
+    )
+
+
 def _open(path: str, create: bool) -> sqlite3.Connection:
     try:
         return store.connect(path, create=create)
@@ -404,13 +534,13 @@ def runDomains(conn: sqlite3.Connection, options: DomainsOptions, out: Any) -> i
             print("no domains (every domain uses the global url and secret)", file=out)
         for row in rows:
             line = (
-                f"{row.xmppdomain}\turl={row.authurl or '(global)'}\t"
+                f"{row.xmppdomain}\tbackend={rowBackend(row)}\t"
+                f"url={row.authurl or '(global)'}\t"
                 f"authdomain={row.authdomain or row.xmppdomain}\t"
                 f"secret={'********' if row.authsecret else '(global)'}"
             )
             if row.backend or row.serviceuser or row.servicepassword:
                 line += (
-                    f"\tbackend={row.backend or '(global)'}"
                     f"\tservice-user={row.serviceuser or '(global)'}"
                     f"\tservice-password={'********' if row.servicepassword else '(global)'}"
                 )
@@ -439,7 +569,9 @@ def runDomains(conn: sqlite3.Connection, options: DomainsOptions, out: Any) -> i
         changes.update(_backendColumns(sub))
         if not store.updateDomain(conn, domain, **changes):
             raise AdminError(f"unknown domain {domain}; add it with 'domains add'")
-        print(f"changed domain {domain}: {', '.join(sorted(changes))}", file=out)
+        names = {column: option for option, column in _EDITABLE.items()}
+        print(f"changed domain {domain}: "
+              f"{', '.join(sorted(names[c] for c in changes))}", file=out)
         return 0
     if command == "remove":
         if not store.removeDomain(conn, domain):
@@ -449,16 +581,18 @@ def runDomains(conn: sqlite3.Connection, options: DomainsOptions, out: Any) -> i
     found = store.getDomain(conn, domain)
     if found is None:
         raise AdminError(f"unknown domain {domain}")
-    secret = found.authsecret if sub["show-secret"] else maskSecret(found.authsecret)
+    secret = (found.authsecret or "(global)") if sub["show-secret"] else maskSecret(
+        found.authsecret)
     print(f"domain:     {found.xmppdomain}", file=out)
+    print(f"backend:    {rowBackend(found)}", file=out)
     print(f"url:        {found.authurl or '(global)'}", file=out)
     print(f"authdomain: {found.authdomain or found.xmppdomain}", file=out)
     print(f"secret:     {secret}", file=out)
     if found.backend or found.serviceuser or found.servicepassword or found.loginformat:
         password = (
-            found.servicepassword if sub["show-secret"] else maskSecret(found.servicepassword)
+            (found.servicepassword or "(global)") if sub["show-secret"]
+            else maskSecret(found.servicepassword)
         )
-        print(f"backend:    {found.backend or '(global)'}", file=out)
         print(f"service-user: {found.serviceuser or '(global)'}", file=out)
         print(f"service-password: {password}", file=out)
         print(f"login-format: {found.loginformat or '(global)'}", file=out)
@@ -522,6 +656,7 @@ def run(command: str, options: usage.Options) -> int:
     try:
         path = databasePath(options.subOptions or options)
         writing = command == "domains" and options.subCommand in ("add", "set")
+        checkOwner(path, command)
         conn = _open(path, create=writing)
         try:
             if isinstance(options, DomainsOptions):

@@ -73,6 +73,8 @@ class Authenticator:
     @param cache: the credential cache, or C{None} for none.
     @param ready: returns C{None} once C{settingsFor} knows every domain, or
         until then a L{Deferred} that fires when it does (requests wait for it).
+    @param backendReady: like C{ready}, for the backend's start-up check:
+        what needs the backend waits for it, a token never does.
     @param debug: log per-request details at debug level (twistd writes every
         level to its log, and a line per token login costs as much CPU as
         checking the token).
@@ -94,8 +96,10 @@ class Authenticator:
         debug: bool = False,
         onLogin: Callable[[str, str], object] | None = None,
         penalty: PenaltyBox | None = None,
+        backendReady: Callable[[], Deferred[None] | None] | None = None,
     ) -> None:
         self.penalty = penalty
+        self._backendReady = backendReady
         self._settingsFor = settingsFor
         self._onLogin = onLogin
         self._clock = clock
@@ -112,6 +116,12 @@ class Authenticator:
 
     def _whenReady(self, f: Callable[..., Deferred[T]], *args: Any) -> Deferred[T]:
         waiting = self._ready() if self._ready is not None else None
+        if waiting is None:
+            return f(*args)
+        return waiting.addCallback(lambda _: f(*args))
+
+    def _whenBackendReady(self, f: Callable[..., Deferred[T]], *args: Any) -> Deferred[T]:
+        waiting = self._backendReady() if self._backendReady is not None else None
         if waiting is None:
             return f(*args)
         return waiting.addCallback(lambda _: f(*args))
@@ -157,6 +167,12 @@ class Authenticator:
                     domain=printable(domain),
                 )
             return succeed(True)
+        return self._whenBackendReady(self._password, settings, user, domain, password, peer)
+
+    def _password(
+        self, settings: DomainSettings, user: str, domain: str, password: str,
+        peer: str | None,
+    ) -> Deferred[bool | None]:
         penalty = self.penalty
         if penalty is not None and not password:
             # Never right, and no check Nextcloud could count: no budget spent.
@@ -304,7 +320,9 @@ class Authenticator:
         identity = canonicalOrNone(user, domain)
         if identity is None:
             return succeed(False)
-        return self._whenReady(self._isUser, identity.user, identity.domain)
+        return self._whenReady(
+            self._whenBackendReady, self._isUser, identity.user, identity.domain
+        )
 
     def _isUser(self, user: str, domain: str) -> Deferred[bool | None]:
         settings = self._settingsFor(domain)
@@ -355,7 +373,9 @@ class Authenticator:
         identity = canonicalOrNone(user, domain)
         if identity is None:
             return succeed(None)
-        return self._whenReady(self._roster, identity.user, identity.domain)
+        return self._whenReady(
+            self._whenBackendReady, self._roster, identity.user, identity.domain
+        )
 
     def _roster(self, user: str, domain: str) -> Deferred[bytes | None]:
         settings = self._settingsFor(domain)

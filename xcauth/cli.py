@@ -2,10 +2,13 @@
 The C{xcauth} command.
 
 - C{xcauth -c FILE -A USER DOMAIN PASSWORD}: check a password once; prints
-  C{True}/C{False}, or C{None} when the backend is unavailable; exit status
-  0/1/2.
+  C{True}/C{False}, or C{None} when the backend is unavailable.
 - C{xcauth -c FILE -I USER DOMAIN}: does the user exist; prints C{True}/C{False},
-  or C{None} when the backend is unavailable; exit status 0/1/2.
+  or C{None} when the backend is unavailable.
+- One-shot checks exit with L{EXIT_YES} (0), L{EXIT_NO} (1), L{EXIT_USAGE} (2:
+  usage or configuration error) or L{EXIT_UNAVAILABLE} (3: backend
+  unavailable); they log nothing below errors unless C{--debug} is given (an unavailable
+  backend's warnings are shown with its answer).
 - C{xcauth -c FILE -R USER DOMAIN}: with a roster sync configured
   (C{roster-sync}), sync the user's shared roster to ejabberd now and print the
   commands run; otherwise print the shared roster JSON.
@@ -29,14 +32,20 @@ from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    formatEvent,
     globalLogBeginner,
     textFileLogObserver,
 )
 from twisted.python import usage
 
-from xcauth import __version__
 from xcauth.admin import SUBCOMMANDS
 from xcauth.config import ConfigOptions
+
+#: Exit statuses of the one-shot checks (C{-A}, C{-I}, C{-R}).
+EXIT_YES = 0
+EXIT_NO = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
 
 
 class Options(ConfigOptions):
@@ -45,11 +54,22 @@ class Options(ConfigOptions):
     """
 
     synopsis = (
-        "[-c FILE] [-A USER DOMAIN PASSWORD | -I USER DOMAIN | -R USER DOMAIN]\n"
-        "Without -A/-I/-R: serve the configured framing on stdin/stdout.\n"
-        "Administration: xcauth [-c FILE | --db PATH] domains|cache ... "
-        "(xcauth domains --help)"
+        "Usage: xcauth [-c FILE] [-A USER DOMAIN PASSWORD | -I USER DOMAIN | "
+        "-R USER DOMAIN]\n"
+        "       xcauth [-c FILE | --db PATH] domains|cache|roster ...  "
+        "(xcauth domains --help)\n"
+        "       xcauth [-c FILE] token USER DOMAIN [--ttl 1h]\n"
+        "Without -A/-I/-R or a command: serve the configured framing on stdin/stdout."
     )
+
+    def getSynopsis(self) -> str:
+        """
+        The usage line; under a command (C{xcauth domains add --help}) only
+        the start its own synopsis continues.
+        """
+        if self.subCommand is not None:
+            return "Usage: xcauth"
+        return super().getSynopsis()
     optFlags = ConfigOptions.optFlags + [
         ["auth-test", "A", "Check USER DOMAIN PASSWORD once and print True/False/None."],
         ["isuser-test", "I", "Check whether USER DOMAIN exists: True/False/None."],
@@ -72,13 +92,6 @@ class Options(ConfigOptions):
         from xcauth.tokencmd import SUBCOMMAND
 
         return SUBCOMMANDS + [SUBCOMMAND]
-
-    def opt_version(self) -> None:
-        """
-        Print xcauth's version and exit.
-        """
-        print(f"xcauth {__version__}")
-        raise SystemExit(0)
 
     def parseArgs(self, *args: str) -> None:
         self["args"] = list(args)
@@ -123,19 +136,39 @@ def _openLog(path: str | None) -> IO[str]:
         return sys.stderr
 
 
-def _startLogging(debug: bool, path: str | None) -> None:
-    level = LogLevel.debug if debug else LogLevel.info
+#: Warnings held back by a quiet one-shot check: shown only when the backend
+#: turns out unavailable (they say why), never Nextcloud's allow-list advice.
+_held: list[dict[str, Any]] = []
+
+
+def _hold(event: dict[str, Any]) -> None:
+    if event.get("log_level") == LogLevel.warn and not str(
+        event.get("log_namespace", "")
+    ).startswith("xcauth.throttlewatch"):
+        _held.append(event)
+
+
+def _startLogging(debug: bool, path: str | None, quiet: bool = False) -> None:
+    """
+    Log to C{path} (or standard error): every level with C{debug}, else from
+    info on; C{quiet} (one-shot checks): errors only, warnings held back.
+    """
+    level = LogLevel.debug if debug else LogLevel.error if quiet else LogLevel.info
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
-    globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(textFileLogObserver(_openLog(path)), [predicate])],
-        redirectStandardIO=False,
-    )
+    observers: list[Any] = [
+        FilteringLogObserver(textFileLogObserver(_openLog(path)), [predicate])
+    ]
+    if quiet and not debug:
+        observers.append(_hold)
+    globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
 
 
 async def _oneShot(reactor: Any, options: Options) -> int:
-    from xcauth.hub import buildHub
+    from xcauth.hub import buildHub, refuseToRun
 
     hub = buildHub(options.config, reactor)
+    # A configuration Nextcloud refuses: the one line, a configuration error.
+    hub.refuse = lambda m: refuseToRun(reactor, m, status=EXIT_USAGE, logged=False)
     hub.startService()
     auth = hub.authenticator
     args = options["args"]
@@ -161,8 +194,13 @@ async def _oneShot(reactor: Any, options: Options) -> int:
         await hub.stopService()
     print(result)
     if result is True or (isinstance(result, str)):
-        return 0
-    return 1 if result is False else 2
+        return EXIT_YES
+    if result is False:
+        return EXIT_NO
+    for event in _held:
+        print(f"xcauth: {formatEvent(event)}", file=sys.stderr)
+    print("xcauth: the backend is unavailable", file=sys.stderr)
+    return EXIT_UNAVAILABLE
 
 
 def _serveStdio(reactor: Any, options: Options) -> Deferred[None]:
@@ -200,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     except usage.UsageError as e:
         print(f"xcauth: {e}", file=sys.stderr)
         print("Run 'xcauth --help' for the options.", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_USAGE) from None
     if options.subCommand == "token":
         from xcauth import tokencmd
 
@@ -209,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         from xcauth import admin
 
         raise SystemExit(admin.run(options.subCommand, options.subOptions))
-    _startLogging(options.config.debug, options.config.log)
+    _startLogging(options.config.debug, options.config.log,
+                  quiet=options["mode"] != "stdio")
     from twisted.internet import reactor
     from twisted.internet.task import react
 
@@ -226,8 +265,8 @@ def main(argv: list[str] | None = None) -> None:
             react(run, [])
         except SystemExit as e:
             if e.code not in (0, None):
-                raise SystemExit(2) from None
-            raise SystemExit(status[0] if status else 2) from None
+                raise SystemExit(EXIT_USAGE) from None
+            raise SystemExit(status[0] if status else EXIT_USAGE) from None
     del reactor
 
 

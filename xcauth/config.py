@@ -123,7 +123,7 @@ def parseTimeout(text: str) -> tuple[float, float]:
     if len(values) not in (1, 2) or not all(0 < v <= 3600 for v in values):
         raise ConfigError(
             f"timeout {text!r} is not valid: give seconds as N or CONNECT,TOTAL "
-            "(for example 5,10)"
+            "(for example 2,2.5: the total below the deadline)"
         )
     connect = values[0]
     total = values[-1]
@@ -666,10 +666,30 @@ class Config:
         return self.timeout[1]
 
 
+def versionLine(program: str = "xcauth") -> str:
+    """
+    What C{--version} prints: xcauth's version and what it runs on.
+    """
+    import platform
+
+    import twisted
+    from xcauth import __version__
+
+    return (f"{program} {__version__} (Twisted {twisted.__version__}, "
+            f"Python {platform.python_version()})")
+
+
 class ConfigOptions(usage.Options):
     """
     The options every xcauth entry point shares, merged with the config file.
     """
+
+    def opt_version(self) -> None:
+        """
+        Print xcauth's version and exit.
+        """
+        print(versionLine())
+        raise SystemExit(0)
 
     optFlags: list[list[str | None]] = [
         ["debug", "d", "Log every request's details at debug level."]
@@ -790,8 +810,15 @@ class ConfigOptions(usage.Options):
                 + ", ".join(self.framingNames())
             )
         if not values["url"]:
+            if values["backend"] == "nextcloud":
+                raise ConfigError(
+                    "no backend url: set url= (your Nextcloud's address), "
+                    "service-user= and service-password-file= in the config file"
+                )
             raise ConfigError(
-                "no backend url: set url=... in the config file or give --url"
+                "no backend url: for a stock Nextcloud set backend=nextcloud, url=, "
+                "service-user= and service-password-file= in the config file "
+                "(for the JSXC app: url= and secret=)"
             )
         try:
             validateURL(values["url"])
@@ -820,6 +847,15 @@ class ConfigOptions(usage.Options):
             raise ConfigError(
                 f"penalty-max-delay {values['penaltyMaxDelay']:g} must be below "
                 f"deadline {values['deadline']:g}"
+            )
+        total, deadline = values["timeout"][1], values["deadline"]
+        if total > deadline:
+            print(
+                f"xcauth: warning: the backend timeout {total:g} s is above the "
+                f"deadline {deadline:g} s: while Nextcloud hangs, requests are answered "
+                "by the deadline and the credential cache never gets to answer; set "
+                f"timeout=CONNECT,TOTAL with TOTAL below {deadline:g}",
+                file=sys.stderr,
             )
         db = values["db"]
         if not db:

@@ -76,6 +76,20 @@ def _runner() -> Any:
         def _formatChildException(self, exception: BaseException) -> bytes:
             return formatStartError(exception)
 
+        def postApplication(self) -> None:
+            try:
+                super().postApplication()
+            except StartError as e:
+                # In the foreground with --logfile=FILE, standard error goes
+                # to the log file: the terminal gets the line too.
+                logfile = self.config.get("logfile")
+                if self.config.get("nodaemon") and logfile and logfile != "-":
+                    stderr = sys.__stderr__
+                    if stderr is not None:
+                        untilConcludes(stderr.write, str(e) + "\n")
+                        stderr.flush()
+                raise
+
         def _waitForStart(self, readPipe: int) -> int:
             data = untilConcludes(os.read, readPipe, STATUS_LIMIT)
             message = statusMessage(data)
@@ -96,6 +110,16 @@ def main() -> None:
     from twisted.application import app
     from twisted.scripts._twistd_unix import ServerOptions
 
+    from xcauth.config import versionLine
+
+    class Options(ServerOptions):
+        def opt_version(self) -> None:
+            """
+            Print xcauth's version (and Twisted's) and exit.
+            """
+            print(versionLine("xcauth-daemon"))
+            raise SystemExit(0)
+
     Runner = _runner()
 
     def runApp(config: Any) -> None:
@@ -104,4 +128,16 @@ def main() -> None:
         if runner._exitSignal is not None:
             app._exitWithSignal(runner._exitSignal)
 
-    app.run(runApp, ServerOptions)
+    # twistd's app.run, but a wrong option is one line and a pointer, not the
+    # whole help followed by the line.
+    from twisted.python import usage
+
+    config = Options()
+    try:
+        config.parseOptions()
+    except usage.error as e:
+        print(f"xcauth-daemon: {e}", file=sys.stderr)
+        print("Run 'xcauth-daemon --help' or 'xcauth-daemon xcauth --help' for the "
+              "options.", file=sys.stderr)
+        raise SystemExit(1) from None
+    runApp(config)

@@ -90,23 +90,6 @@ class Gate:
             d.callback(None)
 
 
-def bothReady(
-    first: Callable[[], Deferred[None] | None], gate: Gate
-) -> Callable[[], Deferred[None] | None]:
-    """
-    A C{ready} function for the authenticator: C{first} (the domain table's),
-    then the gate.
-    """
-
-    def ready() -> Deferred[None] | None:
-        waiting = first()
-        if waiting is None:
-            return gate.whenOpen()
-        return waiting.addCallback(lambda _: gate.whenOpen())
-
-    return ready
-
-
 class Hub(Service):
     """
     Runs what every listener shares: starts the worker threads and the domain
@@ -302,7 +285,7 @@ def buildHub(config: Config, reactor: Any) -> Hub:
     agent, pool = makeAgent(reactor, connectTimeout=config.connectTimeout)
     watches = ThrottleWatches()
     # Counted only when served (--metrics): otherwise every count is a no-op.
-    metrics = Metrics(reactor) if config.metrics is not None else None
+    metrics = Metrics(reactor, backends=(config.backend,)) if config.metrics is not None else None
     counts: NoMetrics = metrics if metrics is not None else NoMetrics()
     makeClient = clientFactory(
         HTTPRequester(
@@ -347,7 +330,9 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         reactor,
         keys,
         cache=cache,
-        ready=bothReady(domains.whenReady, gate),
+        # Tokens need the domain table, never Nextcloud's start-up check.
+        ready=domains.whenReady,
+        backendReady=gate.whenOpen,
         debug=config.debug,
         onLogin=None if rosterSync is None else rosterSync.onLogin,
         penalty=PenaltyBox(
@@ -429,7 +414,8 @@ def clientFactory(
             reactor, metrics=metrics,
         )
         watch = ThrottleWatch(
-            client, reactor, config.throttleCheckInterval, config.throttleWarnDelay
+            client, reactor, config.throttleCheckInterval, config.throttleWarnDelay,
+            metrics=metrics,
         )
         client.onLogin = watch.loginSeen
         client.watch = watch
@@ -451,21 +437,23 @@ def _domainCheckFailed(f: Failure, url: str) -> None:
         log.failure("checking the service account of {url} failed", f, url=url)
 
 
-def refuseToRun(reactor: Any, message: str) -> None:
+def refuseToRun(reactor: Any, message: str, status: int = 1, logged: bool = True) -> None:
     """
     Stop the daemon (or command) because it cannot work as configured: one
-    line C{xcauth: ...} on standard error and in the log, exit status 1.
+    line C{xcauth: ...} on standard error and (if C{logged}) in the log, exit
+    status C{status}.
 
     twistd offers no exit status for a service that fails after the reactor
     started, so the process ends with C{os._exit(1)} once the reactor has
     shut down (the services have stopped and the log is written).
     """
-    log.critical("xcauth: {message}", message=message)
+    if logged:
+        log.critical("xcauth: {message}", message=message)
     # twistd sends sys.stderr to its log: write to the process's own stderr.
     stream = sys.__stderr__ or sys.stderr
     stream.write(f"xcauth: {message}\n")
     stream.flush()
-    reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+    reactor.addSystemEventTrigger("after", "shutdown", os._exit, status)
     if reactor.running:
         reactor.stop()
     else:

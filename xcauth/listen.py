@@ -93,8 +93,9 @@ def parseListener(entry: str, defaultFraming: str) -> Listener:
     if group is not None:
         groupID(description, group)
         unixSocketPath(bare)
+    shown = bare
     bare = mutualTLSForm(systemdUNIXForm(withBacklog(bare)))
-    checkEndpoint(bare)
+    checkEndpoint(bare, shown)
     return Listener(framing, description, bare, group)
 
 
@@ -314,10 +315,19 @@ def groupID(description: str, group: str) -> int:
         ) from None
 
 
-def checkEndpoint(description: str) -> None:
+def checkEndpoint(description: str, shown: str | None = None) -> None:
     """
     Parse an endpoint description now, so that a typo stops the daemon at start.
+
+    @param shown: the description as the administrator wrote it (without
+        what xcauth adds, such as C{backlog=}), for the messages.
     """
+    if shown is not None and shown != description:
+        try:
+            checkEndpoint(description)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace(repr(description), repr(shown), 1)) from None
+        return
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
@@ -334,7 +344,22 @@ def checkEndpoint(description: str) -> None:
             "systemd (LISTEN_FDS)"
         ) from None
     except (ValueError, TypeError, AttributeError) as e:
-        raise ConfigError(f"listen {description!r} is not a valid endpoint: {e}") from None
+        raise ConfigError(
+            f"listen {description!r} is not a valid endpoint: {plainReason(e)}"
+        ) from None
+
+
+def plainReason(e: Exception) -> str:
+    """
+    What is wrong with an endpoint, in words: Python's C{int()} message becomes
+    "'X' is not a number".
+    """
+    import re
+
+    match = re.fullmatch(r"invalid literal for int\(\) with base 10: (.*)", str(e))
+    if match:
+        return f"{match.group(1)} is not a number"
+    return str(e)
 
 
 def systemdSockets(environ: Mapping[str, str] | None = None) -> list[str]:

@@ -17,7 +17,7 @@ when scraped.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService
@@ -39,6 +39,24 @@ log = Logger()
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )
+
+#: The C{result} values of requests, and (without C{error}) of backend answers.
+RESULTS = ("true", "false", "unavailable", "error")
+
+#: The C{outcome} label of a backend answer (L{Outcome}'s value): the words of
+#: the requests' C{result} label.
+BACKEND_OUTCOMES = {"yes": "true", "no": "false", "unavailable": "unavailable"}
+
+#: The operations each framing's requests can have (for the zero series);
+#: the XMPP framings' C{roster} and C{invalid} appear when they happen.
+OPERATIONS = {"postfix": ("isuser",), "dovecot": ("auth",), "saslauthd": ("auth",)}
+XMPP_OPERATIONS = ("auth", "isuser")
+
+#: The label values known in advance: each series exists from the start at 0.
+CACHE_RESULTS = ("hit", "miss", "stale", "fallback")
+PENALTY_REASONS = ("refused", "delayed")
+BRUTE_FORCE_EVENTS = ("user-budget", "backend-budget", "known-let-through")
+
 
 def resultLabel(result: object) -> str:
     """
@@ -121,15 +139,29 @@ class NoMetrics:
         C{known-let-through}, a known password accepted during a limit).
         """
 
+    def serving(self, framing: str, connections: Callable[[], int]) -> None:
+        """
+        A listener of C{framing} serves; C{connections} (called in the
+        reactor thread) says how many connections it has open.
+        """
+
+    def throttle(self, nextcloud: str, delay: float, allowListed: bool | None) -> None:
+        """
+        What the Nextcloud at C{nextcloud} last said about its brute-force
+        throttle for xcauth's address: the C{delay} of every login, and
+        whether the address is allow-listed (C{None}: it does not say).
+        """
+
 
 #: The counters: C{(name, help, label names)}; C{prometheus_client} adds
 #: C{_total} to the names.
 COUNTERS = (
     ("xcauth_requests", "Requests answered, by framing, operation and result.",
      ("framing", "operation", "result")),
-    ("xcauth_backend_requests", "Backend answers, by backend and outcome.",
-     ("backend", "outcome")),
-    ("xcauth_cache", "Credential cache decisions: hit, miss, stale, fallback.", ("result",)),
+    ("xcauth_backend_requests", "Backend answers, by backend and outcome (true, false, "
+     "unavailable).", ("backend", "outcome")),
+    ("xcauth_cache_decisions", "Credential cache decisions on logins: hit, miss, stale, "
+     "fallback.", ("result",)),
     ("xcauth_deadline_missed", "Requests that got no answer within the deadline.",
      ("framing",)),
     ("xcauth_penalized", "Logins refused or delayed by the penalty box.", ("reason",)),
@@ -161,10 +193,13 @@ class Metrics(NoMetrics):
     @param clock: measures backend durations.
     @param process: also register the process, platform and garbage
         collector collectors of C{prometheus_client} (the daemon does).
+    @param backends: the backends in use (C{jsxc}, C{nextcloud}), whose
+        series exist from the start.
     @ivar registry: what the metrics listener serves.
     """
 
-    def __init__(self, clock: IReactorTime, process: bool = True) -> None:
+    def __init__(self, clock: IReactorTime, process: bool = True,
+                 backends: tuple[str, ...] = ()) -> None:
         # Imported here: a daemon without --metrics never loads prometheus_client.
         from prometheus_client import CollectorRegistry
         from prometheus_client.gc_collector import GCCollector
@@ -184,6 +219,20 @@ class Metrics(NoMetrics):
         # of each bucket (not cumulative; the last one +Inf), then the sum.
         self._requestSeconds: dict[tuple[str, ...], list[float]] = {}
         self._backendSeconds: dict[tuple[str, ...], list[float]] = {}
+        # Open connections by listener, and the throttle state by Nextcloud.
+        self._listeners: list[tuple[str, Callable[[], int]]] = []
+        self._throttle: dict[str, tuple[float, bool | None]] = {}
+        # Every series whose label values are known now exists at 0.
+        for result in CACHE_RESULTS:
+            self._cache[(result,)] = 0
+        for reason in PENALTY_REASONS:
+            self._penalized[(reason,)] = 0
+        for event in BRUTE_FORCE_EVENTS:
+            self._bruteForce[(event,)] = 0
+        for backend in backends:
+            for outcome in BACKEND_OUTCOMES.values():
+                self._backend[(backend, outcome)] = 0
+            self._backendSeconds[(backend,)] = [0.0] * (len(LATENCY_BUCKETS) + 2)
         self.registry = registry = CollectorRegistry(auto_describe=True)
         registry.register(_Collector(self))
         if process:
@@ -234,7 +283,7 @@ class Metrics(NoMetrics):
         _count(self._requests, (framing, "invalid", "false"))
 
     def backend(self, outcome: Outcome, backend: str, started: float) -> Outcome:
-        _count(self._backend, (backend, outcome.value))
+        _count(self._backend, (backend, BACKEND_OUTCOMES[outcome.value]))
         _observe(self._backendSeconds, (backend,), max(self._clock.seconds() - started, 0.0))
         return outcome
 
@@ -249,6 +298,50 @@ class Metrics(NoMetrics):
 
     def bruteForce(self, event: str) -> None:
         _count(self._bruteForce, (event,))
+
+    def serving(self, framing: str, connections: Callable[[], int]) -> None:
+        self._listeners.append((framing, connections))
+        for operation in OPERATIONS.get(framing, XMPP_OPERATIONS):
+            for result in RESULTS:
+                self._requests.setdefault((framing, operation, result), 0)
+            self._requestSeconds.setdefault(
+                (framing, operation), [0.0] * (len(LATENCY_BUCKETS) + 2))
+        self._deadline.setdefault((framing,), 0)
+
+    def throttle(self, nextcloud: str, delay: float, allowListed: bool | None) -> None:
+        self._throttle[nextcloud] = (delay, allowListed)
+
+    def throttleStates(self) -> dict[str, tuple[float, bool | None]]:
+        """
+        The last throttle state of each Nextcloud watched.
+        """
+        return dict(self._throttle)
+
+    def openConnections(self, timeout: float = 2.0) -> dict[str, int] | None:
+        """
+        Open connections by framing, counted in the reactor thread (the
+        listeners' connection sets change there); C{None} if the reactor did
+        not answer within C{timeout} seconds (it is stopping, or busy).
+        """
+        from twisted.python.threadable import isInIOThread
+
+        def count() -> dict[str, int]:
+            counts: dict[str, int] = {}
+            for framing, connections in self._listeners:
+                counts[framing] = counts.get(framing, 0) + connections()
+            return counts
+
+        if isInIOThread() or not getattr(self._clock, "running", False):
+            # The reactor's thread, or no reactor running (a test's clock).
+            return count()
+        import queue
+
+        answer: queue.Queue[dict[str, int]] = queue.Queue(1)
+        self._clock.callFromThread(lambda: answer.put(count()))  # type: ignore[attr-defined]
+        try:
+            return answer.get(timeout=timeout)
+        except queue.Empty:
+            return None
 
 
 def _count(counts: dict[tuple[str, ...], int], key: tuple[str, ...]) -> None:
@@ -302,6 +395,48 @@ class _Collector:
             yield histogram
         yield GaugeMetricFamily("xcauth_in_flight", "Requests being worked on.",
                                 value=m.inFlight())
+        build = GaugeMetricFamily(
+            "xcauth_build_info", "xcauth's version and what it runs on (always 1).",
+            labels=("version", "python", "twisted"))
+        build.add_metric(buildLabels(), 1)
+        yield build
+        connections = m.openConnections()
+        if connections is not None:
+            gauge = GaugeMetricFamily(
+                "xcauth_open_connections", "Client connections open, by framing.",
+                labels=("framing",))
+            for framing, count in sorted(connections.items()):
+                gauge.add_metric((framing,), count)
+            yield gauge
+        delays = GaugeMetricFamily(
+            "xcauth_nextcloud_throttle_delay_seconds",
+            "The brute-force delay Nextcloud puts on every login from xcauth's address "
+            "(its capabilities, read every throttle-check-interval).",
+            labels=("nextcloud",))
+        listed = GaugeMetricFamily(
+            "xcauth_nextcloud_allow_listed",
+            "1 if xcauth's address is on Nextcloud's brute-force allow-list, 0 if not "
+            "(absent when Nextcloud does not say).",
+            labels=("nextcloud",))
+        for nextcloud, (delay, allowListed) in sorted(m.throttleStates().items()):
+            delays.add_metric((nextcloud,), delay)
+            if allowListed is not None:
+                listed.add_metric((nextcloud,), 1 if allowListed else 0)
+        yield delays
+        yield listed
+
+
+def buildLabels() -> tuple[str, str, str]:
+    """
+    The labels of C{xcauth_build_info}: xcauth's, Python's and Twisted's
+    versions.
+    """
+    import platform
+
+    import twisted
+    from xcauth import __version__
+
+    return (__version__, platform.python_version(), twisted.__version__)
 
 
 def quietSite(resource: IResource, reactor: Any) -> Site:

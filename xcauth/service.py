@@ -69,6 +69,9 @@ class XcauthService(MultiService):
                                 len(listeners), descriptors),
             )
             self.factories.append(factory)
+            # The framing label its requests are counted under ("generic": prosody).
+            label = getattr(FRAMINGS[listener.framing], "framing", listener.framing)
+            hub.context.metrics.serving(label, factory.openConnections)
             svc = listenerService(listener, factory, reactor)
             svc.setServiceParent(self)
             self.listeners.append(svc)
@@ -84,17 +87,22 @@ class XcauthService(MultiService):
             self.metricsListener.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except Exception as e:
-            self._cannotListen(e)
+        # MultiService's, one child at a time: a failure names its listener.
+        Service.privilegedStartService(self)
+        for svc in self:
+            try:
+                svc.privilegedStartService()
+            except Exception as e:
+                self._cannotListen(e, svc)
         self._giveSocketsToGroups()
 
     def startService(self) -> None:
-        try:
-            super().startService()
-        except Exception as e:
-            self._cannotListen(e)
+        Service.startService(self)
+        for svc in self:
+            try:
+                svc.startService()
+            except Exception as e:
+                self._cannotListen(e, svc)
         self._giveSocketsToGroups()
         for svc in [*self.listeners, *filter(None, [self.metricsListener])]:
             log.info("listening: {listener}", listener=svc.name)
@@ -123,7 +131,9 @@ class XcauthService(MultiService):
                 ) from None
             log.info("socket {path} given to group {group}", path=path, group=group)
 
-    def _cannotListen(self, e: Exception) -> None:
+    def _cannotListen(self, e: Exception, svc: Any = None) -> None:
+        if svc is not None and (svc in self.listeners or svc is self.metricsListener):
+            raise StartError(f"xcauth: cannot start the listener {svc.name}: {e}") from None
         raise StartError(f"xcauth: cannot start a listener: {e}") from None
 
     def stopService(self) -> Deferred[None]:

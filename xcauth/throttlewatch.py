@@ -21,6 +21,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from xcauth.metrics import NoMetrics
 from xcauth.ocs import ThrottleState
 
 log = Logger()
@@ -57,8 +58,10 @@ class ThrottleWatch:
     """
 
     def __init__(self, client: _ThrottleSource, clock: IReactorTime,
-                 interval: float = 300.0, warnDelay: float = 1.0) -> None:
+                 interval: float = 300.0, warnDelay: float = 1.0,
+                 metrics: NoMetrics | None = None) -> None:
         self.client = client
+        self.metrics = metrics if metrics is not None else NoMetrics()  # metrics
         self.clock = clock
         self.interval = interval
         self.warnDelay = warnDelay
@@ -120,6 +123,7 @@ class ThrottleWatch:
 
     def _seen(self, state: ThrottleState) -> None:
         self.state = state
+        self.metrics.throttle(publicURL(self.client.url), state.delay, state.allowListed)
         if state.allowListed is False:
             log.warn(
                 "xcauth's address is not on the brute-force allow-list of Nextcloud at "
@@ -171,6 +175,18 @@ class ThrottleWatch:
                 delay=seconds,
                 howto=ALLOW_LIST_HOWTO,
             )
+
+
+def publicURL(url: str) -> str:
+    """
+    C{url} without user information (a metrics label must hold no secret).
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 class ThrottleWatches:

@@ -188,11 +188,15 @@ class XcauthFactory(Factory):
         self.connections.add(p)
         return p
 
+    def openConnections(self) -> int:
+        """
+        The connections open now.  Closed connections may linger in the
+        weak set until the garbage collector frees them: count the open ones.
+        """
+        return sum(1 for c in list(self.connections) if not _closed(c))
+
     def _full(self, limit: int) -> bool:
-        # Closed connections may linger in the weak set until the garbage
-        # collector frees them: count the open ones.
-        open = sum(1 for c in list(self.connections) if not _closed(c))
-        if open < limit:
+        if self.openConnections() < limit:
             return False
         now = self.context.clock.seconds()
         if self._limitLoggedAt is None or now - self._limitLoggedAt >= self.LIMIT_LOG_INTERVAL:
