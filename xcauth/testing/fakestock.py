@@ -243,6 +243,9 @@ class FakeStockNextcloud(Resource):
         #: serves them at C{/fake/counts}, for the end-to-end tests; at most
         #: L{MAX_COUNTED} names).
         self.loginCounts: dict[str, int] = {}
+        #: Logins refused (wrong password or no such user) per login name,
+        #: served with the others (at most L{MAX_COUNTED} names).
+        self.refusedCounts: dict[str, int] = {}
 
     # -- what the tests look at ------------------------------------------------
 
@@ -324,6 +327,7 @@ class FakeStockNextcloud(Resource):
                 "failures30m": self.throttle.count(ip, BLOCK_WINDOW),
                 "failures12h": self.throttle.count(ip),
                 "loginsOf": self.loginCounts,
+                "refusedOf": self.refusedCounts,
             }).encode(), {b"content-type": b"application/json"})
         if path.startswith("/remote.php/dav/"):
             self._dav(method, credentials, ip)
@@ -380,6 +384,9 @@ class FakeStockNextcloud(Resource):
         user = self._login(login, password, token)
         if user is None:
             throttle.register(ip, login)
+            refused = self.refusedCounts
+            if login in refused or len(refused) < MAX_COUNTED:
+                refused[login] = refused.get(login, 0) + 1
             if delay == 0:
                 if throttle.blocked(ip):
                     self.tooMany += 1
