@@ -45,6 +45,22 @@ class PenaltyBoxTests(SynchronousTestCase):
         self.clock.advance(600)
         self.assertFalse(self.box.refused("a@x", KEY_A))
 
+    def test_forgetDomains(self) -> None:
+        """
+        The refusals and failure records of the users of the domains named are
+        dropped (with and without the client's address in the key); other
+        domains' stay.
+        """
+        self.box.failed("bob@other.example 127.0.0.1", "bob@other.example", KEY_A)
+        self.box.failed("a b@other.example", "a b@other.example", KEY_A)
+        self.box.failed("a@x", "a@x", KEY_A)
+        self.assertEqual(self.box.forgetDomains(lambda d: d == "other.example"), 4)
+        self.assertFalse(self.box.refused("bob@other.example", KEY_A))
+        self.assertFalse(self.box.refused("a b@other.example", KEY_A))
+        self.assertEqual(self.box.delay("bob@other.example 127.0.0.1"), 0)
+        self.assertTrue(self.box.refused("a@x", KEY_A))
+        self.assertEqual(self.box.delay("a@x"), 0.5)
+
     def test_delayDoublesToCap(self) -> None:
         self.assertEqual(self.box.delay("a@x"), 0)
         delays = []

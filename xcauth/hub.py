@@ -138,6 +138,8 @@ class Hub(Service):
         self.metrics = metrics
         self.gate = gate
         self.watches = watches
+        if watches is not None:
+            domains.onClientDropped = watches.discard
         self.startupCheck = startupCheck
         self.refuse = refuse
         self.context = context
@@ -183,6 +185,7 @@ class Hub(Service):
         if self.watches is not None:
             self.watches.stop()
         self.watches = ThrottleWatches()
+        self.domains.onClientDropped = self.watches.discard
         makeClient = clientFactory(
             HTTPRequester(
                 self.agent,
@@ -205,6 +208,7 @@ class Hub(Service):
         )
         if self.running:
             self.watches.start()
+        self._recheckGlobal()
         context = self.context
         context.deadline = config.deadline
         context.maxInFlight = config.maxInFlight
@@ -220,6 +224,18 @@ class Hub(Service):
             config, **{attribute: getattr(old, attribute) for _, attribute in RESTART_SETTINGS}
         )
         return restart
+
+    def _recheckGlobal(self) -> None:
+        # The global stock client of the new configuration (another account
+        # perhaps, or the same one with other rights by now): its service
+        # account is checked again, as at start.  A refusal cannot stop a
+        # running daemon: it is logged, with what to fix.
+        client = self.domains.globalSettings.client
+        if isinstance(client, OCSClient):
+            self.startupCheck = client.checkPrivileges
+            client.checkPrivileges().addErrback(
+                _domainCheckFailed, client.url, "the global backend (after a reload)"
+            )
 
     def startService(self) -> None:
         """
@@ -363,6 +379,7 @@ def buildHub(config: Config, reactor: Any) -> Hub:
             metrics=counts,
         ),
     )
+    forgetRefusalsOnBackendChange(domains, authenticator.penalty)
     context = ServerContext(
         authenticator=authenticator,
         clock=reactor,
@@ -378,6 +395,27 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         config=config, reactor=reactor, agent=agent, watches=watches, startupCheck=check,
         refuse=lambda m: refuseToRun(reactor, m), gate=gate, metrics=metrics,
     )
+
+
+def forgetRefusalsOnBackendChange(domains: DomainTable, penalty: PenaltyBox | None) -> None:
+    """
+    When the backend of some domains changes (the domain table, a reload),
+    the refusals and failures the penalty box remembers for their users go:
+    the old backend's "no" says nothing about the new one.
+    """
+    if penalty is None:
+        return
+
+    def changed(isChanged: Callable[[str], bool]) -> None:
+        dropped = penalty.forgetDomains(isChanged)
+        if dropped:
+            log.info(
+                "backend of some domains changed: {count} remembered refusal(s) and "
+                "failure record(s) of their users forgotten",
+                count=dropped,
+            )
+
+    domains.onBackendChanged = changed
 
 
 def globalSpec(config: Config) -> BackendSpec:
@@ -425,9 +463,9 @@ def clientFactory(
     return makeClient
 
 
-def _domainCheckFailed(f: Failure, url: str) -> None:
+def _domainCheckFailed(f: Failure, url: str, what: str = "a domain's backend") -> None:
     if f.check(StartupRefused):
-        log.error("a domain's backend will not work: {reason}", reason=str(f.value))
+        log.error("{what} will not work: {reason}", what=what, reason=str(f.value))
     elif f.check(BackendUnavailable):
         log.warn("cannot check the service account of {url}: {reason}", url=url,
                  reason=str(f.value))

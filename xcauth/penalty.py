@@ -218,6 +218,23 @@ class PenaltyBox:
         """
         self._records.pop(who, None)
 
+    def forgetDomains(self, changed: Callable[[str], bool]) -> int:
+        """
+        Forget the refusals and failures of the users of every domain for
+        which C{changed(domain)} is true: their backend changed (a domain
+        added to or removed from the table, another URL or account, a reload),
+        and what the old one refused says nothing about the new one.
+
+        @return: how many entries were dropped.
+        """
+        refused = [pair for pair in self._refused if changed(_domainOf(pair[0]))]
+        for pair in refused:
+            del self._refused[pair]
+        records = [who for who in self._records if changed(_domainOf(who))]
+        for who in records:
+            del self._records[who]
+        return len(refused) + len(records)
+
     def delay(self, who: str) -> float:
         """
         Seconds a refusal of C{who} is held back, after its failures so far.
@@ -240,3 +257,10 @@ class PenaltyBox:
 
     def __len__(self) -> int:
         return len(self._records) + len(self._refused)
+
+
+def _domainOf(who: str) -> str:
+    """
+    The domain of a JID or of a L{PenaltyBox.who} key (C{JID} or C{JID PEER}).
+    """
+    return who.rpartition("@")[2].split(" ", 1)[0]
