@@ -22,7 +22,6 @@ from xcauth.testing.processes import (
     Daemon,
     childEnv,
     connect,
-    freePort,
     recvLine,
     serveOn,
     startBackend,
@@ -40,11 +39,13 @@ class LimitsTests(TestCase):
     def setUp(self) -> None:
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
-        self.port = freePort()
+        self.port = 0
 
     def daemon(self, **options: str) -> Daemon:
         self.nextcloud, config = startBackend(self, os.path.join(self.dir, "nc"), **options)
-        return serveOn(self, os.path.join(self.dir, "daemon"), config, "prosody", self.port)
+        daemon = serveOn(self, os.path.join(self.dir, "daemon"), config, "prosody")
+        self.port = daemon.port
+        return daemon
 
     def ask(self, s: socket.socket, line: str) -> bytes:
         s.sendall(line.encode() + b"\n")
