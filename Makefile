@@ -1,4 +1,5 @@
-# xcauth: make demo (run the daemon with a demo backend), make test (the test suite).
+# xcauth: make demo (run the daemon with a demo backend), make test (the test suite),
+# make test-oldest (the unit tests on the oldest dependencies setup.cfg admits).
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -20,8 +21,8 @@ PROSODY_MODULE_DIR ?= $(XCAUTH_LIBDIR)/prosody
 # under /root); "make install PYTHON=..." to choose another.
 INSTALL_PYTHON = $(if $(filter command line environment,$(origin PYTHON)),$(PYTHON),/usr/bin/python3)
 
-.PHONY: all venv demo test test-only system-packages lint typecheck bench clean install \
-	deb test-deb
+.PHONY: all venv demo test test-only test-oldest system-packages lint typecheck bench clean \
+	install deb test-deb
 
 all: venv
 
@@ -54,6 +55,30 @@ test: system-packages venv test-only
 test-only:
 	BIN=$(BIN) scripts/run-tests tests
 
+# make test-oldest: the oldest release of each dependency setup.cfg admits
+# (constraints/oldest.txt) in a virtualenv of its own, running the tests that need
+# no real Debian client (and the systemd socket tests).  TWISTED=24.11.0 (Debian
+# 13's own) swaps the Twisted pin for that release, in another virtualenv.
+OLDEST_VENV = .venv-oldest$(if $(TWISTED),-twisted-$(TWISTED))
+OLDEST_TESTS ?= $(addprefix tests.,$(filter-out %_e2e,$(basename $(notdir \
+    $(wildcard tests/test_*.py))))) tests.test_systemd_e2e
+
+$(OLDEST_VENV)/.installed: setup.cfg pyproject.toml constraints/oldest.txt
+	rm -rf $(OLDEST_VENV)
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install --quiet --upgrade pip
+	sed '$(if $(TWISTED),s/^Twisted==.*/Twisted==$(TWISTED)/)' constraints/oldest.txt \
+	    > $(OLDEST_VENV)/constraints.txt
+	$(OLDEST_VENV)/bin/pip install --quiet --config-settings editable_mode=compat \
+	    -c $(OLDEST_VENV)/constraints.txt -e '.[test]'
+	$(OLDEST_VENV)/bin/pip check
+	$(OLDEST_VENV)/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/.installed
+	$(OLDEST_VENV)/bin/pip freeze --exclude-editable | grep -iE '^(twisted|treq|service.identity|attrs|bcrypt|prometheus.client)=='
+	BIN=$(OLDEST_VENV)/bin scripts/run-tests $(OLDEST_TESTS)
+
 lint: venv
 	$(BIN)/ruff check xcauth tests twisted bench
 
@@ -85,7 +110,7 @@ test-deb: venv
 	$(BIN)/python scripts/test-deb --cache $(TEST_DEB_CACHE) $(TEST_DEB_SUITES)
 
 clean:
-	rm -rf $(VENV) _trial_temp* build *.egg-info results .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-oldest* _trial_temp* build *.egg-info results .mypy_cache .ruff_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
 # With DESTDIR (staging for a package), the virtualenv is built under DESTDIR and

@@ -369,7 +369,7 @@ class EjabberdInstance:
         self.bootSeconds = time.monotonic() - self._t0
         return True
 
-    def start(self, timeout=30.0):
+    def start(self, timeout=90.0):
         """Start and block until c2s accepts connections (at most ``timeout`` s)."""
         self._spawn()
         deadline = time.monotonic() + timeout
@@ -385,7 +385,7 @@ class EjabberdInstance:
             raise
         return self
 
-    def startD(self, timeout=30.0):
+    def startD(self, timeout=90.0):
         """Like start() but returns a Deferred (polls on the reactor, never blocks)."""
         from twisted.internet import defer, reactor, task
 
@@ -454,7 +454,7 @@ class EjabberdInstance:
         return p.returncode
 
     # -- helpers -------------------------------------------------------
-    def ctl(self, *args, timeout=30.0):
+    def ctl(self, *args, timeout=60.0):
         """Run an ejabberdctl command against this node: returns (exitcode, output).
 
         E.g. ``ctl('status')``, ``ctl('connected_users')``,

@@ -23,7 +23,6 @@ from xcauth.testing.processes import (
     FakeNextcloud,
     childEnv,
     connect,
-    freePort,
     recvLine,
     waitFor,
     writeConfig,
@@ -56,7 +55,7 @@ class StateDaemonTests(TestCase):
         self.nextcloud = FakeNextcloud(os.path.join(self.dir, "nextcloud"))
         self.nextcloud.start()
         self.addCleanup(self.nextcloud.stop)
-        self.port = freePort()
+        self.port = 0
         self.daemons = 0
 
     def startDaemon(self, rounds: str = "4,4") -> Daemon:
@@ -74,11 +73,12 @@ class StateDaemonTests(TestCase):
         )
         daemon = Daemon(
             os.path.join(self.dir, f"daemon{self.daemons}"),
-            ["-c", config, "--listen", f"prosody=tcp:{self.port}:interface=127.0.0.1"],
-            waitOn=[("127.0.0.1", self.port)],
+            ["-c", config, "--listen", "prosody=tcp:0:interface=127.0.0.1"],
         )
         self.addCleanup(daemon.stop)
         daemon.start()
+        # Port 0: each daemon gets its own port from the kernel.
+        self.port = daemon.port
         return daemon
 
     def ask(self, s: socket.socket, line: str) -> bytes:

@@ -19,7 +19,6 @@ from xcauth.testing.processes import (
     childEnv,
     connect,
     ejabberdFrame,
-    freePort,
     recvAll,
     recvExactly,
     recvLine,
@@ -38,10 +37,10 @@ class DaemonTests(TestCase):
     def setUp(self) -> None:
         self.dir = self.mktemp()
         self.nextcloud, self.config = startBackend(self, self.dir, type="ejabberd", deadline="2")
-        self.port = freePort()
         self.daemon = serveOn(
-            self, os.path.join(self.dir, "daemon"), self.config, "ejabberd", self.port
+            self, os.path.join(self.dir, "daemon"), self.config, "ejabberd"
         )
+        self.port = self.daemon.port
 
     def tearDown(self) -> None:
         log = self.daemon.output()

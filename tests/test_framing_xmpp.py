@@ -84,6 +84,21 @@ class LineFramingTests(SynchronousTestCase):
         self.send(b"isuser:alice:example.org\r\n")
         self.assertEqual(self.auth.calls[0][1], ("alice", "example.org"))
 
+    def test_everyTrailingCarriageReturnStripped(self) -> None:
+        """
+        A scripted telnet session whose lines end in C{\\r\\n} reaches the
+        daemon as C{\\r\\r\\n}: every trailing CR goes, as the replaced program
+        did, so none stays in the password; a CR inside the line stays.
+        """
+        self.send(b"auth:alice:example.org:pa:ss\r\r\n")
+        self.send(b"isuser:alice:example.org\r\r\r\n")
+        self.send(b"auth:alice:example.org:a\rb\r\r\n")
+        self.assertEqual(
+            [args for _, args, _ in self.auth.calls],
+            [("alice", "example.org", "pa:ss"), ("alice", "example.org"),
+             ("alice", "example.org", "a\rb")],
+        )
+
     def test_isUserUnavailableIsFalse(self) -> None:
         self.send(b"isuser:alice:example.org\n")
         self.auth.calls[0][2].callback(None)
@@ -325,6 +340,19 @@ class AutoDetectTests(SynchronousTestCase):
         protocol.dataReceived(b"auth:admin:example.org:incorrect_password\r\n")
         self.assertEqual(transport.value(), b"1\n1\n0\n")
         protocol.dataReceived(b"quit\r\n")
+        self.assertTrue(transport.disconnecting)
+
+    def test_telnetSessionExtraCarriageReturns(self) -> None:
+        """
+        The same session with lines ending in C{\\r\\r\\n} (a script that
+        writes C{\\r\\n} through telnet): the right password is accepted.
+        """
+        protocol, transport, _ = connect(EjabberdAutoProtocol, TableAuthenticator(USERS))
+        protocol.dataReceived(b"auth:admin:example.org:good_password\r\r\n")
+        protocol.dataReceived(b"auth:admin:example.org:incorrect_password\r\r\n")
+        protocol.dataReceived(b"isuser:admin:example.org\r\r\n")
+        self.assertEqual(transport.value(), b"1\n0\n1\n")
+        protocol.dataReceived(b"quit\r\r\n")
         self.assertTrue(transport.disconnecting)
 
     def test_binaryClient(self) -> None:

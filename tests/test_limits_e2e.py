@@ -22,7 +22,6 @@ from xcauth.testing.processes import (
     Daemon,
     childEnv,
     connect,
-    freePort,
     recvLine,
     serveOn,
     startBackend,
@@ -40,11 +39,13 @@ class LimitsTests(TestCase):
     def setUp(self) -> None:
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
-        self.port = freePort()
+        self.port = 0
 
     def daemon(self, **options: str) -> Daemon:
         self.nextcloud, config = startBackend(self, os.path.join(self.dir, "nc"), **options)
-        return serveOn(self, os.path.join(self.dir, "daemon"), config, "prosody", self.port)
+        daemon = serveOn(self, os.path.join(self.dir, "daemon"), config, "prosody")
+        self.port = daemon.port
+        return daemon
 
     def ask(self, s: socket.socket, line: str) -> bytes:
         s.sendall(line.encode() + b"\n")
@@ -55,9 +56,9 @@ class LimitsTests(TestCase):
         With max-connections=4, a fifth client is closed at once (one log line),
         the four keep working, and once one leaves a new client is served.
         """
+        # On port 0 the harness reads the port from the log: no probe
+        # connection of its own takes one of the four.
         daemon = self.daemon(max_connections="4")
-        # Let the harness's probe connection (waiting for the listener) close.
-        time.sleep(0.5)
         held = [connect(("127.0.0.1", self.port)) for _ in range(4)]
         try:
             for s in held:

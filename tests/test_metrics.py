@@ -624,7 +624,8 @@ class ServiceTests(SynchronousTestCase):
         from twisted.web.test.requesthelper import DummyRequest
 
         for site, expected in ((Site(Resource()), 1), (quietSite(Resource(), None), 0)):
-            site._logFile = Log()
+            # The access log file: _logFile from Twisted 23.8 on, logFile before.
+            site._logFile = site.logFile = Log()  # type: ignore[attr-defined]
             site._logDateTime = "-"
             request: Any = DummyRequest([b"metrics"])
             request.method = b"GET"

@@ -69,17 +69,18 @@ class MetricsDaemonTests(TestCase):
         self.dir = os.path.abspath(self.mktemp())
         _, self.config = startBackend(self, os.path.join(self.dir, "nextcloud"),
                                       cache_storage="memory")
-        self.port = freePort()
-        self.metricsPort = freePort()
+        # Port 0 for both: the daemon logs the ports it got.
         self.daemon = Daemon(
             self.dir,
             ["--config-file", self.config,
-             "--listen", f"generic=tcp:{self.port}:interface={HOST}",
-             "--metrics", f"tcp:{self.metricsPort}:interface={HOST}"],
-            waitOn=[(HOST, self.port), (HOST, self.metricsPort)],
+             "--listen", f"generic=tcp:0:interface={HOST}",
+             "--metrics", f"tcp:0:interface={HOST}"],
         )
         self.addCleanup(self.daemon.stop)
         self.daemon.start()
+        ports = self.daemon.ports()
+        self.port = ports[f"generic=tcp:0:interface={HOST}"]
+        self.metricsPort = ports[f"metrics=tcp:0:interface={HOST}"]
 
     def ask(self, s: socket.socket, line: str) -> bytes:
         s.sendall(line.encode("utf-8") + b"\n")
@@ -155,7 +156,7 @@ class MetricsDaemonTests(TestCase):
         self.daemon.stop()
         log = self.daemon.output()
         self.assertNotIn("GET /metrics", log)
-        self.assertIn(f"listening: metrics=tcp:{self.metricsPort}:interface={HOST}", log)
+        self.assertIn(f"listening: metrics=tcp:0:interface={HOST} on {HOST} port {self.metricsPort}", log)
 
     def test_inFlight(self) -> None:
         """

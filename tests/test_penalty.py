@@ -45,6 +45,27 @@ class PenaltyBoxTests(SynchronousTestCase):
         self.clock.advance(600)
         self.assertFalse(self.box.refused("a@x", KEY_A))
 
+    def test_forgetDomains(self) -> None:
+        """
+        The refusals, failure records and known passwords of the users of the
+        domains named are dropped; other domains' stay, and so do the
+        failures of client addresses (they are not a domain's).
+        """
+        self.box.failed("bob@other.example", KEY_A, "127.0.0.1")
+        self.box.failed("a b@other.example", KEY_A)
+        self.box.failed("a@x", KEY_A)
+        self.box.known.add("carol@other.example", KEY_B, self.clock.seconds())
+        self.box.known.add("dave@x", KEY_B, self.clock.seconds())
+        self.assertEqual(self.box.forgetDomains(lambda d: d == "other.example"), 5)
+        self.assertFalse(self.box.refused("bob@other.example", KEY_A))
+        self.assertFalse(self.box.refused("a b@other.example", KEY_A))
+        self.assertEqual(self.box.delay("bob@other.example"), 0)
+        self.assertFalse(self.box.knowsUser("carol@other.example"))
+        self.assertTrue(self.box.refused("a@x", KEY_A))
+        self.assertEqual(self.box.delay("a@x"), 0.5)
+        self.assertTrue(self.box.knowsUser("dave@x"))
+        self.assertGreater(self.box.delay("nobody@x", "127.0.0.1"), 0)
+
     def test_delayDoublesToCap(self) -> None:
         self.assertEqual(self.box.delay("a@x"), 0)
         delays = []

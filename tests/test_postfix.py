@@ -141,6 +141,15 @@ class ProtocolTests(ProtocolTestMixin, SynchronousTestCase):
         self.assertEqual(self.answers(), FOUND)
         self.assertFalse(self.transport.disconnecting)
 
+    def test_everyTrailingCarriageReturnStripped(self) -> None:
+        """
+        C{\\r\\r\\n}: every trailing CR of a line goes, not only the last one,
+        so the key is the address and not an address with a CR.
+        """
+        self.send(b"get alice@example.org\r\r\n")
+        self.assertEqual(self.answers(), b"")
+        self.assertEqual(self.auth.calls[0][1], ("alice", "example.org"))
+
     def test_invalidUtf8(self) -> None:
         self.send(b"get \xff\xfe@example.org\nget %C3%28@example.org\n")
         self.assertEqual(self.answers(), NOT_FOUND * 2)

@@ -827,6 +827,29 @@ class SchedulingTests(SyncTestMixin, SynchronousTestCase):
         self.clock.advance(max(RETRY_DELAYS) * 2)
         self.assertEqual(len(self.backend.requests), 3)
 
+    def test_loginBringsRetryForward(self) -> None:
+        """
+        A login while the user's sync waits for a retry (minutes away) starts
+        the sync at once instead; the retry that was scheduled does not run
+        again afterwards.
+        """
+        self.backend.rosters["alice"] = {"alice": entry("A", "g1")}
+        self.ejabberd.failures["srg_create"] = [
+            CommandFailed("srg_create", "exit status 3", "Failed RPC connection"),
+        ]
+        self.sync.onLogin("alice", DOMAIN)
+        self.clock.advance(0)
+        self.assertEqual(len(self.backend.requests), 1)
+        self.assertEqual(self.sync.pending(), 1)
+        self.clock.advance(1)
+        self.sync.onLogin("alice", DOMAIN)
+        self.clock.advance(0)
+        self.assertEqual(len(self.backend.requests), 2)
+        self.assertEqual(self.ejabberd.members("g1"), {"alice@example.org"})
+        self.assertEqual(self.sync.pending(), 0)
+        self.clock.advance(max(RETRY_DELAYS) * 2)
+        self.assertEqual(len(self.backend.requests), 2)
+
     def test_backendUnavailableRetried(self) -> None:
         self.backend.unavailable = 1
         self.backend.rosters["alice"] = {"alice": entry("A", "g1")}

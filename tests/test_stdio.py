@@ -11,13 +11,18 @@ the logs go to standard error and never contain a password or a token.
 
 from __future__ import annotations
 
+import base64
 import os
+import select
+import signal
 import socket
 import subprocess
 import time
 
 from twisted.trial import unittest
 
+from xcauth.framing.saslauthd import OK as SASL_OK
+from xcauth.framing.saslauthd import encodeCounted
 from xcauth.testing.processes import (
     SECRET,
     XCAUTH,
@@ -27,6 +32,8 @@ from xcauth.testing.processes import (
     recvExactly,
     recvLine,
     startBackend,
+    waitFor,
+    writeConfig,
 )
 from xcauth.token import makeToken
 
@@ -336,3 +343,197 @@ class AcceptedSocketTests(StdioTestMixin, unittest.TestCase):
         self.assertEqual(recvAll(s), b"0\n")
         self.assertEqual(p.wait(TIMEOUT), 0)
         self.assertCleanLogs(self.stderr())
+
+
+#: How long a stopped xcauth may take to exit: generous for a loaded machine, far
+#: below the 90 s of systemd's stop timeout after which it would be killed.
+EXIT_BOUND = 10.0
+
+#: A request of each stdio framing and the start of its answer (alice exists).
+FRAMING_REQUESTS: dict[str, tuple[bytes, bytes]] = {
+    "ejabberd": (ejabberdFrame("isuser:alice:example.org"), TRUE),
+    "ejabberd-line": (b"isuser:alice:example.org\n", b"1\n"),
+    "prosody": (b"auth:alice:example.org:pa:ss w\n", b"1\n"),
+    "generic": (b"isuser:alice:example.org\n", b"1\n"),
+    "postfix": (b"get alice@example.org\n", b"200 OK\n"),
+    "saslauthd": (
+        encodeCounted(b"alice") + encodeCounted(b"pa:ss w") + encodeCounted(b"xmpp")
+        + encodeCounted(b"example.org"),
+        SASL_OK,
+    ),
+    "dovecot": (
+        b"VERSION\t1\t2\nCPID\t7\nAUTH\t1\tPLAIN\tservice=imap\tresp="
+        + base64.b64encode(b"\0alice@example.org\0pa:ss w") + b"\n",
+        b"OK\t1\tuser=alice@example.org",
+    ),
+}
+
+#: The fake JSXC API's answer to an isuser request for a user who exists.
+ISUSER_TRUE = b'{"result":"success","data":{"isUser":true}}'
+
+
+def readUntil(fd: int, wanted: bytes, timeout: float = TIMEOUT) -> bytes:
+    """
+    Read from C{fd} until what was read contains C{wanted} (or EOF, or
+    C{timeout} seconds); returns everything read.
+    """
+    data = b""
+    deadline = time.monotonic() + timeout
+    while wanted not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+class StopTests(StdioTestMixin, unittest.TestCase):
+    """
+    A spawned xcauth stops as ejabberd and Prosody stop it: pipes for stdin and
+    stdout, then SIGTERM (C{systemctl stop} signals the whole control group) or
+    the end of stdin; in every framing, after answers or in the middle of one.
+    """
+
+    def spawn(self, args: list[str], config: str | None = None) -> subprocess.Popen:
+        self.stderrPath = os.path.join(os.path.dirname(self.config), f"stderr-{len(args)}")
+        with open(self.stderrPath, "ab") as stderr:
+            p = subprocess.Popen(
+                [XCAUTH, "-c", config or self.config, *args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=childEnv(),
+            )
+        self.addCleanup(self._reap, p)
+        return p
+
+    def _reap(self, p: subprocess.Popen) -> None:
+        if p.poll() is None:
+            p.kill()
+        p.wait(TIMEOUT)
+        for pipe in (p.stdin, p.stdout):
+            if pipe is not None:
+                pipe.close()
+
+    def stderr(self) -> str:
+        with open(self.stderrPath, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def assertExits(self, p: subprocess.Popen, what: str) -> None:
+        """
+        C{p} exits within L{EXIT_BOUND} seconds, with status 0.
+        """
+        try:
+            status = p.wait(EXIT_BOUND)
+        except subprocess.TimeoutExpired:
+            self.fail(f"{what}: xcauth still runs {EXIT_BOUND} s later")
+        self.assertEqual(status, 0, what)
+
+    def answerOnce(self, p: subprocess.Popen, framing: str) -> None:
+        assert p.stdin is not None and p.stdout is not None
+        request, answer = FRAMING_REQUESTS[framing]
+        p.stdin.write(request)
+        p.stdin.flush()
+        got = readUntil(p.stdout.fileno(), answer)
+        self.assertIn(answer, got, framing)
+
+    def test_sigtermAfterAnswers(self) -> None:
+        """
+        Every framing: one request answered, then SIGTERM; the process exits.
+        """
+        for framing in sorted(FRAMING_REQUESTS):
+            p = self.spawn(["-t", framing])
+            self.answerOnce(p, framing)
+            p.send_signal(signal.SIGTERM)
+            self.assertExits(p, f"SIGTERM after an answer, {framing}")
+
+    def test_endOfInputAfterAnswers(self) -> None:
+        """
+        Every framing: one request answered, then stdin closes; the process
+        exits.
+        """
+        for framing in sorted(FRAMING_REQUESTS):
+            p = self.spawn(["-t", framing])
+            self.answerOnce(p, framing)
+            assert p.stdin is not None
+            p.stdin.close()
+            self.assertExits(p, f"end of input after an answer, {framing}")
+
+    def test_sigtermBeforeAnyRequest(self) -> None:
+        """
+        SIGTERM to an xcauth that has not been asked anything yet.
+        """
+        p = self.spawn(["-t", "ejabberd"])
+        waitFor(lambda: "domain settings loaded" in self.stderr(), "xcauth started",
+                process=p)
+        p.send_signal(signal.SIGTERM)
+        self.assertExits(p, "SIGTERM before a request")
+        assert p.stdout is not None
+        self.assertEqual(p.stdout.read(), b"")
+
+    def heldBackend(self) -> tuple[socket.socket, str]:
+        """
+        A JSXC API the test answers by hand (its socket is the test's: no port
+        to race for) and a config pointing at it.
+        """
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)
+        listener.settimeout(TIMEOUT)
+        port = listener.getsockname()[1]
+        directory = self.mktemp()
+        os.makedirs(directory)
+        config = writeConfig(
+            os.path.join(directory, "xcauth.conf"),
+            f"http://127.0.0.1:{port}/index.php/apps/ojsxc/ajax/externalApi.php",
+            type="ejabberd", deadline="20", timeout="10,20",
+        )
+        return listener, config
+
+    def inFlight(self, framing: str, stop: str) -> None:
+        """
+        An isuser request whose backend call is open when the process is told
+        to stop (C{stop}: C{"sigterm"} or C{"eof"}); the backend answers after
+        that.  The answer still reaches stdout, then the process exits.
+        """
+        listener, config = self.heldBackend()
+        p = self.spawn(["-t", framing], config)
+        assert p.stdin is not None and p.stdout is not None
+        request, answer = FRAMING_REQUESTS[framing]
+        p.stdin.write(request)
+        p.stdin.flush()
+        conn, _ = listener.accept()
+        self.addCleanup(conn.close)
+        conn.settimeout(TIMEOUT)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = conn.recv(65536)
+            self.assertTrue(chunk, "xcauth closed its backend request")
+            received += chunk
+        if stop == "sigterm":
+            p.send_signal(signal.SIGTERM)
+            waitFor(lambda: "Received SIGTERM" in self.stderr(), "SIGTERM handled",
+                    process=p)
+        else:
+            p.stdin.close()
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(ISUSER_TRUE)}\r\n".encode()
+            + b"Connection: close\r\n\r\n" + ISUSER_TRUE
+        )
+        got = readUntil(p.stdout.fileno(), answer)
+        self.assertEqual(got, answer)
+        self.assertExits(p, f"{stop} in the middle of a request, {framing}")
+
+    def test_sigtermInFlightEjabberd(self) -> None:
+        self.inFlight("ejabberd", "sigterm")
+
+    def test_sigtermInFlightProsody(self) -> None:
+        self.inFlight("generic", "sigterm")
+
+    def test_endOfInputInFlightEjabberd(self) -> None:
+        self.inFlight("ejabberd", "eof")

@@ -66,7 +66,9 @@ class DaemonTests(TestCase):
         return path
 
     def startDaemon(self, config: str) -> Daemon:
-        return serveOn(self, os.path.join(self.dir, "daemon"), config, "generic", self.port)
+        daemon = serveOn(self, os.path.join(self.dir, "daemon"), config, "generic")
+        self.port = daemon.port
+        return daemon
 
     def test_answers(self) -> None:
         """

@@ -11,6 +11,7 @@ from typing import Any
 
 from twisted.internet.defer import fail, succeed
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from xcauth import store
@@ -18,6 +19,8 @@ from xcauth.config import ConfigOptions
 from xcauth.hub import Gate, Hub, buildHub
 from xcauth.jsxc import JSXCClient
 from xcauth.ocs import OCSClient, StartupRefused
+
+KEY = b"k" * 32
 
 
 def config(*args: str) -> Any:
@@ -142,3 +145,132 @@ class TokensDoNotWaitTests(SynchronousTestCase):
         self.assertNoResult(auth.isUser("alice", "example.org"))
         waiting.cancel()
         self.failureResultOf(waiting)
+
+
+def ncRow(domain: str, url: str) -> store.DomainRow:
+    return store.DomainRow(domain, None, url, None, backend="nextcloud",
+                           serviceuser="svc", servicepassword="pw")
+
+
+class DomainChangeTests(SynchronousTestCase):
+    """
+    What belongs to a domain's backend goes when its row changes or goes: the
+    throttle watch of a stock client no domain uses any more, the refusals
+    the penalty box remembers from the old backend.
+    """
+
+    def setUp(self) -> None:
+        self.db = os.path.abspath(self.mktemp())
+        self.hub = buildHub(config("--url", "https://c.example/jsxc", "--secret", "s",
+                                   "--db", self.db), MemoryReactorClock())
+        self.hub.domains.apply([])
+
+    def test_throttleWatchOfChangedRowStops(self) -> None:
+        watches = self.hub.watches
+        assert watches is not None
+        watches.start()
+        self.hub.domains.apply([ncRow("nc.example", "https://nc.example")])
+        [first] = watches.watches
+        self.assertIsNotNone(first._loop)
+        self.hub.domains.apply([ncRow("nc.example", "https://nc2.example")])
+        [second] = watches.watches
+        self.assertIsNot(second, first)
+        self.assertEqual(second.client.url, "https://nc2.example")
+        self.assertIsNone(first._loop)
+        self.hub.domains.apply([])
+        self.assertEqual(watches.watches, [])
+        self.assertIsNone(second._loop)
+
+    def test_sharedClientKeepsItsWatch(self) -> None:
+        """
+        Two domains on one Nextcloud share a client: removing one keeps the
+        watch of the other.
+        """
+        watches = self.hub.watches
+        assert watches is not None
+        watches.start()
+        self.hub.domains.apply([ncRow("a.example", "https://nc.example"),
+                                ncRow("b.example", "https://nc.example")])
+        [watch] = watches.watches
+        self.hub.domains.apply([ncRow("a.example", "https://nc.example")])
+        self.assertEqual(watches.watches, [watch])
+        self.assertIsNotNone(watch._loop)
+
+    def test_watchesOfRowsAfterReloadStop(self) -> None:
+        watches = self.hub.watches
+        assert watches is not None
+        self.hub.reload(config("--url", "https://c.example/jsxc", "--secret", "s",
+                               "--db", self.db))
+        self.hub.domains.apply([ncRow("nc.example", "https://nc.example")])
+        assert self.hub.watches is not None
+        self.assertEqual(len(self.hub.watches.watches), 1)
+        self.hub.domains.apply([])
+        self.assertEqual(self.hub.watches.watches, [])
+
+    def test_refusalForgottenWhenDomainAdded(self) -> None:
+        """
+        bob of other.example, refused by the global backend before the row of
+        his domain existed, is asked to the new backend once the row is there;
+        alice of example.org, whose backend did not change, stays refused.
+        """
+        penalty = self.hub.authenticator.penalty  # type: ignore[attr-defined]
+        penalty.failed("bob@other.example", KEY)
+        penalty.failed("alice@example.org", KEY)
+        self.hub.domains.apply([ncRow("other.example", "https://nc.example")])
+        self.assertFalse(penalty.refused("bob@other.example", KEY))
+        self.assertTrue(penalty.refused("alice@example.org", KEY))
+        # The same rows again: nothing changes, nothing is forgotten.
+        penalty.failed("bob@other.example", KEY)
+        self.hub.domains.apply([ncRow("other.example", "https://nc.example")])
+        self.assertTrue(penalty.refused("bob@other.example", KEY))
+        # The row goes: bob's domain is the global backend's again.
+        self.hub.domains.apply([])
+        self.assertFalse(penalty.refused("bob@other.example", KEY))
+        self.assertTrue(penalty.refused("alice@example.org", KEY))
+
+    def test_refusalForgottenWhenGlobalBackendChanges(self) -> None:
+        """
+        A reload to another global backend forgets the refusals of the domains
+        that use it, not those of domains with their own row.
+        """
+        self.hub.domains.apply([ncRow("other.example", "https://nc.example")])
+        penalty = self.hub.authenticator.penalty  # type: ignore[attr-defined]
+        penalty.failed("bob@other.example", KEY)
+        penalty.failed("alice@example.org", KEY)
+        self.hub.reload(config("--url", "https://c.example/jsxc", "--secret", "s",
+                               "--db", self.db))
+        self.assertTrue(penalty.refused("alice@example.org", KEY))
+        self.hub.reload(config("--url", "https://new.example/jsxc", "--secret", "s",
+                               "--db", self.db))
+        self.assertFalse(penalty.refused("alice@example.org", KEY))
+        self.assertTrue(penalty.refused("bob@other.example", KEY))
+
+
+class ReloadCheckTests(SynchronousTestCase):
+    def test_reloadChecksGlobalServiceAccount(self) -> None:
+        """
+        A reload checks the service account of the global stock client again;
+        a refusal is logged with what to fix (the daemon goes on).
+        """
+        checked: list[str] = []
+
+        def check(client: OCSClient) -> Any:
+            checked.append(client._serviceUser)
+            return fail(StartupRefused("svc2 is not an administrator"))
+
+        self.patch(OCSClient, "checkPrivileges", check)
+        db = os.path.abspath(self.mktemp())
+        hub = buildHub(config("--backend", "nextcloud", "--url", "https://c.example",
+                              "--service-user", "svc", "--service-password", "pw",
+                              "--db", db), MemoryReactorClock())
+        with capturedLogs() as events:
+            hub.reload(config("--backend", "nextcloud", "--url", "https://c.example",
+                              "--service-user", "svc2", "--service-password", "pw",
+                              "--db", db))
+        self.assertEqual(checked, ["svc2"])
+        errors = [formatEvent(e) for e in events if e["log_level"] == LogLevel.error]
+        self.assertEqual(
+            errors,
+            ["the global backend (after a reload) will not work: svc2 is not an "
+             "administrator"],
+        )

@@ -206,9 +206,12 @@ async def _oneShot(reactor: Any, options: Options) -> int:
 def _serveStdio(reactor: Any, options: Options) -> Deferred[None]:
     from twisted.internet.stdio import StandardIO
 
+    from xcauth.drain import drainConnections
     from xcauth.framing.base import XcauthFactory
     from xcauth.framing.registry import STDIO_FRAMINGS
     from xcauth.hub import buildHub, tuneGarbageCollector
+    from xcauth.service import DRAIN_MARGIN
+    from xcauth.store import whenFired
 
     hub = buildHub(options.config, reactor)
     hub.startService()
@@ -217,12 +220,27 @@ def _serveStdio(reactor: Any, options: Options) -> Deferred[None]:
     protocol = factory.buildProtocol(None)
     done: Deferred[None] = Deferred()
     lost = protocol.connectionLost
+    stopped: list[Deferred[None]] = []
+
+    def stopHub() -> Deferred[None]:
+        # Once: the hub's threads must end, or the interpreter waits for them
+        # forever after the reactor has stopped.
+        if not stopped:
+            stopped.append(hub.stopService())
+        return whenFired(stopped[0])
 
     def connectionLost(reason: Any = None) -> None:
         lost(reason)
-        hub.stopService().addBoth(lambda _: done.callback(None))
+        stopHub().addBoth(lambda _: done.callback(None))
+
+    async def shutdown() -> None:
+        # SIGTERM (ejabberd's and Prosody's stop, systemd's for the unit's
+        # control group): answer what was read, within the deadline, then stop.
+        await drainConnections([protocol], reactor, hub.context.deadline + DRAIN_MARGIN)
+        await stopHub()
 
     protocol.connectionLost = connectionLost
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: ensureDeferred(shutdown()))
     StandardIO(protocol, reactor=reactor)
     return done
 

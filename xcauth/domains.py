@@ -116,6 +116,16 @@ class DomainTable:
         self._loaded = False
         self._waiting: list[Deferred[None]] = []
         self._lastError: str | None = None
+        #: The backend of each domain of the table as last applied, and the
+        #: global one then (C{None}: nothing applied yet).
+        self._specs: dict[str, BackendSpec] = {}
+        self._appliedGlobal: BackendSpec | None = None
+        #: Called with a client no domain uses any more (its throttle watch
+        #: must stop).
+        self.onClientDropped: Callable[[IBackendClient], object] | None = None
+        #: Called, when the backend of some domains changed, with what tells
+        #: whether a domain's did (what the old backend refused must go).
+        self.onBackendChanged: Callable[[Callable[[str], bool]], object] | None = None
 
     def settingsFor(self, domain: str) -> DomainSettings | None:
         """
@@ -221,6 +231,7 @@ class DomainTable:
         self._rows = rows
         settings: dict[str, DomainSettings] = {}
         clients: dict[BackendSpec, IBackendClient] = {}
+        specs: dict[str, BackendSpec] = {}
         g = self.globalSettings
         for row in rows:
             secrets = splitSecrets(row.authsecret or "") or g.secrets
@@ -246,15 +257,36 @@ class DomainTable:
                 )
                 continue
             clients[key] = client
+            specs[domain] = key
             settings[domain] = DomainSettings(
                 secrets=secrets, authDomain=row.authdomain or None, client=client
             )
+        kept = {id(c) for c in clients.values()}
+        dropped = [c for c in self._clients.values() if id(c) not in kept]
         self._clients = clients
         self._settings = settings
+        self._backendsApplied(specs)
+        if self.onClientDropped is not None:
+            for client in dropped:
+                self.onClientDropped(client)
         log.info(
             "domain settings loaded: {count} domain(s) with their own backend",
             count=len(settings),
         )
+
+    def _backendsApplied(self, specs: dict[str, BackendSpec]) -> None:
+        oldSpecs, lastGlobal = self._specs, self._appliedGlobal
+        newGlobal = self.globalSpec
+        self._specs, self._appliedGlobal = specs, newGlobal
+        if lastGlobal is None or (lastGlobal == newGlobal and oldSpecs == specs):
+            return
+        oldGlobal: BackendSpec = lastGlobal
+
+        def changed(domain: str) -> bool:
+            return oldSpecs.get(domain, oldGlobal) != specs.get(domain, newGlobal)
+
+        if self.onBackendChanged is not None:
+            self.onBackendChanged(changed)
 
 
 def rowSpec(

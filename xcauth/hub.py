@@ -121,6 +121,8 @@ class Hub(Service):
         self.metrics = metrics
         self.gate = gate
         self.watches = watches
+        if watches is not None:
+            domains.onClientDropped = watches.discard
         self.startupCheck = startupCheck
         self.refuse = refuse
         self.context = context
@@ -166,6 +168,7 @@ class Hub(Service):
         if self.watches is not None:
             self.watches.stop()
         self.watches = ThrottleWatches()
+        self.domains.onClientDropped = self.watches.discard
         makeClient = clientFactory(
             HTTPRequester(
                 self.agent,
@@ -189,6 +192,7 @@ class Hub(Service):
         )
         if self.running:
             self.watches.start()
+        self._recheckGlobal()
         context = self.context
         context.deadline = config.deadline
         context.maxInFlight = config.maxInFlight
@@ -204,6 +208,18 @@ class Hub(Service):
             config, **{attribute: getattr(old, attribute) for _, attribute in RESTART_SETTINGS}
         )
         return restart
+
+    def _recheckGlobal(self) -> None:
+        # The global stock client of the new configuration (another account
+        # perhaps, or the same one with other rights by now): its service
+        # account is checked again, as at start.  A refusal cannot stop a
+        # running daemon: it is logged, with what to fix.
+        client = self.domains.globalSettings.client
+        if isinstance(client, OCSClient):
+            self.startupCheck = client.checkPrivileges
+            client.checkPrivileges().addErrback(
+                _domainCheckFailed, client.url, "the global backend (after a reload)"
+            )
 
     def startService(self) -> None:
         """
@@ -355,6 +371,7 @@ def buildHub(config: Config, reactor: Any) -> Hub:
             metrics=counts,
         ),
     )
+    forgetRefusalsOnBackendChange(domains, authenticator.penalty)
     context = ServerContext(
         authenticator=authenticator,
         clock=reactor,
@@ -378,6 +395,27 @@ def servedDomains(config: Config) -> tuple[str, ...] | None:
     (C{domain=}), or C{None}: any domain (no list given).
     """
     return config.domains or None
+
+
+def forgetRefusalsOnBackendChange(domains: DomainTable, penalty: PenaltyBox | None) -> None:
+    """
+    When the backend of some domains changes (the domain table, a reload),
+    the refusals and failures the penalty box remembers for their users go:
+    the old backend's "no" says nothing about the new one.
+    """
+    if penalty is None:
+        return
+
+    def changed(isChanged: Callable[[str], bool]) -> None:
+        dropped = penalty.forgetDomains(isChanged)
+        if dropped:
+            log.info(
+                "backend of some domains changed: {count} remembered refusal(s), "
+                "failure record(s) and users' known passwords forgotten",
+                count=dropped,
+            )
+
+    domains.onBackendChanged = changed
 
 
 def globalSpec(config: Config) -> BackendSpec:
@@ -427,9 +465,9 @@ def clientFactory(
     return makeClient
 
 
-def _domainCheckFailed(f: Failure, url: str) -> None:
+def _domainCheckFailed(f: Failure, url: str, what: str = "a domain's backend") -> None:
     if f.check(StartupRefused):
-        log.error("a domain's backend will not work: {reason}", reason=str(f.value))
+        log.error("{what} will not work: {reason}", what=what, reason=str(f.value))
     elif f.check(BackendUnavailable):
         log.warn("cannot check the service account of {url}: {reason}", url=url,
                  reason=str(f.value))

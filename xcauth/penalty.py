@@ -258,6 +258,16 @@ class KnownPasswords:
         """
         self._users.pop(jid, None)
 
+    def forgetWhere(self, matches: Callable[[str], bool]) -> int:
+        """
+        Forget the passwords of every user C{matches} is true for; how many
+        users that was.
+        """
+        gone = [jid for jid in self._users if matches(jid)]
+        for jid in gone:
+            del self._users[jid]
+        return len(gone)
+
     def count(self, jid: str) -> int:
         """
         How many passwords of C{jid} are known.
@@ -533,6 +543,27 @@ class PenaltyBox:
         """
         return self.known.count(jid) > 0
 
+    def forgetDomains(self, changed: Callable[[str], bool]) -> int:
+        """
+        Forget the refusals, failures and known passwords of the users of
+        every domain for which C{changed(domain)} is true: their backend
+        changed (a domain added to or removed from the table, another URL or
+        account, a reload), and what the old one refused or accepted says
+        nothing about the new one.
+
+        @return: how many entries were dropped.
+        """
+        refused = [pair for pair in self._refused if changed(_domainOf(pair[0]))]
+        for pair in refused:
+            del self._refused[pair]
+        records = [who for who in self._records
+                   if not who.startswith("@") and changed(_domainOf(who))]
+        for who in records:
+            del self._records[who]
+        return len(refused) + len(records) + self.known.forgetWhere(
+            lambda jid: changed(_domainOf(jid))
+        )
+
     def forgetUser(self, jid: str) -> None:
         """
         Nextcloud says C{jid} does not exist: none of its passwords is known
@@ -543,3 +574,10 @@ class PenaltyBox:
 
     def __len__(self) -> int:
         return len(self._records) + len(self._refused)
+
+
+def _domainOf(jid: str) -> str:
+    """
+    The domain of a JID.
+    """
+    return jid.rpartition("@")[2]

@@ -674,7 +674,14 @@ class RosterSync:
         elif job.running:
             # One follow-up after the sync in flight, for any number of logins.
             job.again = True
-        # Queued or waiting for a retry: that sync will fetch a fresh roster.
+        elif job.retry is not None and job.retry.active():
+            # Waiting for a retry (up to minutes away): the login brings it
+            # forward, with the backoff started afresh.
+            job.retry.cancel()
+            job.retry = None
+            job.attempt = 0
+            self._clock.callLater(0, self._start, key)
+        # Queued: that sync will fetch a fresh roster.
 
     def pending(self) -> int:
         """

@@ -16,8 +16,11 @@ C{systemd:domain=UNIX:...} listener.
 Twisted has no public way to adopt a UNIX socket without that chmod and unlink
 (C{reactor.adoptStreamPort} does both), so L{SystemdUNIXPort} works around
 C{twisted.internet.unix.Port.startListening} and C{connectionLost} through the
-private C{_bindPath} and C{_fromListeningDescriptor}; checked on Twisted 22.10
-to 26.10.
+private C{_fromListeningDescriptor} and the attribute holding the socket's path
+there: C{port} up to Twisted 26.4, C{_bindPath} from 26.10 on (where C{port} is
+0 and no longer the path).  Checked
+on Twisted 22.10, 24.10, 24.11 (Debian 13's), 25.5, 26.4 and 26.10 by
+C{tests.test_systemd_e2e} (C{make test-oldest}, with C{TWISTED=...}).
 """
 
 from __future__ import annotations
@@ -41,24 +44,30 @@ class SystemdUNIXPort(unix.Port):
     and stops.
     """
 
-    def _asAbstract(self) -> bytes:
-        path: bytes = self._bindPath
-        self._bindPath = b"\0" + path
-        return path
+    def _pathAttribute(self) -> str:
+        # The attribute Twisted's Port binds, chmods and unlinks: _bindPath
+        # since Twisted 26.10, port before.
+        return "_bindPath" if hasattr(self, "_bindPath") else "port"
+
+    def _asAbstract(self) -> tuple[str, Any]:
+        name = self._pathAttribute()
+        path = getattr(self, name)
+        setattr(self, name, (b"\0" if isinstance(path, bytes) else "\0") + path)
+        return name, path
 
     def startListening(self) -> None:
-        path = self._asAbstract()
+        name, path = self._asAbstract()
         try:
             super().startListening()
         finally:
-            self._bindPath = path
+            setattr(self, name, path)
 
     def connectionLost(self, reason: Any) -> None:
-        path = self._asAbstract()
+        name, path = self._asAbstract()
         try:
             super().connectionLost(reason)
         finally:
-            self._bindPath = path
+            setattr(self, name, path)
 
 
 @implementer(IStreamServerEndpoint)

@@ -207,6 +207,15 @@ class ThrottleWatches:
         if self.running:
             watch.start()
 
+    def discard(self, client: object) -> None:
+        """
+        Stop and forget the watch of C{client}, a backend no domain uses any
+        more (its row changed or went).
+        """
+        for watch in [w for w in self.watches if w.client is client]:
+            watch.stop()
+            self.watches.remove(watch)
+
     def start(self) -> None:
         """
         Start every watch.

@@ -1,9 +1,10 @@
 """
 The line framings: C{prosody} (alias C{generic}) and line-based C{ejabberd-line}.
 
-One request per line ending in C{\\n} (one trailing C{\\r} is stripped, so telnet
-works); answers are C{1\\n} or C{0\\n}.  C{roster} answers the backend's shared
-roster JSON on one line.
+One request per line ending in C{\\n} (every trailing C{\\r} is stripped, as the
+replaced program did, so telnet works, even from a script that writes C{\\r\\n});
+answers are C{1\\n} or C{0\\n}.  C{roster} answers the backend's shared roster
+JSON on one line.
 """
 
 from __future__ import annotations
@@ -49,9 +50,7 @@ class XMPPLineProtocol(OrderedAnswers, XMPPRequests, LineReceiver):
     MAX_LENGTH = 4096
 
     def lineReceived(self, line: bytes) -> None:
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        self.handleRequest(line)
+        self.handleRequest(line.rstrip(b"\r"))
 
     def encode(self, result: Any) -> bytes:
         return encodeLineAnswer(result)

@@ -159,9 +159,8 @@ class PostfixProtocol(OrderedAnswers, LineReceiver):
             data, self._again = self._again, None
 
     def lineReceived(self, line: bytes) -> None:
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        parsed = parseQuery(line)
+        # Every trailing CR, as the line framings of xcauth strip them.
+        parsed = parseQuery(line.rstrip(b"\r"))
         if isinstance(parsed, Answered):
             if parsed.invalid:
                 self.noteInvalid(f"answered {parsed.answer[:3].decode('ascii')}: {parsed.reason}")

@@ -37,7 +37,7 @@ import hmac
 import json
 import re
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from twisted.internet.interfaces import IReactorSocket, IReactorTime
@@ -418,7 +418,14 @@ class FastJSXCProtocol(Protocol):
         self.gone = True
 
 
-class FastJSXCFactory(ServerFactory[FastJSXCProtocol]):
+if TYPE_CHECKING:
+    _FastJSXCFactoryBase = ServerFactory[FastJSXCProtocol]
+else:
+    # ServerFactory is generic from Twisted 23.8 on; 22.10 is admitted too.
+    _FastJSXCFactoryBase = ServerFactory
+
+
+class FastJSXCFactory(_FastJSXCFactoryBase):
     """
     Serves L{FakeJSXC} with L{FastJSXCProtocol}.
     """

@@ -8,12 +8,16 @@ what does not stop by itself.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import random
+import re
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -27,14 +31,52 @@ SECRET = "e2e-secret-0123456789"
 START_TIMEOUT = 30.0
 
 
+#: Ports L{freePort} hands out: below the kernel's ephemeral range (32768 and up
+#: on Linux), which the port-0 binds and the outgoing connections of every
+#: process draw from, so none of them can take a port between L{freePort} and
+#: its bind; and clear of the ports of the servers the tests drive.
+PORT_RANGE = range(15000, 20000)
+#: One lock file per port handed out: parallel test processes (trial --jobs, or
+#: two checkouts at once) never hand out the same port.
+PORT_LOCKS = os.path.join(tempfile.gettempdir(), "xcauth-test-ports")
+#: The locks this process holds, kept until it exits (a port is never reused
+#: by the process that had it, so a daemon being stopped never races its
+#: successor).
+_heldPorts: dict[int, int] = {}
+
+
 def freePort(host: str = "127.0.0.1") -> int:
     """
-    A TCP port that is free on C{host} right now.
+    A TCP port free on C{host}, for a program that cannot bind port 0 and say
+    which port it got (ejabberd, Prosody, Postfix, a fixed C{--listen}): one of
+    L{PORT_RANGE} that no other test process holds (a lock file in
+    L{PORT_LOCKS}) and that can be bound now.  Where the program under test can
+    bind port 0 and report it (L{Daemon.ports}, the fake Nextcloud's port
+    file), the tests do that instead.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    os.makedirs(PORT_LOCKS, exist_ok=True)
+    start = random.randrange(len(PORT_RANGE))
+    for i in range(len(PORT_RANGE)):
+        port = PORT_RANGE[(start + i) % len(PORT_RANGE)]
+        if port in _heldPorts:
+            continue
+        fd = os.open(os.path.join(PORT_LOCKS, str(port)), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                os.close(fd)
+                continue
+        _heldPorts[port] = fd
+        return port
+    raise RuntimeError(f"no free port left in {PORT_RANGE}")
 
 
 def childEnv(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -264,6 +306,28 @@ class Daemon(Process):
             waitFor(partial(canConnect, address), f"xcauth listening on {address}",
                     process=self.process)
 
+    def ports(self) -> dict[str, int]:
+        """
+        The TCP port of each listener (by its C{--listen} entry, the metrics
+        listener by its endpoint) as the daemon logged it once listening: a
+        listener on C{tcp:0} gets its port from the kernel, and no other
+        process can take it first.
+        """
+        return {
+            m.group(1): int(m.group(2))
+            for m in re.finditer(r"listening: (\S+) on \S+ port (\d+)", self.output())
+        }
+
+    @property
+    def port(self) -> int:
+        """
+        The port of the first TCP listener.
+        """
+        ports = list(self.ports().values())
+        if not ports:
+            raise RuntimeError("the daemon logged no TCP listener")
+        return ports[0]
+
     def output(self) -> str:
         """
         The daemon's log plus anything printed before logging started.
@@ -277,17 +341,18 @@ class Daemon(Process):
         return text
 
 
-def serveOn(testCase: Any, directory: str, config: str, framing: str, port: int,
+def serveOn(testCase: Any, directory: str, config: str, framing: str, port: int = 0,
             *args: str) -> Daemon:
     """
     The real daemon with C{config}, serving C{framing} on 127.0.0.1:C{port},
-    started (and stopped at the test's end).
+    started (and stopped at the test's end).  With port 0 (the default) the
+    daemon binds a port the kernel chooses: L{Daemon.port}.
     """
     daemon = Daemon(
         directory,
         ["--config-file", config, "--listen", f"{framing}=tcp:{port}:interface=127.0.0.1",
          *args],
-        waitOn=[("127.0.0.1", port)],
+        waitOn=[("127.0.0.1", port)] if port else [],
     )
     testCase.addCleanup(daemon.stop)
     daemon.start()
