@@ -54,8 +54,13 @@ class FreePortTests(SynchronousTestCase):
         """
         A port of the range that something already listens on is skipped.
         """
+        # Locks of this test's own (other test processes hold ports of the
+        # real range), and a range where every port but one is taken.
+        self.patch(processes, "PORT_LOCKS", os.path.abspath(self.mktemp()))
+        self.patch(processes, "_heldPorts", {})
         self.patch(processes, "PORT_RANGE", range(PORT_RANGE.start, PORT_RANGE.start + 40))
-        taken = []
+        taken: list[int] = []
+        free: int | None = None
         for port in processes.PORT_RANGE:
             s = socket.socket()
             try:
@@ -64,12 +69,17 @@ class FreePortTests(SynchronousTestCase):
             except OSError:
                 s.close()
                 continue
+            if free is None:
+                free = port
+                s.close()
+                continue
             self.addCleanup(s.close)
             taken.append(port)
-            if len(taken) == 39:
-                break
+        assert free is not None, "no port of the range could be bound"
         port = freePort()
+        self.addCleanup(os.close, processes._heldPorts.pop(port))
         self.assertNotIn(port, taken)
+        self.assertEqual(port, free)
 
 
 class DaemonPortsTests(SynchronousTestCase):
