@@ -3,7 +3,10 @@ Per-domain settings from the C{domains} table of the state database.
 
 L{DomainTable} keeps the table in a dict, re-read in the database thread every
 L{REFRESH_SECONDS} seconds, so a lookup is a dict access and changes made with
-C{xcauth domains ...} take effect within seconds, without a restart.  A domain
+C{xcauth domains ...} take effect within seconds, without a restart.  On a
+database shared by several nodes (PostgreSQL) a change made on any node is
+also announced (C{NOTIFY}) and read at once; the periodic read stays as the
+safety net.  A domain
 not listed uses the global url and secret.
 """
 
@@ -105,6 +108,25 @@ class DomainTable:
         self._loaded = False
         self._waiting: list[Deferred[None]] = []
         self._lastError: str | None = None
+        # Reads started and the last one applied: a read finishing after a
+        # newer one is not applied.
+        self._reads = 0
+        self._applied = 0
+        # A shared database (PostgreSQL) tells of changes made on any node.
+        db.subscribe(store.DOMAINS_CHANNEL, self._changed)
+        db.onReconnect(self._reconnected)
+
+    def _changed(self, domain: str | None) -> Deferred[None] | None:
+        """
+        A domain changed on some node (or notifications may have been missed):
+        read the table now rather than at the next refresh.
+        """
+        if self._loop is None:
+            return None
+        return self.refresh()
+
+    def _reconnected(self) -> Deferred[None] | None:
+        return self._changed(None)
 
     def settingsFor(self, domain: str) -> DomainSettings:
         """
@@ -165,8 +187,17 @@ class DomainTable:
         database file is still the one in use).
         """
         self._db.checkFile()
+        self._reads += 1
+        read = self._reads
+
+        def latest(rows: list[store.DomainRow]) -> None:
+            if read < self._applied:
+                return  # a newer read was applied already
+            self._applied = read
+            self.apply(rows)
+
         d = self._db.run(store.listDomains)
-        return d.addCallbacks(self.apply, self._failed).addBoth(self._markLoaded)
+        return d.addCallbacks(latest, self._failed).addBoth(self._markLoaded)
 
     def _failed(self, f: Failure) -> None:
         if f.check(store.NoDatabase):
