@@ -22,6 +22,7 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
+from xcauth.schema import SCHEMA_VERSION
 from xcauth.testing import postgres
 from xcauth.testing.processes import (
     SECRET,
@@ -36,7 +37,6 @@ from xcauth.testing.processes import (
     waitFor,
     writeConfig,
 )
-from xcauth.schema import SCHEMA_VERSION
 from xcauth.token import makeToken
 
 ALICE = "pa:ss w"
@@ -182,7 +182,7 @@ class ClusterTests(TestCase):
             waitFor(lambda name=name: "the state database" in self.daemons[name].output()
                     and "is available again" in self.daemons[name].output(),
                     f"node {name} reconnecting", 30)
-        waitFor(lambda: self.ask("a", f"auth:jörg:example.org:pässwörd") == b"1"
+        waitFor(lambda: self.ask("a", "auth:jörg:example.org:pässwörd") == b"1"
                 and "jörg@example.org" in self.cached(), "a new shared cache entry", 30)
         listing = self.admin("domains", "list")
         self.assertIn("other.org", listing.stdout)
