@@ -297,6 +297,40 @@ class PgStoreTests(TestCase):
         self.assertEqual(rows, [])
 
     @inlineCallbacks
+    def test_metrics(self) -> Any:
+        """
+        Calls, their latency and outcome, the outage and the reconnection are
+        in the metrics.
+        """
+        from prometheus_client import generate_latest
+
+        from xcauth.metrics import Metrics
+
+        metrics = Metrics(reactor, process=False)
+        s = pgstore.PgStore(
+            self.server.url(self.name), postgres.PASSWORD, reactor, 1.0, metrics=metrics
+        )
+        self.addCleanup(s.close)
+        yield s.run(store.ensureSchema)
+        self.server.stop()
+        try:
+            yield self.assertFailure(s.run(store.listDomains), pgstore.StoreUnavailable)
+            text = generate_latest(metrics.registry).decode()
+            self.assertIn("xcauth_store_down 1.0", text)
+        finally:
+            self.server.start()
+        for _ in range(100):
+            if not s.down:
+                break
+            yield deferLater(reactor, 0.1, lambda: None)
+        text = generate_latest(metrics.registry).decode()
+        self.assertIn("xcauth_store_down 0.0", text)
+        self.assertIn("xcauth_store_reconnects_total 1.0", text)
+        self.assertIn('xcauth_store_query_seconds_count{outcome="ok"}', text)
+        self.assertIn('xcauth_store_query_seconds_count{outcome="error"} 1.0', text)
+        self.assertIn("xcauth_store_in_use 0.0", text)
+
+    @inlineCallbacks
     def test_notificationsFromOtherNodes(self) -> Any:
         """
         A subscriber hears C{None} when the listener connects, then each change

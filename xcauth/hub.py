@@ -55,6 +55,7 @@ BCRYPT_THREADS = 2
 #: roster sync are set up once): C{(option, Config attribute)}.
 RESTART_SETTINGS = (
     ("db", "db"),
+    ("db-password-file", "dbPasswordFile"),
     ("cache-storage", "cacheStorage"),
     ("cache-bcrypt-rounds", "bcryptRounds"),
     ("roster-sync", "rosterSync"),
