@@ -53,6 +53,9 @@ RETRY_SECONDS = 1.0
 #: should stop.
 LISTEN_POLL = 0.5
 
+#: Seconds between two checks that the listener's connection still works.
+LISTEN_CHECK = 5.0
+
 _PREFIXES = ("postgresql://", "postgres://")
 _KEYWORD = re.compile(r"^\s*[a-z_]+\s*=")
 
@@ -456,7 +459,9 @@ class PgStore(Store):
         failedBefore = False
         while not self._stopListening.is_set():
             try:
-                conn = connect(self.db, self._password, None, "xcauth-listen")
+                # Keepalives and the statement timeout: a silent network
+                # cut is found within seconds, not hours.
+                conn = connect(self.db, self._password, self.timeout, "xcauth-listen")
             except DatabaseError as e:
                 if not failedBefore:
                     failedBefore = True
@@ -471,14 +476,21 @@ class PgStore(Store):
                     conn.raw.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                 failedBefore = False
                 self._reactor.callFromThread(self._resync, channels)
+                checked = time.monotonic()
                 while not self._stopListening.is_set():
                     for note in conn.raw.notifies(timeout=LISTEN_POLL, stop_after=100):
                         self._reactor.callFromThread(
                             self._notified, note.channel, note.payload, note.pid
                         )
+                    if time.monotonic() - checked > LISTEN_CHECK:
+                        # The connection is still there (and its answer).
+                        conn.raw.execute("SELECT 1")
+                        checked = time.monotonic()
             except psycopg.Error:
-                self._reactor.callFromThread(setattr, self, "listening", False)
+                pass
             finally:
+                # Until connected again, nodes' changes may go unheard.
+                self._reactor.callFromThread(setattr, self, "listening", False)
                 try:
                     conn.close()
                 except Exception:
