@@ -34,7 +34,7 @@ from typing import Any
 
 import attr
 
-from bench import hostile, loadgen, procstat
+from bench import cluster, hostile, loadgen, procstat
 from xcauth.testing import processes as harness
 from xcauth.token import makeToken
 
@@ -186,6 +186,7 @@ def scenarios() -> list[Scenario]:
                  passwordRequests, hostile.OUTAGE_CONCURRENCY, 50, kind="outage", cache=True,
                  options=outage, stale=2.0, staleOptions={"cache_query_ttl": "1s"})
     )
+    out.extend(cluster.scenarios())
     return out
 
 
@@ -472,6 +473,8 @@ class Runner:
         self.stack.nextcloudFor(s.latencyMs)
         if s.kind in hostile.RUNNERS:
             return hostile.RUNNERS[s.kind](self, s)
+        if s.kind == "cluster":
+            return cluster.runCluster(self, s)
         daemon, port = self.stack.daemon(s)
         try:
             procs = s.procs or self.procs or 1

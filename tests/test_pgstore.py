@@ -203,7 +203,8 @@ class PostgresStateTests(_StateTests, SynchronousTestCase):
 
     def test_notifications(self) -> None:
         """
-        Domain and cache writes notify their channel when they commit.
+        Domain and cache writes notify their channel when they commit (a
+        cache entry when its hash changes or it goes).
         """
         conn = self.connect()
         listener = pgstore.connect(conn.raw.info.dsn, postgres.PASSWORD, 10)
@@ -211,7 +212,10 @@ class PostgresStateTests(_StateTests, SynchronousTestCase):
         listener.raw.execute("LISTEN xcauth_domains")
         listener.raw.execute("LISTEN xcauth_cache")
         store.addDomain(conn, "a.org", URL, "s", None)
+        # A first entry, and the same hash again: no word; a new hash: one.
         store.putCacheEntry(conn, "alice@a.org", "h", 1.0)
+        store.putCacheEntry(conn, "alice@a.org", "h", 2.0)
+        store.putCacheEntry(conn, "alice@a.org", "h2", 3.0)
         store.deleteCacheEntry(conn, "alice@a.org")
         got = [
             (n.channel, n.payload)

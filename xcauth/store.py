@@ -419,16 +419,26 @@ def putCacheEntry(conn: Connection, jid: str, pwhash: str, now: float) -> None:
     become C{now}; the first-success timestamp of an existing entry is kept.
     """
     stamp = formatTimestamp(now)
-    with transaction(conn):
+    upsert = (
+        "INSERT INTO authcache (jid, pwhash, firstauth, remoteauth, anyauth) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (jid) DO UPDATE SET "
+        "pwhash = excluded.pwhash, remoteauth = excluded.remoteauth, "
+        "anyauth = excluded.anyauth"
+    )
+    if not isinstance(conn, sqlite3.Connection):
+        # PostgreSQL: one statement (no BEGIN and COMMIT round trips).  Other
+        # nodes are told to drop what they keep of the entry when its hash
+        # changes (a new password); a first entry needs no word (NOTIFY
+        # serializes commits).
         conn.execute(
-            "INSERT INTO authcache (jid, pwhash, firstauth, remoteauth, anyauth) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (jid) DO UPDATE SET "
-            "pwhash = excluded.pwhash, remoteauth = excluded.remoteauth, "
-            "anyauth = excluded.anyauth",
-            (jid, pwhash, stamp, stamp, stamp),
+            f"WITH old AS (SELECT pwhash FROM authcache WHERE jid = ?), "
+            f"up AS ({upsert} RETURNING 1) "
+            f"SELECT pg_notify(?, ?) FROM old WHERE pwhash IS DISTINCT FROM ?",
+            (jid, jid, pwhash, stamp, stamp, stamp, CACHE_CHANNEL, jid, pwhash),
         )
-        # Other nodes drop what they keep of the entry (a new password).
-        notify(conn, CACHE_CHANNEL, jid)
+        return
+    with transaction(conn):
+        conn.execute(upsert, (jid, pwhash, stamp, stamp, stamp))
 
 
 def touchCacheEntry(
