@@ -18,12 +18,13 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from tests import test_cache, test_roster
 from tests.test_admin_cli import xcauth
 from tests.test_store import writeOldDatabase
 from xcauth import pgstore, rosterstore, schema, store
-from xcauth.cache import CacheEntry, SharedStorage
+from xcauth.cache import CacheEntry, DatabaseStorage, SharedStorage
 from xcauth.config import ConfigOptions
 from xcauth.testing import postgres
 
@@ -589,3 +590,91 @@ class DbCommandTests(SynchronousTestCase):
 
 
 
+
+
+class SynchronousPgStore(store.Store):
+    """
+    The row functions on one PostgreSQL connection, called at once (as
+    L{store.Store} with a synchronous worker is for SQLite): the state tests
+    of the roster sync and of the cache run unchanged on PostgreSQL.
+    """
+
+    engine = "postgresql"
+
+    def __init__(self, conn: pgstore.PgConnection) -> None:
+        self.path = "postgresql"
+        self.conn = conn
+
+    def run(self, f: Any, *args: Any) -> Any:
+        from twisted.internet.defer import fail, succeed
+
+        try:
+            return succeed(f(self.conn, *args))
+        except Exception:
+            return fail()
+
+    def close(self) -> Any:
+        from twisted.internet.defer import succeed
+
+        return succeed(None)
+
+
+class PostgresRosterSyncTests(test_roster.SyncTests):
+    """
+    L{tests.test_roster.SyncTests} with the state on PostgreSQL.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.pg = pgConnect(self)
+        self.store = SynchronousPgStore(self.pg)
+        self.sync = self.makeSync()
+
+    def db(self) -> Any:
+        return self.pg
+
+    def test_oldDatabase(self) -> None:
+        raise SkipTest("an older installation's SQLite file: moved with 'xcauth db copy' "
+                       "(DbCommandTests)")
+
+
+class PostgresRosterSchedulingTests(test_roster.SchedulingTests):
+    """
+    L{tests.test_roster.SchedulingTests} (with the sync claims) on PostgreSQL.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.pg = pgConnect(self)
+        self.store = SynchronousPgStore(self.pg)
+        self.sync = self.makeSync()
+
+    def db(self) -> Any:
+        return self.pg
+
+
+class PostgresCacheTimelineTests(test_cache.DatabaseTimelineTests):
+    """
+    L{tests.test_cache.DatabaseTimelineTests} with the cache on PostgreSQL.
+    """
+
+    def makeStorage(self) -> Any:
+        if not hasattr(self, "pg"):
+            self.pg = pgConnect(self)
+        self.db = SynchronousPgStore(self.pg)
+        return DatabaseStorage(self.db)
+
+    def test_storedInOldFormat(self) -> None:
+        """
+        Timestamps are stored as CURRENT_TIMESTAMP text, the hash as text.
+        """
+        env = test_cache.Env(self.makeStorage())
+        self.assertTrue(self.login(env))
+        row = self.pg.execute(
+            "SELECT pwhash, firstauth, remoteauth, pg_typeof(firstauth)::text "
+            "FROM authcache WHERE jid = ?", (f"alice@{test_cache.DOMAIN}",),
+        ).fetchone()
+        self.assertTrue(row[0].startswith("$2"))
+        self.assertEqual(row[1], store.formatTimestamp(test_cache.START))
+        self.assertEqual(row[1], row[2])
+        self.assertEqual(row[3], "text")
