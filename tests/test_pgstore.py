@@ -435,6 +435,45 @@ class SharedCacheTests(TestCase):
         self.assertEqual(calls, [])
 
     @inlineCallbacks
+    def test_hitsWriteNothing(self) -> Any:
+        """
+        Cache hits within a minute of the last recorded one are recorded in
+        memory only (the 60 s rule of L{DatabaseStorage}), also once the
+        entry has been kept longer than 5 s.
+        """
+        now = time.time()
+        yield self.a.put("alice@a.org", b"$2b$hash", now)
+        calls: list[object] = []
+        run = self.stores[0].run
+        self.stores[0].run = lambda *a: calls.append(a) or run(*a)  # type: ignore[method-assign]
+        for later in (1, 10, 30, 59):
+            yield self.a.touch("alice@a.org", now + later, False)
+        self.assertEqual(calls, [])
+        yield self.a.touch("alice@a.org", now + 61, False)
+        self.assertEqual(len(calls), 1)
+
+    @inlineCallbacks
+    def test_evictionKeptThroughFailedPut(self) -> Any:
+        """
+        An eviction made while PostgreSQL is down stays to be written even if
+        a new hash for the user could not be written either: the old hash is
+        gone once the database is back.
+        """
+        now = time.time()
+        yield self.a.put("alice@a.org", b"$2b$old", now)
+        self.server.stop()
+        try:
+            yield self.until(lambda: not self.stores[0].listening)
+            yield self.a.delete("alice@a.org")
+            yield self.a.put("alice@a.org", b"$2b$new", now + 1)
+            self.assertIn("alice@a.org", self.a.evictions)
+        finally:
+            self.server.start()
+        yield self.until(lambda: not self.a.evictions and not self.stores[0].down)
+        rows = yield self.stores[1].run(store.listCache)
+        self.assertEqual(rows, [])
+
+    @inlineCallbacks
     def test_outage(self) -> Any:
         """
         With PostgreSQL stopped, reads come from memory and an eviction is

@@ -692,9 +692,14 @@ class SharedStorage(DatabaseStorage):
         old = self._local.get(jid)
         first = old.firstAuth if old is not None else now
         self._remember(jid, CacheEntry(pwhash, first, now, now))
-        self.evictions.pop(jid, None)
-        return super().put(jid, pwhash, now).addErrback(
-            lambda f: self._fallback("cache-write", f)
+
+        def written(_: object) -> None:
+            # The new hash replaced the evicted one: nothing left to delete.
+            # (Not before it is written: a failed write leaves the old hash.)
+            self.evictions.pop(jid, None)
+
+        return super().put(jid, pwhash, now).addCallbacks(
+            written, lambda f: self._fallback("cache-write", f)
         )
 
     def touch(self, jid: str, now: float, verified: bool) -> Deferred[None]:
@@ -703,12 +708,16 @@ class SharedStorage(DatabaseStorage):
         """
         old = self._local.get(jid)
         if old is not None:
+            if not verified and now - old.anyAuth < self.TOUCH_SECONDS:
+                # A cache hit: recorded in memory only (as L{DatabaseStorage}
+                # does), no trip to the database.
+                return succeed(None)
             self._remember(
                 jid, attr.evolve(old, anyAuth=now, remoteAuth=now if verified else old.remoteAuth)
             )
-        return super().touch(jid, now, verified).addErrback(
-            lambda f: self._fallback("cache-write", f)
-        )
+        self._kept.pop(jid, None)
+        d: Deferred[None] = self._db.run(store.touchCacheEntry, jid, now, verified)
+        return d.addErrback(lambda f: self._fallback("cache-write", f))
 
     def delete(self, jid: str) -> Deferred[None]:
         """
