@@ -336,6 +336,20 @@ class PgStoreTests(TestCase):
         self.assertIn("xcauth_store_in_use 0.0", text)
 
     @inlineCallbacks
+    def test_serverRestartedBetweenCalls(self) -> Any:
+        """
+        After a restart of the server between two calls, the next call gets a
+        new connection at once: it succeeds and the store is not marked down.
+        """
+        s = self.makeStore(5.0)
+        yield s.run(store.ensureSchema)
+        self.server.stop()
+        self.server.start()
+        rows = yield s.run(store.listDomains)
+        self.assertEqual(rows, [])
+        self.assertFalse(s.down)
+
+    @inlineCallbacks
     def test_notificationsFromOtherNodes(self) -> Any:
         """
         A subscriber hears C{None} when the listener connects, then each change

@@ -359,28 +359,35 @@ class PgStore(Store):
     def _callPooled(self, call: _Call, f: Callable[..., T], *args: Any) -> T:
         import psycopg
 
-        if call.cancelled:
-            raise StoreUnavailable(f"the state database {self.path} is unavailable")
-        try:
-            conn = self._connection()
-        except DatabaseError as e:
-            self._reactor.callFromThread(self._markDown, str(e))
-            raise StoreUnavailable(str(e)) from None
-        try:
-            return f(conn, *args)
-        except psycopg.Error as e:
-            reason = _reason(e, self._password)
-            if conn.raw.broken or conn.raw.closed:
-                self._drop()
-                self._reactor.callFromThread(self._markDown, reason)
-                raise StoreUnavailable(
-                    f"the state database {self.path} is unavailable: {reason}"
-                ) from None
-            if isinstance(e, psycopg.errors.QueryCanceled):
-                raise StoreUnavailable(
-                    f"the state database {self.path} did not answer in time"
-                ) from None
-            raise DatabaseError(f"state database {self.path}: {reason}") from None
+        # A connection found broken (the server restarted since it was last
+        # used) is replaced once at once; the row functions may run twice
+        # (each is one transaction that can be repeated).
+        for attempt in (1, 2):
+            if call.cancelled:
+                raise StoreUnavailable(f"the state database {self.path} is unavailable")
+            try:
+                conn = self._connection()
+            except DatabaseError as e:
+                self._reactor.callFromThread(self._markDown, str(e))
+                raise StoreUnavailable(str(e)) from None
+            try:
+                return f(conn, *args)
+            except psycopg.Error as e:
+                reason = _reason(e, self._password)
+                if conn.raw.broken or conn.raw.closed:
+                    self._drop()
+                    if attempt == 1:
+                        continue
+                    self._reactor.callFromThread(self._markDown, reason)
+                    raise StoreUnavailable(
+                        f"the state database {self.path} is unavailable: {reason}"
+                    ) from None
+                if isinstance(e, psycopg.errors.QueryCanceled):
+                    raise StoreUnavailable(
+                        f"the state database {self.path} did not answer in time"
+                    ) from None
+                raise DatabaseError(f"state database {self.path}: {reason}") from None
+        raise AssertionError("unreachable")
 
     # -- down and up -----------------------------------------------------------
 
