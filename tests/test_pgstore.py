@@ -604,6 +604,29 @@ class DbCommandTests(SynchronousTestCase):
         self.assertIn("other.org", result.stdout)
         self.assertNotIn(postgres.PASSWORD, result.stdout + result.stderr)
 
+    def test_oneShotOnNewDatabase(self) -> None:
+        """
+        C{xcauth -A} with a new, empty database: the schema is created before
+        the domains table is read (the pool runs calls in parallel).
+        """
+        from xcauth.token import makeToken
+
+        server = postgres.skipUnlessPostgres(self)
+        name = server.newDatabase()
+        self.addCleanup(server.dropDatabase, name)
+        directory = self.mktemp()
+        os.makedirs(directory)
+        pwfile = os.path.join(directory, "pw")
+        with open(pwfile, "w") as f:
+            f.write(postgres.PASSWORD)
+        token = makeToken(b"s3cret", "alice", "example.org", int(time.time()) + 3600)
+        result = xcauth("--url", URL, "--secret", "s3cret", "--db", server.url(name),
+                        "--db-password-file", pwfile, "--cache-storage", "db",
+                        "-A", "alice", "example.org", token)
+        self.assertEqual((result.returncode, result.stdout), (0, "True\n"), result.stderr)
+        self.assertNotIn("cannot read the domains table", result.stderr)
+        self.assertIn("domain settings loaded: 0 domain(s)", result.stderr)
+
     def test_newerSchemaRefused(self) -> None:
         """
         A database upgraded by a newer xcauth: one line, status 1.

@@ -235,11 +235,16 @@ class Hub(Service):
         super().startService()
         self.dbWorker.start()
         self.hashWorker.start()
-        self.checkSchema()
-        self.domains.start()
+        # The domains are read once the schema is there (a new PostgreSQL
+        # database gets its tables first: its pool runs calls in parallel).
+        self.checkSchema().addCallback(self._startDomains)
         if self.watches is not None:
             self.watches.start()
         self.runStartupCheck()
+
+    def _startDomains(self, _: object = None) -> None:
+        if self.running:
+            self.domains.start()
 
     def checkSchema(self) -> Deferred[None]:
         """
