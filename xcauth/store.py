@@ -10,9 +10,11 @@ anything else, so columns people added themselves survive.  Several processes
 may open (and create) the same file at once: the daemon and the C{xcauth}
 admin command use the same functions here.
 
-The functions taking a C{sqlite3.Connection} are synchronous; the daemon calls
+The functions taking a C{Connection} are synchronous; the daemon calls
 them through L{Store.run}, which runs them on the store's single database
-thread.  Timestamps are kept in the text format of C{CURRENT_TIMESTAMP}
+thread.  The same functions run on PostgreSQL, the state shared by several
+nodes (L{xcauth.pgstore}: a L{xcauth.pgstore.PgStore} instead of a L{Store});
+the schema of both is L{xcauth.schema}.  Timestamps are kept in the text format of C{CURRENT_TIMESTAMP}
 (C{YYYY-MM-DD HH:MM:SS}, UTC), as older installations wrote them.
 """
 
