@@ -375,6 +375,59 @@ class PgStoreTests(TestCase):
         self.assertEqual(heard, [None, "b.org"])
 
 
+class SharedDomainsTests(TestCase):
+    """
+    L{DomainTable} on PostgreSQL: a change made elsewhere is read when it is
+    announced, not at the next periodic read.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_changeAnnounced(self) -> Any:
+        from xcauth.domains import BackendSpec, DomainSettings, DomainTable
+
+        server = postgres.skipUnlessPostgres(self)
+        name = server.newDatabase()
+        self.addCleanup(server.dropDatabase, name)
+        s = pgstore.PgStore(server.url(name), postgres.PASSWORD, reactor, 5.0)
+        self.addCleanup(s.close)
+        yield s.run(store.ensureSchema)
+        made: list[BackendSpec] = []
+
+        def makeClient(spec: BackendSpec) -> Any:
+            made.append(spec)
+            return object()
+
+        globalSettings = DomainSettings((b"g",), None, makeClient(BackendSpec("jsxc", URL, b"g")))
+        # The periodic read once an hour: only the announcement can apply
+        # the change within the test.
+        table = DomainTable(s, globalSettings, makeClient, reactor, interval=3600,
+                            globalSpec=BackendSpec("jsxc", URL, b"g"))
+        s.startListening()
+        table.start()
+        self.addCleanup(table.stop)
+        for _ in range(100):
+            if s.listening and table.whenReady() is None:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertIs(table.settingsFor("other.org"), globalSettings)
+        admin = pgstore.connect(server.url(name), postgres.PASSWORD, 10)
+        self.addCleanup(admin.close)
+        store.addDomain(admin, "other.org", URL, "other-secret", None)
+        for _ in range(200):
+            if table.settingsFor("other.org") is not globalSettings:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(table.settingsFor("other.org").secrets, (b"other-secret",))
+        store.removeDomain(admin, "other.org")
+        for _ in range(200):
+            if table.settingsFor("other.org") is globalSettings:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertIs(table.settingsFor("other.org"), globalSettings)
+
+
 class SharedCacheTests(TestCase):
     """
     L{SharedStorage} of two nodes on one PostgreSQL.
