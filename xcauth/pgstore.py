@@ -26,6 +26,7 @@ from C{db} itself; L{describe} shows a C{db} value without any password.
 from __future__ import annotations
 
 import re
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -479,18 +480,23 @@ class PgStore(Store):
                 self._stopListening.wait(RETRY_SECONDS)
                 continue
             try:
+                # Notifications reach the handler while a statement runs (as
+                # psycopg 3.1, Debian 12's, and later versions do alike): a
+                # readable socket, or a check every LISTEN_CHECK seconds
+                # (the connection is still there, and answers), runs one.
+                conn.raw.add_notify_handler(
+                    lambda note: self._reactor.callFromThread(
+                        self._notified, note.channel, note.payload, note.pid
+                    )
+                )
                 for channel in channels:
                     conn.raw.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                 failedBefore = False
                 self._reactor.callFromThread(self._resync, channels)
                 checked = time.monotonic()
                 while not self._stopListening.is_set():
-                    for note in conn.raw.notifies(timeout=LISTEN_POLL, stop_after=100):
-                        self._reactor.callFromThread(
-                            self._notified, note.channel, note.payload, note.pid
-                        )
-                    if time.monotonic() - checked > LISTEN_CHECK:
-                        # The connection is still there (and its answer).
+                    readable, _, _ = select.select([conn.raw.fileno()], [], [], LISTEN_POLL)
+                    if readable or time.monotonic() - checked > LISTEN_CHECK:
                         conn.raw.execute("SELECT 1")
                         checked = time.monotonic()
             except psycopg.Error:
