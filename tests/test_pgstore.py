@@ -606,6 +606,23 @@ class SettingsTests(SynchronousTestCase):
         e = self.assertRaises(usage.UsageError, self.parse, "--db", "host='hunter2")
         self.assertNotIn("hunter2", str(e))
 
+    def test_passwordFileWithSQLite(self) -> None:
+        """
+        A password file for a SQLite db is a mistake said in one line.
+        """
+        from twisted.python import usage
+
+        e = self.assertRaises(usage.UsageError, self.parse, "--db", self.mktemp(),
+                              "--db-password-file", "/nonexistent")
+        self.assertEqual(str(e), "db-password-file is for a PostgreSQL db, and db is a file")
+
+    def test_unreadablePasswordFile(self) -> None:
+        from twisted.python import usage
+
+        e = self.assertRaises(usage.UsageError, self.parse, "--db", "dbname=xcauth",
+                              "--db-password-file", "/nonexistent/pw")
+        self.assertIn("db-password-file: cannot read /nonexistent/pw", str(e))
+
     def test_describe(self) -> None:
         self.assertNotIn("pw", pgstore.describe("postgresql://u:pw@h/d"))
         self.assertEqual(pgstore.describe("/x.sqlite3"), "/x.sqlite3")
