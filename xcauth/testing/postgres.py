@@ -77,16 +77,21 @@ class PostgresServer:
             os.chown(self.directory, self._user.pw_uid, self._user.pw_gid)
         os.chmod(self.directory, 0o755)
 
-    def _argv(self, program: str, *args: str) -> list[str]:
+    def _argv(self, program: str, *args: str, orphan: bool = True) -> list[str]:
+        """
+        The command line of C{program}; unless C{orphan}, it gets SIGINT (a
+        fast shutdown) when this process dies without stopping it.
+        """
         argv = [os.path.join(self.binDir, program), *args]
         if self._user is None:
             return argv
         setpriv = shutil.which("setpriv")
         if setpriv is None:
             raise Unavailable("tests run as root and setpriv (util-linux) is missing")
+        death = [] if orphan else ["--pdeathsig=INT"]
         return [
             setpriv, f"--reuid={self._user.pw_uid}", f"--regid={self._user.pw_gid}",
-            "--clear-groups", *argv,
+            "--clear-groups", *death, *argv,
         ]
 
     @property
@@ -120,9 +125,10 @@ class PostgresServer:
                 "postgres", "-D", self.data, "-k", self.directory, "-p", str(self.port),
                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
                 "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                "-c", "max_connections=200",
+                "-c", "max_connections=200", orphan=False,
             ),
             stdout=log, stderr=subprocess.STDOUT, cwd="/", start_new_session=True,
+            preexec_fn=None if self._user is not None else _dieWithParent,
         )
         log.close()
         deadline = time.monotonic() + START_TIMEOUT
@@ -217,6 +223,17 @@ class PostgresServer:
         """
         if self.running:
             self.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def _dieWithParent() -> None:
+    """
+    (In the child, before C{exec}.) SIGINT when the parent dies: a test
+    process killed does not leave its server running.
+    """
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, 2)
 
 
 _server: PostgresServer | None = None
