@@ -192,6 +192,36 @@ class PostgresStateTests(_StateTests, SynchronousTestCase):
     def connect(self) -> Any:
         return pgConnect(self)
 
+    def test_concurrentMigrations(self) -> None:
+        """
+        Nodes starting together on a new database migrate it once (under the
+        advisory lock), none fails.
+        """
+        import threading
+
+        server = postgres.skipUnlessPostgres(self)
+        name = server.newDatabase()
+        self.addCleanup(server.dropDatabase, name)
+        errors: list[BaseException] = []
+
+        def node() -> None:
+            try:
+                conn = pgstore.connect(server.url(name), postgres.PASSWORD, 30)
+                try:
+                    store.ensureSchema(conn)
+                finally:
+                    conn.close()
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=node) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(errors, [])
+        self.assertEqual(server.admin("SELECT version FROM xcauth_schema", name), [(2,)])
+
     def test_timestampsAsText(self) -> None:
         """
         Timestamp columns default to C{CURRENT_TIMESTAMP}'s text, as in SQLite.
