@@ -773,12 +773,20 @@ class RosterSync:
         if not await self._state.claim(jid, self._clock.seconds(), CLAIM_SECONDS):
             log.info("roster sync of {jid}: another node is syncing it", jid=jid)
             return SyncReport(jid, False)
+        release = True
         try:
             return await self.sync(user, domain)
+        except GeneratorExit:
+            # Discarded without being resumed (its Deferred never fired): the
+            # daemon is going away, the claim expires by itself.
+            release = False
+            raise
         finally:
-            self._state.release(jid).addErrback(
-                lambda f: log.failure("releasing the roster sync claim of {jid}", f, jid=jid)
-            )
+            if release:
+                self._state.release(jid).addErrback(
+                    lambda f: log.failure("releasing the roster sync claim of {jid}", f,
+                                          jid=jid)
+                )
 
     def sync(self, user: str, domain: str) -> Deferred[SyncReport]:
         """
