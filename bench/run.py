@@ -34,7 +34,7 @@ from typing import Any
 
 import attr
 
-from bench import hostile, loadgen, procstat
+from bench import cluster, hostile, loadgen, procstat
 from xcauth.testing import processes as harness
 from xcauth.token import makeToken
 
@@ -193,6 +193,7 @@ def scenarios() -> list[Scenario]:
                  lambda: hostile.lineRequests(range(hostile.GUESS_USERS), DOMAIN),
                  hostile.GUESS_USERS, 50, kind="guessing", framing="prosody")
     )
+    out.extend(cluster.scenarios())
     return out
 
 
@@ -479,6 +480,8 @@ class Runner:
         self.stack.nextcloudFor(s.latencyMs)
         if s.kind in hostile.RUNNERS:
             return hostile.RUNNERS[s.kind](self, s)
+        if s.kind == "cluster":
+            return cluster.runCluster(self, s)
         daemon, port = self.stack.daemon(s)
         try:
             procs = s.procs or self.procs or 1

@@ -720,6 +720,29 @@ class SchedulingTests(SyncTestMixin, SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(len(self.backend.requests), 1)
 
+    def test_oneSyncAcrossNodes(self) -> None:
+        """
+        Two nodes sharing the state database: while node A syncs a user,
+        node B's login of that user starts no sync of its own; once A is
+        done, B's next login syncs.
+        """
+        nodeB = RosterSync(self.backend.fetch, self.ejabberd, RosterState(self.store),
+                           self.clock)
+        self.backend.manual = True
+        self.sync.onLogin("alice", DOMAIN)
+        self.clock.advance(0)
+        self.assertEqual(self.backend.requests, [("alice", DOMAIN)])
+        nodeB.onLogin("alice", DOMAIN)
+        self.clock.advance(0)
+        self.assertEqual(self.backend.requests, [("alice", DOMAIN)])
+        self.assertEqual(nodeB.pending(), 0)
+        self.backend.answer()
+        self.clock.advance(0)
+        self.assertEqual(self.sync.pending(), 0)
+        nodeB.onLogin("alice", DOMAIN)
+        self.clock.advance(0)
+        self.assertEqual(len(self.backend.requests), 2)
+
     def test_failedLoginNoSync(self) -> None:
         auth = Authenticator(
             lambda domain: DomainSettings((b"s",), None, _NoBackend()),  # type: ignore[arg-type]

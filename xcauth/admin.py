@@ -15,6 +15,12 @@ which picks domain changes up within seconds)::
     xcauth [-c FILE] [--db PATH] cache remove JID
     xcauth [-c FILE] [--db PATH] cache clear
     xcauth [-c FILE] [--db PATH] roster refresh [USER@DOMAIN]
+    xcauth [-c FILE] [--db DB] db upgrade
+    xcauth [-c FILE] [--db DB] db copy SQLITE_PATH
+
+C{--db} (or C{db=}) may name a PostgreSQL database (C{postgresql://...} or a
+libpq key/value string); its password then comes from C{--db-password-file}
+(or C{db-password-file=} of the config file), never from the command line.
 
 (C{-c} and C{--db} may also come after the command words.)
 
@@ -43,9 +49,12 @@ from xcauth.config import (
     ConfigError,
     default,
     readConfigFile,
+    readSecretFile,
     validateURL,
     versionLine,
 )
+from xcauth.pgstore import describe
+from xcauth.schema import SchemaTooNew
 
 
 class AdminError(Exception):
@@ -70,6 +79,11 @@ class _DatabaseOptions(usage.Options):
             "exists).",
         ],
         ["db", None, None, "The state database (overrides the config file)."],
+        [
+            "db-password-file", None, None,
+            "The file (or systemd credential) holding the PostgreSQL password "
+            "(overrides the config file).",
+        ],
     ]
 
     def opt_version(self) -> None:
@@ -127,6 +141,29 @@ def databasePath(options: usage.Options) -> str:
             if key == "db" and value:
                 return value
     return str(default("db"))
+
+
+def databasePassword(options: usage.Options) -> str | None:
+    """
+    The PostgreSQL password of an administration command: from the innermost
+    C{--db-password-file}, else the C{db-password-file=} of the config file;
+    C{None} without one.
+    """
+    chain = []
+    current: Any = options
+    while current is not None:
+        chain.append(current)
+        current = getattr(current, "parent", None)
+    name = next((o["db-password-file"] for o in chain if o.get("db-password-file")), None)
+    if name is None:
+        path = next((o["config-file"] for o in chain if o.get("config-file")), None)
+        if path is None and os.path.exists(DEFAULT_CONFIG_FILE):
+            path = DEFAULT_CONFIG_FILE
+        if path is not None:
+            for key, value, _ in readConfigFile(path):
+                if key == "db-password-file" and value:
+                    name = value
+    return None if name is None else readSecretFile(name, "db-password-file")
 
 
 def _checkDomain(domain: str) -> str:
@@ -451,11 +488,46 @@ class RosterOptions(_CommandGroup):
     ]
 
 
+class DbUpgradeOptions(_DatabaseOptions):
+    synopsis = ""
+
+
+class DbCopyOptions(_DomainArg):
+    # (a _DomainArg: options may follow the path as they follow a domain)
+    synopsis = "SQLITE_PATH"
+
+    def parseArgs(self, source: str) -> None:  # type: ignore[override]
+        self["source"] = source
+
+
+class DbOptions(_CommandGroup):
+    """
+    C{db upgrade}, C{db copy SQLITE_PATH}
+    """
+
+    name = "db"
+    synopsis = "upgrade | copy SQLITE_PATH"
+    subCommands = [
+        [
+            "upgrade", None, DbUpgradeOptions,
+            "Bring the state database's schema to this version's (the daemon also "
+            "does at start).",
+        ],
+        [
+            "copy", None, DbCopyOptions,
+            "Copy the domains, the credential cache and the roster sync state of a "
+            "SQLite file into the state database (e.g. PostgreSQL); rows it has "
+            "already are kept.",
+        ],
+    ]
+
+
 #: The administration commands, as C{subCommands} of the C{xcauth} command.
 SUBCOMMANDS: list[Any] = [
     ["domains", None, DomainsOptions, "Manage per-domain backends (xcauth domains --help)."],
     ["cache", None, CacheOptions, "Inspect and clear the credential cache."],
     ["roster", None, RosterOptions, "Make the shared roster sync start over."],
+    ["db", None, DbOptions, "Upgrade the state database, or copy a SQLite file into it."],
 ]
 
 
@@ -484,7 +556,8 @@ def checkOwner(path: str, command: str, euid: int | None = None) -> None:
     root would leave files (the database, its journal) that the service
     cannot open.  The error says how to run the command as that user.
     """
-    if (os.geteuid() if euid is None else euid) != 0:
+    if (os.geteuid() if euid is None else euid) != 0 or "://" in path or "=" in path:
+        # Not root, or a PostgreSQL database (a URL or key=value string).
         return
     target = path if os.path.exists(path) else os.path.dirname(os.path.abspath(path))
     try:
@@ -512,9 +585,24 @@ def checkOwner(path: str, command: str, euid: int | None = None) -> None:
     )
 
 
-def _open(path: str, create: bool) -> sqlite3.Connection:
+def _open(path: str, create: bool, password: str | None = None) -> store.Connection:
+    from xcauth import pgstore
+
     try:
+        if pgstore.isPostgres(path):
+            try:
+                conn = pgstore.connect(path, password, ADMIN_TIMEOUT, "xcauth-admin")
+            except ValueError as e:
+                raise AdminError(str(e)) from None
+            try:
+                store.ensureSchema(conn)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
         return store.connect(path, create=create)
+    except SchemaTooNew as e:
+        raise AdminError(str(e)) from None
     except store.NoDatabase:
         raise AdminError(
             f"no state database at {path} (give --db, or db=... in the config file)"
@@ -523,7 +611,77 @@ def _open(path: str, create: bool) -> sqlite3.Connection:
         raise AdminError(str(e)) from None
 
 
-def runDomains(conn: sqlite3.Connection, options: DomainsOptions, out: Any) -> int:
+#: Seconds a statement of an administration command may take on PostgreSQL.
+ADMIN_TIMEOUT = 60.0
+
+
+def runDb(conn: store.Connection, options: DbOptions, out: Any, target: str) -> int:
+    """
+    Carry out a C{db} command on C{conn} (the database C{target}, opened and
+    so already upgraded); returns the exit status.
+    """
+    if options.subCommand == "upgrade":
+        print(
+            f"the state database {describe(target)} has schema version "
+            f"{store.schemaVersion(conn)}",
+            file=out,
+        )
+        return 0
+    source = options.subOptions["source"]
+    if os.path.abspath(source) == os.path.abspath(target):
+        raise AdminError("db copy: the SQLITE_PATH is the state database itself")
+    if not os.path.isfile(source):
+        raise AdminError(f"db copy: no SQLite file at {source}")
+    try:
+        sourceConn = store.connect(source, create=False)
+    except (store.DatabaseError, SchemaTooNew) as e:
+        raise AdminError(f"db copy: {e}") from None
+    try:
+        counts = copyState(sourceConn, conn)
+    finally:
+        sourceConn.close()
+    for table, (copied, kept) in counts.items():
+        print(f"{table}: {copied} rows copied, {kept} already there (kept)", file=out)
+    return 0
+
+
+def _text(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def copyState(
+    source: store.Connection, target: store.Connection
+) -> dict[str, tuple[int, int]]:
+    """
+    Copy every row of the tables of L{store.TABLES} from C{source} to
+    C{target} in one transaction; a row whose key C{target} has already is
+    kept as it is there.  Returns, per table, the rows copied and those kept.
+    """
+    counts: dict[str, tuple[int, int]] = {}
+    with store.transaction(target):
+        for table, columns in store.TABLES.items():
+            names = [name for name, _ in columns]
+            rows = source.execute(f"SELECT {', '.join(names)} FROM {table}").fetchall()
+            marks = ", ".join("?" * len(names))
+            copied = 0
+            for row in rows:
+                cursor = target.execute(
+                    f"INSERT INTO {table} ({', '.join(names)}) VALUES ({marks}) "
+                    "ON CONFLICT DO NOTHING",
+                    [_text(v) for v in row],
+                )
+                copied += max(cursor.rowcount, 0)
+            counts[table] = (copied, len(rows) - copied)
+        store.notify(target, store.DOMAINS_CHANNEL, "")
+        store.notify(target, store.CACHE_CHANNEL, "")
+    return counts
+
+
+def runDomains(conn: store.Connection, options: DomainsOptions, out: Any) -> int:
     """
     Carry out a C{domains} command; returns the exit status.
     """
@@ -599,7 +757,7 @@ def runDomains(conn: sqlite3.Connection, options: DomainsOptions, out: Any) -> i
     return 0
 
 
-def runCache(conn: sqlite3.Connection, options: CacheOptions, out: Any) -> int:
+def runCache(conn: store.Connection, options: CacheOptions, out: Any) -> int:
     """
     Carry out a C{cache} command; returns the exit status.  Hashes are never
     printed.
@@ -628,7 +786,7 @@ def runCache(conn: sqlite3.Connection, options: CacheOptions, out: Any) -> int:
     return 0
 
 
-def runRoster(conn: sqlite3.Connection, options: RosterOptions, out: Any) -> int:
+def runRoster(conn: store.Connection, options: RosterOptions, out: Any) -> int:
     """
     Carry out a C{roster} command; returns the exit status.
     """
@@ -655,10 +813,15 @@ def run(command: str, options: usage.Options) -> int:
     """
     try:
         path = databasePath(options.subOptions or options)
-        writing = command == "domains" and options.subCommand in ("add", "set")
+        password = databasePassword(options.subOptions or options)
+        writing = (command == "domains" and options.subCommand in ("add", "set")) or (
+            command == "db"
+        )
         checkOwner(path, command)
-        conn = _open(path, create=writing)
+        conn = _open(path, create=writing, password=password)
         try:
+            if isinstance(options, DbOptions):
+                return runDb(conn, options, sys.stdout, path)
             if isinstance(options, DomainsOptions):
                 return runDomains(conn, options, sys.stdout)
             if isinstance(options, RosterOptions):
@@ -672,4 +835,12 @@ def run(command: str, options: usage.Options) -> int:
         return 1
     except sqlite3.Error as e:
         print(f"xcauth: database error: {e}", file=sys.stderr)
+        return 1
+    except store.DatabaseError as e:
+        print(f"xcauth: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if not type(e).__module__.startswith("psycopg"):
+            raise
+        print(f"xcauth: database error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1

@@ -527,8 +527,16 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "db", "db", "/var/lib/xcauth/xcauth.sqlite3",
-        "The state database (SQLite): per-domain settings and the persistent "
-        "credential cache.",
+        "The state database: per-domain settings, the persistent credential cache "
+        "and the roster sync's state. A SQLite file, or a PostgreSQL database "
+        "shared by several nodes (postgresql://USER@HOST/DBNAME or a libpq "
+        "key/value string such as 'host=/run/postgresql dbname=xcauth'; no "
+        "password in it: see db-password-file).",
+    ),
+    Setting(
+        "db-password-file", "dbPasswordFile", None,
+        "The file holding the PostgreSQL password of db (its first line); a bare "
+        "name is a systemd credential (LoadCredential=).",
     ),
     Setting(
         "cache-storage", "cacheStorage", "none",
@@ -650,6 +658,9 @@ class Config:
     logRequests: str = "failures"
     metrics: str | None = None
     domains: tuple[str, ...] = ()
+    dbPasswordFile: str | None = None
+    #: The PostgreSQL password read from C{db-password-file}.
+    dbPassword: str | None = attr.ib(default=None, repr=False)
 
     @property
     def connectTimeout(self) -> float:
@@ -863,7 +874,11 @@ class ConfigOptions(usage.Options):
         values["rosterSync"] = rosterSync(
             values["rosterSync"], values["rosterApiURL"], values["ejabberdctl"]
         )
-        if values["cacheStorage"] == "db" or values["rosterSync"] != "none":
+        if isPostgresDB(db):
+            checkPostgres(values)
+        elif values["dbPasswordFile"]:
+            raise ConfigError("db-password-file is for a PostgreSQL db, and db is a file")
+        elif values["cacheStorage"] == "db" or values["rosterSync"] != "none":
             directory = os.path.dirname(os.path.abspath(db))
             if not os.path.isdir(directory):
                 raise ConfigError(
@@ -876,6 +891,30 @@ class ConfigOptions(usage.Options):
             configFile=self["config-file"],
             **values,
         )
+
+
+def isPostgresDB(db: str) -> bool:
+    """
+    Whether C{db} names a PostgreSQL database (L{xcauth.pgstore.isPostgres}).
+    """
+    from xcauth.pgstore import isPostgres
+
+    return isPostgres(db)
+
+
+def checkPostgres(values: dict[str, Any]) -> None:
+    """
+    Check a PostgreSQL C{db} (valid, psycopg installed, no password in it)
+    and read its password file.
+    """
+    from xcauth.pgstore import parse
+
+    try:
+        parse(values["db"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if values["dbPasswordFile"]:
+        values["dbPassword"] = readSecretFile(values["dbPasswordFile"], "db-password-file")
 
 
 def rosterSync(mode: str | None, apiURL: str | None, ejabberdctl: str | None) -> str:

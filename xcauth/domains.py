@@ -11,6 +11,9 @@ domain without a row is served by the global backend only if it is in the
 served list (C{domain=}), or if there is no list at all (C{served=None}: the
 JSXC backend, or a stock Nextcloud whose login names carry the domain);
 otherwise it is not served: L{DomainTable.settingsFor} gives C{None}.
+On a database shared by several nodes (PostgreSQL) a change made on any node
+is also announced (C{NOTIFY}) and read at once; the periodic read stays as the
+safety net.
 """
 
 from __future__ import annotations
@@ -126,6 +129,25 @@ class DomainTable:
         #: Called, when the backend of some domains changed, with what tells
         #: whether a domain's did (what the old backend refused must go).
         self.onBackendChanged: Callable[[Callable[[str], bool]], object] | None = None
+        # Reads started and the last one applied: a read finishing after a
+        # newer one is not applied.
+        self._reads = 0
+        self._applied = 0
+        # A shared database (PostgreSQL) tells of changes made on any node.
+        db.subscribe(store.DOMAINS_CHANNEL, self._changed)
+        db.onReconnect(self._reconnected)
+
+    def _changed(self, domain: str | None) -> Deferred[None] | None:
+        """
+        A domain changed on some node (or notifications may have been missed):
+        read the table now rather than at the next refresh.
+        """
+        if self._loop is None:
+            return None
+        return self.refresh()
+
+    def _reconnected(self) -> Deferred[None] | None:
+        return self._changed(None)
 
     def settingsFor(self, domain: str) -> DomainSettings | None:
         """
@@ -195,8 +217,17 @@ class DomainTable:
         database file is still the one in use).
         """
         self._db.checkFile()
+        self._reads += 1
+        read = self._reads
+
+        def latest(rows: list[store.DomainRow]) -> None:
+            if read < self._applied:
+                return  # a newer read was applied already
+            self._applied = read
+            self.apply(rows)
+
         d = self._db.run(store.listDomains)
-        return d.addCallbacks(self.apply, self._failed).addBoth(self._markLoaded)
+        return d.addCallbacks(latest, self._failed).addBoth(self._markLoaded)
 
     def _failed(self, f: Failure) -> None:
         if f.check(store.NoDatabase):

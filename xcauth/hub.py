@@ -21,12 +21,18 @@ from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 
 from xcauth.auth import Authenticator
-from xcauth.cache import CachePolicy, CredentialCache, DatabaseStorage, MemoryStorage
+from xcauth.cache import (
+    CachePolicy,
+    CredentialCache,
+    DatabaseStorage,
+    MemoryStorage,
+    SharedStorage,
+)
 from xcauth.config import Config
 from xcauth.domains import BackendSpec, DomainSettings, DomainTable
 from xcauth.framing.base import ServerContext
 from xcauth.http import HTTPRequester, makeAgent
-from xcauth.interfaces import BackendUnavailable, IBackendClient
+from xcauth.interfaces import BackendUnavailable, IBackendClient, ICacheStorage
 from xcauth.jsxc import JSXCClient
 from xcauth.keys import PasswordKeys
 from xcauth.listen import backendRequestLimit, descriptorLimit
@@ -49,6 +55,7 @@ BCRYPT_THREADS = 2
 #: roster sync are set up once): C{(option, Config attribute)}.
 RESTART_SETTINGS = (
     ("db", "db"),
+    ("db-password-file", "dbPasswordFile"),
     ("cache-storage", "cacheStorage"),
     ("cache-bcrypt-rounds", "bcryptRounds"),
     ("roster-sync", "rosterSync"),
@@ -228,10 +235,48 @@ class Hub(Service):
         super().startService()
         self.dbWorker.start()
         self.hashWorker.start()
-        self.domains.start()
+        # The domains are read once the schema is there (a new PostgreSQL
+        # database gets its tables first: its pool runs calls in parallel).
+        self.checkSchema().addCallback(self._startDomains)
         if self.watches is not None:
             self.watches.start()
         self.runStartupCheck()
+
+    def _startDomains(self, _: object = None) -> None:
+        if self.running:
+            self.domains.start()
+
+    def checkSchema(self) -> Deferred[None]:
+        """
+        Bring the state database's schema up to date (L{xcauth.schema}), and
+        listen to the other nodes' changes (PostgreSQL).  A schema newer
+        than this version's stops the daemon with one line; a database that
+        cannot be reached now is only warned about (logins go on, and the
+        schema is checked again when it is reached).
+        """
+        from xcauth.pgstore import StoreUnavailable
+        from xcauth.schema import SchemaTooNew
+        from xcauth.store import DatabaseError, NoDatabase, ensureSchema
+
+        def failed(f: Failure) -> None:
+            if f.check(SchemaTooNew):
+                if self.refuse is not None:
+                    self.refuse(str(f.value))
+                return
+            if f.check(NoDatabase):
+                return
+            if f.check(StoreUnavailable, DatabaseError):
+                log.warn("cannot check the state database's schema now: {reason}",
+                         reason=str(f.value))
+                return
+            log.failure("checking the state database's schema failed", f)
+
+        if self.store.engine == "postgresql" and not getattr(self, "_schemaWatch", False):
+            self._schemaWatch = True
+            self.store.onReconnect(self.checkSchema)
+        self.store.startListening()
+        d: Deferred[None] = self.store.run(ensureSchema)
+        return d.addErrback(failed)
 
     def runStartupCheck(self) -> Deferred[None] | None:
         """
@@ -320,12 +365,9 @@ def buildHub(config: Config, reactor: Any) -> Hub:
 
     # SQLite: one connection, used from one thread.  The file is created when
     # the cache lives in it; otherwise it is read if (once) it exists.
+    # PostgreSQL: a pool of connections on threads of its own (xcauth.pgstore).
     dbWorker = ThreadWorker(reactor, "xcauth-db", 1)
-    store = Store(
-        config.db,
-        dbWorker,
-        create=config.cacheStorage == "db" or config.rosterSync != "none",
-    )
+    store = makeStore(config, reactor, dbWorker, counts)
     domains = DomainTable(
         store,
         DomainSettings(secrets=config.secrets, authDomain=None, client=globalClient),
@@ -416,6 +458,32 @@ def forgetRefusalsOnBackendChange(domains: DomainTable, penalty: PenaltyBox | No
             )
 
     domains.onBackendChanged = changed
+def makeStore(config: Config, reactor: Any, dbWorker: ThreadWorker, metrics: NoMetrics) -> Store:
+    """
+    The state database of C{config}: a SQLite file, or PostgreSQL shared with
+    other nodes, whose calls are bounded well within the requests' deadline.
+    """
+    from xcauth.pgstore import PgStore, isPostgres
+
+    if isPostgres(config.db):
+        return PgStore(
+            config.db, config.dbPassword, reactor, timeout=storeTimeout(config.deadline),
+            metrics=metrics,
+        )
+    return Store(
+        config.db,
+        dbWorker,
+        create=config.cacheStorage == "db" or config.rosterSync != "none",
+    )
+
+
+def storeTimeout(deadline: float) -> float:
+    """
+    Seconds a call to a shared state database may take: a quarter of the
+    requests' deadline (1 s of the default 4 s), at most 2 s, so a login
+    that waits for it still has its backend's time.
+    """
+    return max(0.2, min(deadline / 4, 2.0))
 
 
 def globalSpec(config: Config) -> BackendSpec:
@@ -523,8 +591,12 @@ def buildCache(
     if config.cacheStorage == "none":
         return None
     persistent = config.cacheStorage == "db"
+    storage: ICacheStorage = MemoryStorage()
+    if persistent:
+        shared = store.engine == "postgresql"
+        storage = SharedStorage(store, clock, metrics) if shared else DatabaseStorage(store, clock)
     return CredentialCache(
-        DatabaseStorage(store, clock) if persistent else MemoryStorage(),
+        storage,
         hasher,
         clock,
         cachePolicy(config),

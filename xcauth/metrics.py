@@ -152,6 +152,35 @@ class NoMetrics:
         whether the address is allow-listed (C{None}: it does not say).
         """
 
+    # -- the shared state database (PostgreSQL) ---------------------------
+
+    def storeInUse(self, calls: int) -> None:
+        """
+        Calls to the state database given to its pool and not answered yet.
+        """
+
+    def storeQuery(self, outcome: str, seconds: float) -> None:
+        """
+        One call to the state database (C{outcome}: C{ok}, C{error},
+        C{timeout}) and its duration.
+        """
+
+    def storeDown(self, down: bool) -> None:
+        """
+        The state database became unavailable (C{True}) or available again.
+        """
+
+    def storeReconnect(self) -> None:
+        """
+        The state database was reached again after being unavailable.
+        """
+
+    def storeFallback(self, what: str) -> None:
+        """
+        Something done without the state database (C{what}: C{cache-read},
+        C{cache-write}): from or into this node's memory.
+        """
+
 
 #: The counters: C{(name, help, label names)}; C{prometheus_client} adds
 #: C{_total} to the names.
@@ -343,6 +372,30 @@ class Metrics(NoMetrics):
         except queue.Empty:
             return None
 
+    # -- the shared state database (PostgreSQL) ---------------------------
+
+    #: See L{NoMetrics.storeInUse} and the following methods; collected by
+    #: L{_collectStore}.
+    _storeInUse = 0
+    _storeDown = 0
+    _storeReconnects = 0
+
+    def storeInUse(self, calls: int) -> None:
+        self._storeInUse = calls
+
+    def storeQuery(self, outcome: str, seconds: float) -> None:
+        rows = self.__dict__.setdefault("_storeSeconds", {})
+        _observe(rows, (outcome,), max(seconds, 0.0))
+
+    def storeDown(self, down: bool) -> None:
+        self._storeDown = int(down)
+
+    def storeReconnect(self) -> None:
+        self._storeReconnects += 1
+
+    def storeFallback(self, what: str) -> None:
+        _count(self.__dict__.setdefault("_storeFallbacks", {}), (what,))
+
 
 def _count(counts: dict[tuple[str, ...], int], key: tuple[str, ...]) -> None:
     counts[key] = counts.get(key, 0) + 1
@@ -424,6 +477,7 @@ class _Collector:
                 listed.add_metric((nextcloud,), 1 if allowListed else 0)
         yield delays
         yield listed
+        yield from _collectStore(m)
 
 
 def buildLabels() -> tuple[str, str, str]:
@@ -516,3 +570,53 @@ def metricsService(
     svc = strportsService(endpoint, site, reactor=reactor)
     svc.setName(f"metrics={endpoint}")
     return svc
+
+
+def _collectStore(m: Metrics) -> Iterator[Any]:
+    """
+    The metric families of the state database (L{NoMetrics.storeInUse}...),
+    present once PostgreSQL is used.
+    """
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+    from prometheus_client.utils import floatToGoString
+
+    rows: dict[tuple[str, ...], list[float]] = dict(m.__dict__.get("_storeSeconds", {}))
+    fallbacks: dict[tuple[str, ...], int] = dict(m.__dict__.get("_storeFallbacks", {}))
+    yield GaugeMetricFamily(
+        "xcauth_store_in_use", "Calls to the state database in its pool, not answered yet.",
+        value=m._storeInUse,
+    )
+    yield GaugeMetricFamily(
+        "xcauth_store_down", "1 while the state database (PostgreSQL) is unavailable.",
+        value=m._storeDown,
+    )
+    reconnects = CounterMetricFamily(
+        "xcauth_store_reconnects", "Times the state database was reached again after "
+        "being unavailable.",
+    )
+    reconnects.add_metric([], m._storeReconnects)
+    yield reconnects
+    counter = CounterMetricFamily(
+        "xcauth_store_fallbacks", "Cache reads and writes done in this node's memory "
+        "because the state database was unavailable.", labels=("what",),
+    )
+    for key, count in sorted(fallbacks.items()):
+        counter.add_metric(key, count)
+    yield counter
+    bounds = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+    histogram = HistogramMetricFamily(
+        "xcauth_store_query_seconds", "Seconds a call to the state database took, by "
+        "outcome (ok, error, timeout).", labels=("outcome",),
+    )
+    for key, row in sorted(rows.items()):
+        cumulative = 0.0
+        buckets: list[tuple[str, float]] = []
+        for bound, inBucket in zip(bounds, row, strict=False):
+            cumulative += inBucket
+            buckets.append((bound, cumulative))
+        histogram.add_metric(key, buckets, row[-1])
+    yield histogram

@@ -92,6 +92,10 @@ RETRY_DELAYS = (5.0, 30.0, 120.0, 600.0, 1800.0)
 COMMAND_TIMEOUT = 10.0
 #: Seconds a stopping daemon waits for the syncs in flight.
 STOP_TIMEOUT = 5.0
+
+#: Seconds a node's claim on a user's sync holds (L{RosterState.claim}): past
+#: it, a node that died while syncing no longer keeps the others from syncing.
+CLAIM_SECONDS = 300.0
 #: Bytes of a command's output kept (the rest is dropped).
 MAX_OUTPUT = 1024 * 1024
 
@@ -700,7 +704,7 @@ class RosterSync:
                 return fail(CancelledError())
             job.running = True
             job.again = False
-            return self.sync(*key)
+            return ensureDeferred(self._claimedSync(*key))
 
         d = job.work = self._semaphore.run(begin)
         d.addCallbacks(
@@ -802,6 +806,30 @@ class RosterSync:
         return done
 
     # -- one sync -------------------------------------------------------------
+
+    async def _claimedSync(self, user: str, domain: str) -> SyncReport:
+        """
+        Sync C{user@domain} if no other node sharing the database is syncing
+        it (a claim in the database, given up when done).
+        """
+        jid = f"{user}@{domain}"
+        if not await self._state.claim(jid, self._clock.seconds(), CLAIM_SECONDS):
+            log.info("roster sync of {jid}: another node is syncing it", jid=jid)
+            return SyncReport(jid, False)
+        release = True
+        try:
+            return await self.sync(user, domain)
+        except GeneratorExit:
+            # Discarded without being resumed (its Deferred never fired): the
+            # daemon is going away, the claim expires by itself.
+            release = False
+            raise
+        finally:
+            if release:
+                self._state.release(jid).addErrback(
+                    lambda f: log.failure("releasing the roster sync claim of {jid}", f,
+                                          jid=jid)
+                )
 
     def sync(self, user: str, domain: str) -> Deferred[SyncReport]:
         """

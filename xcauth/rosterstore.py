@@ -12,20 +12,20 @@ are:
 
 The functions taking a C{sqlite3.Connection} are synchronous (the admin command
 calls them directly); L{RosterState} runs them on the daemon's database thread
-through L{xcauth.store.Store.run}.  Rows are created with C{INSERT OR IGNORE}
+through L{xcauth.store.Store.run}.  Rows are created with C{INSERT ... ON CONFLICT DO NOTHING}
 and then updated column by column, so columns people added themselves keep
 their values.
 """
 
 from __future__ import annotations
 
-import sqlite3
+import uuid
 from collections.abc import Iterable
 
 import attr
 from twisted.internet.defer import Deferred
 
-from xcauth.store import Store, formatTimestamp, transaction
+from xcauth.store import Connection, Store, formatTimestamp, transaction
 
 #: The separator of C{grouplist} and C{userlist}, as older installations wrote them.
 SEPARATOR = "\t"
@@ -57,7 +57,7 @@ def groupKey(group: str, domain: str) -> str:
     return f"{group}@{domain}"
 
 
-def getRosterInfo(conn: sqlite3.Connection, jid: str) -> RosterInfo | None:
+def getRosterInfo(conn: Connection, jid: str) -> RosterInfo | None:
     """
     The C{rosterinfo} row of C{jid}, or C{None}.
     """
@@ -69,7 +69,7 @@ def getRosterInfo(conn: sqlite3.Connection, jid: str) -> RosterInfo | None:
     return RosterInfo(jid, row[0], _split(row[1]), row[2])
 
 
-def getFullNames(conn: sqlite3.Connection, jids: Iterable[str]) -> dict[str, str | None]:
+def getFullNames(conn: Connection, jids: Iterable[str]) -> dict[str, str | None]:
     """
     The stored full names of C{jids} (C{None} for a JID without one).
     """
@@ -82,11 +82,11 @@ def getFullNames(conn: sqlite3.Connection, jids: Iterable[str]) -> dict[str, str
     return names
 
 
-def _ensureInfoRow(conn: sqlite3.Connection, jid: str) -> None:
-    conn.execute("INSERT OR IGNORE INTO rosterinfo (jid) VALUES (?)", (jid,))
+def _ensureInfoRow(conn: Connection, jid: str) -> None:
+    conn.execute("INSERT INTO rosterinfo (jid) VALUES (?) ON CONFLICT DO NOTHING", (jid,))
 
 
-def setFullName(conn: sqlite3.Connection, jid: str, fullname: str) -> None:
+def setFullName(conn: Connection, jid: str, fullname: str) -> None:
     """
     Record that the vCard full name of C{jid} is C{fullname}.
     """
@@ -96,7 +96,7 @@ def setFullName(conn: sqlite3.Connection, jid: str, fullname: str) -> None:
 
 
 def setSynced(
-    conn: sqlite3.Connection,
+    conn: Connection,
     jid: str,
     groups: Iterable[str],
     responsehash: str,
@@ -116,7 +116,7 @@ def setSynced(
 
 
 def getGroupMembers(
-    conn: sqlite3.Connection, keys: Iterable[str]
+    conn: Connection, keys: Iterable[str]
 ) -> dict[str, tuple[str, ...] | None]:
     """
     The stored members of the groups C{keys} (C{None} for a group without a row:
@@ -131,19 +131,21 @@ def getGroupMembers(
     return members
 
 
-def setGroupMembers(conn: sqlite3.Connection, key: str, members: Iterable[str]) -> None:
+def setGroupMembers(conn: Connection, key: str, members: Iterable[str]) -> None:
     """
     Record the members of the group C{key}.
     """
     with transaction(conn):
-        conn.execute("INSERT OR IGNORE INTO rostergroups (groupname) VALUES (?)", (key,))
+        conn.execute(
+            "INSERT INTO rostergroups (groupname) VALUES (?) ON CONFLICT DO NOTHING", (key,)
+        )
         conn.execute(
             "UPDATE rostergroups SET userlist = ? WHERE groupname = ?",
             (SEPARATOR.join(sorted(set(members))), key),
         )
 
 
-def removeGroupMember(conn: sqlite3.Connection, key: str, jid: str) -> None:
+def removeGroupMember(conn: Connection, key: str, jid: str) -> None:
     """
     Record that C{jid} left the group C{key} (nothing if the group has no row).
     """
@@ -161,7 +163,7 @@ def removeGroupMember(conn: sqlite3.Connection, key: str, jid: str) -> None:
 
 
 
-def forgetRoster(conn: sqlite3.Connection, jid: str | None = None) -> int:
+def forgetRoster(conn: Connection, jid: str | None = None) -> int:
     """
     Forget what the last sync of C{jid} (of every JID for C{None}) stored, so
     that the next login syncs everything again: the answer hash, the full name
@@ -193,14 +195,56 @@ def forgetRoster(conn: sqlite3.Connection, jid: str | None = None) -> int:
         return cursor.rowcount
 
 
+def claimSync(
+    conn: Connection, jid: str, node: str, now: float, seconds: float
+) -> bool:
+    """
+    Claim the roster sync of C{jid} for C{node} for C{seconds}: C{True} if
+    no other node holds an unexpired claim (several nodes sharing one
+    database then run one sync per user).
+    """
+    with transaction(conn):
+        cursor = conn.execute(
+            "INSERT INTO rosterclaims (jid, node, expires) VALUES (?, ?, ?) "
+            "ON CONFLICT (jid) DO UPDATE SET node = excluded.node, "
+            "expires = excluded.expires "
+            "WHERE rosterclaims.expires < ? OR rosterclaims.node = excluded.node",
+            (jid, node, now + seconds, now),
+        )
+        return cursor.rowcount > 0
+
+
+def releaseSync(conn: Connection, jid: str, node: str) -> None:
+    """
+    Give up C{node}'s claim on the roster sync of C{jid} (if it holds it).
+    """
+    with transaction(conn):
+        conn.execute("DELETE FROM rosterclaims WHERE jid = ? AND node = ?", (jid, node))
+
+
 class RosterState:
     """
     The roster sync's state in the daemon's L{Store} (every call on its database
     thread).
+
+    @param node: this daemon's name in sync claims (a random one by default).
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, node: str | None = None) -> None:
         self._store = store
+        self.node = node if node is not None else uuid.uuid4().hex
+
+    def claim(self, jid: str, now: float, seconds: float) -> Deferred[bool]:
+        """
+        See L{claimSync}.
+        """
+        return self._store.run(claimSync, jid, self.node, now, seconds)
+
+    def release(self, jid: str) -> Deferred[None]:
+        """
+        See L{releaseSync}.
+        """
+        return self._store.run(releaseSync, jid, self.node)
 
     def info(self, jid: str) -> Deferred[RosterInfo | None]:
         """

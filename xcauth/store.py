@@ -10,9 +10,11 @@ anything else, so columns people added themselves survive.  Several processes
 may open (and create) the same file at once: the daemon and the C{xcauth}
 admin command use the same functions here.
 
-The functions taking a C{sqlite3.Connection} are synchronous; the daemon calls
+The functions taking a C{Connection} are synchronous; the daemon calls
 them through L{Store.run}, which runs them on the store's single database
-thread.  Timestamps are kept in the text format of C{CURRENT_TIMESTAMP}
+thread.  The same functions run on PostgreSQL, the state shared by several
+nodes (L{xcauth.pgstore}: a L{xcauth.pgstore.PgStore} instead of a L{Store});
+the schema of both is L{xcauth.schema}.  Timestamps are kept in the text format of C{CURRENT_TIMESTAMP}
 (C{YYYY-MM-DD HH:MM:SS}, UTC), as older installations wrote them.
 """
 
@@ -25,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 import attr
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -34,7 +36,11 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from xcauth import schema
 from xcauth.interfaces import IWorker
+
+if TYPE_CHECKING:
+    from xcauth.pgstore import PgConnection
 
 log = Logger()
 
@@ -43,48 +49,21 @@ T = TypeVar("T")
 #: The default location of the state database.
 DEFAULT_DB = "/var/lib/xcauth/xcauth.sqlite3"
 
-#: The schema version this code writes into C{PRAGMA user_version}.
-SCHEMA_VERSION = 1
-
 #: Seconds SQLite waits for another process's lock before giving up.
 BUSY_TIMEOUT = 30.0
 
-#: Every table and column xcauth uses, in the types of the original schema.
-TABLES: dict[str, list[tuple[str, str]]] = {
-    "domains": [
-        ("xmppdomain", "TEXT PRIMARY KEY"),
-        ("authsecret", "TEXT"),
-        ("authurl", "TEXT"),
-        ("authdomain", "TEXT"),
-        ("regcontact", "TEXT"),
-        ("regfirst", "TIMESTAMP DEFAULT CURRENT_TIMESTAMP"),
-        ("reglatest", "TIMESTAMP DEFAULT CURRENT_TIMESTAMP"),
-        # The backend of the domain (NULL: jsxc when authurl is set, else the
-        # global backend) and the nextcloud backend's service account.
-        ("backend", "TEXT"),
-        ("serviceuser", "TEXT"),
-        ("servicepassword", "TEXT"),
-        ("loginformat", "TEXT"),
-    ],
-    "authcache": [
-        ("jid", "TEXT PRIMARY KEY"),
-        ("pwhash", "TEXT"),
-        ("firstauth", "TIMESTAMP DEFAULT CURRENT_TIMESTAMP"),
-        ("remoteauth", "TIMESTAMP DEFAULT CURRENT_TIMESTAMP"),
-        ("anyauth", "TIMESTAMP DEFAULT CURRENT_TIMESTAMP"),
-    ],
-    "rosterinfo": [
-        ("jid", "TEXT PRIMARY KEY"),
-        ("fullname", "TEXT"),
-        ("grouplist", "TEXT"),
-        ("responsehash", "TEXT"),
-        ("last_update", "TIMESTAMP DEFAULT CURRENT_TIMESTAMP"),
-    ],
-    "rostergroups": [
-        ("groupname", "TEXT PRIMARY KEY"),
-        ("userlist", "TEXT"),
-    ],
-}
+#: The schema version this code writes (C{PRAGMA user_version} in SQLite);
+#: the tables of version 1 (L{xcauth.schema}).
+SCHEMA_VERSION = schema.SCHEMA_VERSION
+TABLES = schema.TABLES
+
+#: A connection the row functions here take: SQLite's, or PostgreSQL's
+#: through L{xcauth.pgstore.PgConnection} (the same calls).
+Connection = Union[sqlite3.Connection, "PgConnection"]
+
+#: The channels of PostgreSQL notifications (L{notify}).
+DOMAINS_CHANNEL = "xcauth_domains"
+CACHE_CHANNEL = "xcauth_cache"
 
 
 class NoDatabase(Exception):
@@ -160,12 +139,16 @@ def _retryBusy(f: Callable[[], T], timeout: float = BUSY_TIMEOUT) -> T:
 
 
 @contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+def transaction(conn: Connection) -> Iterator[Connection]:
     """
     A write transaction: C{BEGIN IMMEDIATE} (takes the write lock up front, so
     two processes never deadlock upgrading read locks), C{COMMIT} or
-    C{ROLLBACK}.
+    C{ROLLBACK}.  On PostgreSQL, psycopg's transaction block.
     """
+    if not isinstance(conn, sqlite3.Connection):
+        with conn.transaction():
+            yield conn
+        return
     _retryBusy(lambda: conn.execute("BEGIN IMMEDIATE"))
     try:
         yield conn
@@ -227,49 +210,49 @@ def connect(path: str, create: bool = True) -> sqlite3.Connection:
     except sqlite3.DatabaseError as e:
         conn.close()
         raise DatabaseError(f"cannot use database {path}: {e}") from None
+    except schema.SchemaTooNew:
+        conn.close()
+        raise
     return conn
 
 
-def ensureSchema(conn: sqlite3.Connection) -> None:
+def ensureSchema(conn: Connection) -> None:
     """
-    Switch to WAL, create missing tables and columns, record the schema version.
-    Existing tables, rows and extra columns are left as they are.
+    Switch to WAL, create missing tables and columns, record the schema version
+    (L{xcauth.schema}).  Existing tables, rows and extra columns are left as
+    they are.
+
+    @raise schema.SchemaTooNew: a newer xcauth upgraded the database.
     """
+    if not isinstance(conn, sqlite3.Connection):
+        if schema.check(conn) < SCHEMA_VERSION or not schema.complete(conn):
+            with transaction(conn):
+                schema.migrate(conn)
+        return
     mode = _retryBusy(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone())
     if mode is None or str(mode[0]).lower() != "wal":
         log.warn("the state database could not be switched to WAL mode")
     conn.execute("PRAGMA synchronous = NORMAL")
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version >= SCHEMA_VERSION and _hasAllColumns(conn):
+    if schema.check(conn) >= SCHEMA_VERSION and schema.complete(conn):
         return
     with transaction(conn):
-        for table, columns in TABLES.items():
-            body = ", ".join(f"{name} {kind}" for name, kind in columns)
-            conn.execute(f"CREATE TABLE IF NOT EXISTS {table} ({body})")
-            present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-            for name, kind in columns:
-                if name not in present:
-                    # ALTER TABLE takes no PRIMARY KEY and no non-constant default.
-                    plain = kind.split()[0]
-                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {plain}")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version < SCHEMA_VERSION:
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        schema.migrate(conn)
 
 
-def _hasAllColumns(conn: sqlite3.Connection) -> bool:
-    for table, columns in TABLES.items():
-        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-        if not {name for name, _ in columns} <= present:
-            return False
-    return True
+def notify(conn: Connection, channel: str, payload: str) -> None:
+    """
+    Tell every node listening on C{channel} (PostgreSQL's C{NOTIFY}, sent when
+    the transaction commits); nothing on SQLite.
+    """
+    if not isinstance(conn, sqlite3.Connection):
+        conn.execute("SELECT pg_notify(?, ?)", (channel, payload[:7900]))
 
 
-def schemaVersion(conn: sqlite3.Connection) -> int:
+def schemaVersion(conn: Connection) -> int:
     """
     The schema version recorded in the database.
     """
-    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    return schema.version(conn)
 
 
 # --- domains ----------------------------------------------------------------
@@ -297,7 +280,7 @@ _DOMAIN_COLUMNS = (
 )
 
 
-def listDomains(conn: sqlite3.Connection) -> list[DomainRow]:
+def listDomains(conn: Connection) -> list[DomainRow]:
     """
     All domains, sorted by name.
     """
@@ -307,7 +290,7 @@ def listDomains(conn: sqlite3.Connection) -> list[DomainRow]:
     return [DomainRow(*row) for row in rows]
 
 
-def getDomain(conn: sqlite3.Connection, domain: str) -> DomainRow | None:
+def getDomain(conn: Connection, domain: str) -> DomainRow | None:
     """
     One domain, or C{None}.
     """
@@ -319,7 +302,7 @@ def getDomain(conn: sqlite3.Connection, domain: str) -> DomainRow | None:
 
 
 def addDomain(
-    conn: sqlite3.Connection,
+    conn: Connection,
     domain: str,
     url: str,
     secret: str | None,
@@ -345,10 +328,11 @@ def addDomain(
             f"INSERT INTO domains ({columns}) VALUES ({marks})",
             [domain, secret, url, authDomain] + [backend[n] for n in names],
         )
+        notify(conn, DOMAINS_CHANNEL, domain)
     return True
 
 
-def updateDomain(conn: sqlite3.Connection, domain: str, **changes: str | None) -> bool:
+def updateDomain(conn: Connection, domain: str, **changes: str | None) -> bool:
     """
     Change the given columns (C{authsecret}, C{authurl}, C{authdomain},
     C{backend}, C{serviceuser}, C{servicepassword}, C{loginformat}) of a
@@ -368,15 +352,17 @@ def updateDomain(conn: sqlite3.Connection, domain: str, **changes: str | None) -
                 f"UPDATE domains SET {assignments} WHERE xmppdomain = ?",
                 [changes[n] for n in names] + [domain],
             )
+            notify(conn, DOMAINS_CHANNEL, domain)
     return True
 
 
-def removeDomain(conn: sqlite3.Connection, domain: str) -> bool:
+def removeDomain(conn: Connection, domain: str) -> bool:
     """
     Remove a domain; C{False} if there is no such domain.
     """
     with transaction(conn):
         cursor = conn.execute("DELETE FROM domains WHERE xmppdomain = ?", (domain,))
+        notify(conn, DOMAINS_CHANNEL, domain)
     return cursor.rowcount > 0
 
 
@@ -406,7 +392,7 @@ def _cacheRow(row: tuple[Any, ...]) -> CacheRow:
     )
 
 
-def getCacheEntry(conn: sqlite3.Connection, jid: str) -> CacheRow | None:
+def getCacheEntry(conn: Connection, jid: str) -> CacheRow | None:
     """
     The cache entry of C{jid}, or C{None}.
     """
@@ -418,7 +404,7 @@ def getCacheEntry(conn: sqlite3.Connection, jid: str) -> CacheRow | None:
     return None if row is None else _cacheRow(row)
 
 
-def listCache(conn: sqlite3.Connection) -> list[CacheRow]:
+def listCache(conn: Connection) -> list[CacheRow]:
     """
     Every cache entry, sorted by JID.
     """
@@ -429,24 +415,36 @@ def listCache(conn: sqlite3.Connection) -> list[CacheRow]:
     return [_cacheRow(row) for row in rows]
 
 
-def putCacheEntry(conn: sqlite3.Connection, jid: str, pwhash: str, now: float) -> None:
+def putCacheEntry(conn: Connection, jid: str, pwhash: str, now: float) -> None:
     """
     Store a freshly verified password hash: the backend and the query timestamps
     become C{now}; the first-success timestamp of an existing entry is kept.
     """
     stamp = formatTimestamp(now)
-    with transaction(conn):
+    upsert = (
+        "INSERT INTO authcache (jid, pwhash, firstauth, remoteauth, anyauth) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (jid) DO UPDATE SET "
+        "pwhash = excluded.pwhash, remoteauth = excluded.remoteauth, "
+        "anyauth = excluded.anyauth"
+    )
+    if not isinstance(conn, sqlite3.Connection):
+        # PostgreSQL: one statement (no BEGIN and COMMIT round trips).  Other
+        # nodes are told to drop what they keep of the entry when its hash
+        # changes (a new password); a first entry needs no word (NOTIFY
+        # serializes commits).
         conn.execute(
-            "INSERT INTO authcache (jid, pwhash, firstauth, remoteauth, anyauth) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (jid) DO UPDATE SET "
-            "pwhash = excluded.pwhash, remoteauth = excluded.remoteauth, "
-            "anyauth = excluded.anyauth",
-            (jid, pwhash, stamp, stamp, stamp),
+            f"WITH old AS (SELECT pwhash FROM authcache WHERE jid = ?), "
+            f"up AS ({upsert} RETURNING 1) "
+            f"SELECT pg_notify(?, ?) FROM old WHERE pwhash IS DISTINCT FROM ?",
+            (jid, jid, pwhash, stamp, stamp, stamp, CACHE_CHANNEL, jid, pwhash),
         )
+        return
+    with transaction(conn):
+        conn.execute(upsert, (jid, pwhash, stamp, stamp, stamp))
 
 
 def touchCacheEntry(
-    conn: sqlite3.Connection, jid: str, now: float, verified: bool
+    conn: Connection, jid: str, now: float, verified: bool
 ) -> None:
     """
     Record a successful query (and, if C{verified}, a backend verification) of
@@ -465,21 +463,23 @@ def touchCacheEntry(
             )
 
 
-def deleteCacheEntry(conn: sqlite3.Connection, jid: str) -> bool:
+def deleteCacheEntry(conn: Connection, jid: str) -> bool:
     """
     Remove the entry of C{jid}; C{False} if there was none.
     """
     with transaction(conn):
         cursor = conn.execute("DELETE FROM authcache WHERE jid = ?", (jid,))
+        notify(conn, CACHE_CHANNEL, jid)
     return cursor.rowcount > 0
 
 
-def clearCache(conn: sqlite3.Connection) -> int:
+def clearCache(conn: Connection) -> int:
     """
     Remove every cache entry; returns how many there were.
     """
     with transaction(conn):
         cursor = conn.execute("DELETE FROM authcache")
+        notify(conn, CACHE_CHANNEL, "")
     return cursor.rowcount
 
 
@@ -569,11 +569,14 @@ class Store:
         next call, so a file the admin command creates later is picked up).
     """
 
+    #: C{sqlite} here; C{postgresql} for L{xcauth.pgstore.PgStore}.
+    engine = "sqlite"
+
     def __init__(self, path: str, worker: Any, create: bool = True) -> None:
         self.path = path
         self._worker = worker
         self._create = create
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Connection | None = None
         # The file (device, inode) the connection was opened on.
         self._opened: tuple[int, int] | None = None
 
@@ -619,6 +622,22 @@ class Store:
             self._opened = (st.st_dev, st.st_ino)
         conn = self._conn
         return _retryBusy(lambda: f(conn, *args))
+
+    def subscribe(self, channel: str, callback: Callable[[str | None], Any]) -> None:
+        """
+        Nothing: only a database shared by several nodes tells of changes
+        (L{xcauth.pgstore.PgStore.subscribe}).
+        """
+
+    def onReconnect(self, callback: Callable[[], Any]) -> None:
+        """
+        Nothing: a file does not go away as a server does.
+        """
+
+    def startListening(self) -> None:
+        """
+        Nothing to listen to.
+        """
 
     def close(self) -> Deferred[None]:
         """
