@@ -725,7 +725,7 @@ class DbCommandTests(SynchronousTestCase):
         token = makeToken(b"s3cret", "alice", "example.org", int(time.time()) + 3600)
         result = xcauth("--url", URL, "--secret", "s3cret", "--db", server.url(name),
                         "--db-password-file", pwfile, "--cache-storage", "db",
-                        "-A", "alice", "example.org", token)
+                        "--debug", "-A", "alice", "example.org", token)
         self.assertEqual((result.returncode, result.stdout), (0, "True\n"), result.stderr)
         self.assertNotIn("cannot read the domains table", result.stderr)
         self.assertIn("domain settings loaded: 0 domain(s)", result.stderr)

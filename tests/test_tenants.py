@@ -51,6 +51,12 @@ class _NoDB:
     def checkFile(self) -> None:
         pass
 
+    def subscribe(self, channel: str, callback: Any) -> None:
+        pass
+
+    def onReconnect(self, callback: Any) -> None:
+        pass
+
 
 def table(served: tuple[str, ...] | None, rows: list[store.DomainRow]) -> tuple[
         DomainTable, TableClient, dict[str, TableClient]]:
