@@ -14,10 +14,12 @@ own PostgreSQL (L{xcauth.testing.postgres}) and one fake Nextcloud.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import time
+import urllib.request
 from typing import Any
 
 from twisted.trial.unittest import TestCase
@@ -241,3 +243,73 @@ class ClusterTests(TestCase):
             "xcauth: the state database has schema version 99, newer than the "
             f"{SCHEMA_VERSION} this xcauth knows: upgrade xcauth on this node\n",
         )
+
+
+class SharedBudgetTests(TestCase):
+    """
+    Two nodes on one PostgreSQL in front of the fake stock Nextcloud (which
+    counts what reaches it): the brute-force budgets are the cluster's.
+    """
+
+    timeout = 180
+    _restartServer = ClusterTests._restartServer
+    ask = ClusterTests.ask
+
+    def setUp(self) -> None:
+        ClusterTests.setUp(self)  # type: ignore[arg-type]
+        self.stock = FakeNextcloud(os.path.join(self.dir, "stock"), stock=True)
+        self.stock.start()
+        self.addCleanup(self.stock.stop)
+
+    def startStockNode(self, name: str) -> Daemon:
+        port = self.ports[name] = freePort()
+        config = writeConfig(
+            os.path.join(self.dir, f"{name}.conf"),
+            self.stock.url,
+            db=self.pg.url(self.dbname),
+            db_password_file=self.pwfile,
+            log_requests="none",
+            **self.stock.stockOptions(),
+        )
+        daemon = Daemon(
+            os.path.join(self.dir, name),
+            ["-c", config, "--listen", f"prosody=tcp:{port}:interface=127.0.0.1"],
+            waitOn=[("127.0.0.1", port)],
+        )
+        self.addCleanup(daemon.stop)
+        daemon.start()
+        self.daemons[name] = daemon
+        return daemon
+
+    def refusedOf(self, user: str) -> int:
+        url = f"http://127.0.0.1:{self.stock.port}/fake/counts"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            counts: dict[str, Any] = json.load(answer)
+        return int(counts["refusedOf"].get(user, 0))
+
+    def budgetEvents(self) -> int:
+        return len(self.pg.admin("SELECT at FROM budgetevents", self.dbname))
+
+    def test_guessesSplitOverNodes(self) -> None:
+        """
+        20 distinct wrong passwords for bob, split over both nodes, reach
+        Nextcloud no more often than 20 through one node would (the user's
+        budget, 5): node A spends it, node B learns it within a second and
+        refuses the rest without asking; bob's known password still gets in
+        through either node.
+        """
+        self.startStockNode("a")
+        self.startStockNode("b")
+        self.assertEqual(self.ask("a", f"auth:bob:example.org:{BOB}"), b"1")
+        self.assertEqual(self.ask("b", f"auth:bob:example.org:{BOB}"), b"1")
+        for i in range(10):
+            self.assertEqual(self.ask("a", f"auth:bob:example.org:guess-a-{i}"), b"0")
+        self.assertEqual(self.refusedOf("bob"), 5)
+        # Node A writes what it counted (every second): then node B knows.
+        waitFor(lambda: self.budgetEvents() >= 5, "node A's checks in the database")
+        time.sleep(3 * 1.0)  # node B's next reads (every second), with a wide margin
+        for i in range(10):
+            self.assertEqual(self.ask("b", f"auth:bob:example.org:guess-b-{i}"), b"0")
+        self.assertEqual(self.refusedOf("bob"), 5)
+        self.assertEqual(self.ask("b", f"auth:bob:example.org:{BOB}"), b"1")
+        self.assertEqual(self.ask("a", f"auth:bob:example.org:{BOB}"), b"1")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,7 @@ from xcauth.ocs import OCSClient, StartupRefused
 from xcauth.penalty import PenaltyBox, PenaltyPolicy
 from xcauth.roster import ICommandRunner, RosterSync
 from xcauth.rostersetup import makeRosterSync
+from xcauth.sharedbudget import SharedBudget
 from xcauth.store import Store, ThreadWorker, whenFired
 from xcauth.throttlewatch import ThrottleWatch, ThrottleWatches
 
@@ -245,6 +247,17 @@ class Hub(Service):
     def _startDomains(self, _: object = None) -> None:
         if self.running:
             self.domains.start()
+            budget = self.sharedBudget()
+            if budget is not None:
+                budget.start()
+
+    def sharedBudget(self) -> SharedBudget | None:
+        """
+        The brute-force budgets shared with the other nodes (a PostgreSQL
+        store), or C{None}.
+        """
+        budget = getattr(getattr(self.authenticator, "penalty", None), "budget", None)
+        return budget if isinstance(budget, SharedBudget) else None
 
     def checkSchema(self) -> Deferred[None]:
         """
@@ -331,6 +344,11 @@ class Hub(Service):
         if self.cache is not None:
             for d in list(self.cache.pending):
                 await whenFired(d)
+        budget = self.sharedBudget()
+        if budget is not None:
+            written = budget.stop()
+            if written is not None:
+                await whenFired(written)
         await self.store.close()
         await self.dbWorker.stop()
         for pool in [*self._oldPools, self.pool]:
@@ -411,6 +429,7 @@ def buildHub(config: Config, reactor: Any) -> Hub:
                 maxEntries=config.penaltyMaxEntries,
             ),
             metrics=counts,
+            budget=sharedBudget(store, reactor, config),
         ),
     )
     forgetRefusalsOnBackendChange(domains, authenticator.penalty)
@@ -484,6 +503,19 @@ def storeTimeout(deadline: float) -> float:
     that waits for it still has its backend's time.
     """
     return max(0.2, min(deadline / 4, 2.0))
+
+
+def sharedBudget(store: Store, reactor: Any, config: Config) -> SharedBudget | None:
+    """
+    The brute-force budgets of a store shared by several nodes (PostgreSQL),
+    or C{None}: the penalty box keeps them in memory.
+    """
+    if getattr(store, "engine", "sqlite") != "postgresql":
+        return None
+    return SharedBudget(
+        store, reactor, uuid.uuid4().hex, config.penaltyUserChecks,
+        config.penaltyUserRefill, config.penaltyBackendWindow, config.penaltyMaxEntries,
+    )
 
 
 def globalSpec(config: Config) -> BackendSpec:

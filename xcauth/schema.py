@@ -4,7 +4,8 @@ PostgreSQL), and its versioned migrations.
 
 Version 1 is the schema of PROTOCOLS.md as SQLite files of existing
 installations hold it (C{PRAGMA user_version = 1}); version 2 adds the
-C{rosterclaims} table (one roster sync per user across several nodes).  Every
+C{rosterclaims} table (one roster sync per user across several nodes), version
+3 the C{budgetevents} table (brute-force budgets shared by several nodes).  Every
 step only creates what is missing (tables, columns), never drops or rewrites
 anything, so columns people added themselves survive and a step run twice
 changes nothing.
@@ -21,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 #: The schema version this code writes.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Version 1: every table and column of PROTOCOLS.md, in the types of the
 #: original (SQLite) schema.
@@ -71,10 +72,24 @@ TABLES_V2: dict[str, list[tuple[str, str]]] = {
     ],
 }
 
+#: Version 3: the checks each node counted toward the brute-force budgets
+#: (L{xcauth.sharedbudget}): C{kind} C{user} (a refused check of the user
+#: C{key}) or C{backend} (a failed check toward the Nextcloud C{key}), at
+#: C{at} (UNIX seconds).
+TABLES_V3: dict[str, list[tuple[str, str]]] = {
+    "budgetevents": [
+        ("node", "TEXT"),
+        ("kind", "TEXT"),
+        ("key", "TEXT"),
+        ("at", "DOUBLE PRECISION"),
+    ],
+}
+
 #: The tables each version adds.
 STEPS: list[tuple[int, dict[str, list[tuple[str, str]]]]] = [
     (1, TABLES),
     (2, TABLES_V2),
+    (3, TABLES_V3),
 ]
 
 #: Timestamps are text in C{CURRENT_TIMESTAMP}'s format on both engines (what
