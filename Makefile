@@ -76,7 +76,7 @@ $(OLDEST_VENV)/.installed: setup.cfg pyproject.toml constraints/oldest.txt
 	touch $@
 
 test-oldest: $(OLDEST_VENV)/.installed
-	$(OLDEST_VENV)/bin/pip freeze --exclude-editable | grep -iE '^(twisted|treq|service.identity|attrs|bcrypt|prometheus.client)=='
+	$(OLDEST_VENV)/bin/pip freeze --exclude-editable | grep -iE '^(twisted|treq|service.identity|attrs|bcrypt|prometheus.client|psycopg)=='
 	BIN=$(OLDEST_VENV)/bin scripts/run-tests $(OLDEST_TESTS)
 
 lint: venv

@@ -173,7 +173,7 @@ class SQLiteStateTests(_StateTests, SynchronousTestCase):
         raw.close()
         conn = store.connect(path)
         self.addCleanup(conn.close)
-        self.assertEqual(store.schemaVersion(conn), 2)
+        self.assertEqual(store.schemaVersion(conn), schema.SCHEMA_VERSION)
         self.assertEqual([d.xmppdomain for d in store.listDomains(conn)], ["other.org"])
         self.assertTrue(rosterstore.claimSync(conn, "alice@a.org", "A", 1.0, 10))
 
@@ -220,7 +220,8 @@ class PostgresStateTests(_StateTests, SynchronousTestCase):
         for t in threads:
             t.join(60)
         self.assertEqual(errors, [])
-        self.assertEqual(server.admin("SELECT version FROM xcauth_schema", name), [(2,)])
+        self.assertEqual(server.admin("SELECT version FROM xcauth_schema", name),
+                         [(schema.SCHEMA_VERSION,)])
 
     def test_timestampsAsText(self) -> None:
         """
