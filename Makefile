@@ -1,5 +1,6 @@
 # xcauth: make demo (run the daemon with a demo backend), make test (the test suite),
-# make test-oldest (the unit tests on the oldest dependencies setup.cfg admits).
+# make test-unit, make test-e2e (each half alone), make test-oldest (the unit tests
+# on the oldest dependencies setup.cfg admits).
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -21,7 +22,7 @@ PROSODY_MODULE_DIR ?= $(XCAUTH_LIBDIR)/prosody
 # under /root); "make install PYTHON=..." to choose another.
 INSTALL_PYTHON = $(if $(filter command line environment,$(origin PYTHON)),$(PYTHON),/usr/bin/python3)
 
-.PHONY: all venv demo test test-only test-oldest system-packages lint typecheck bench clean \
+.PHONY: all venv demo docs test test-only test-unit test-e2e test-oldest system-packages lint typecheck bench clean \
 	install deb test-deb
 
 all: venv
@@ -37,12 +38,12 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 
 venv: $(BIN)/.installed
 
-# Start the fake Nextcloud with demo users beside the daemon (xcauth/testing/demo.py):
+# Start the fake Nextcloud with demo users beside the daemon (scripts/demo.py):
 # if its port is taken, nothing starts; Ctrl-C, or a signal to make, stops both.
 # Then: telnet localhost 23664, and type isuser:admin:example.org
 # BACKEND=nextcloud: the fake stock Nextcloud and xcauth-nextcloud.conf.
 demo: venv
-	@$(BIN)/python -m xcauth.testing.demo --nextcloud-port $(DEMO_NEXTCLOUD_PORT) \
+	@$(BIN)/python scripts/demo.py --nextcloud-port $(DEMO_NEXTCLOUD_PORT) \
 	    --listen $(DEMO_LISTEN) --backend $(BACKEND)
 
 # Debian packages of the real clients the end-to-end tests drive.
@@ -52,16 +53,25 @@ system-packages:
 
 test: system-packages venv test-only
 
+# tests/unit: no process spawned; tests/e2e: the real twistd and xcauth programs
+# and the real Debian clients (tests/harness.py starts them).
 test-only:
-	BIN=$(BIN) scripts/run-tests tests
+	BIN=$(BIN) scripts/run-tests tests.unit tests.e2e
+
+test-unit: venv
+	BIN=$(BIN) scripts/run-tests tests.unit
+
+test-e2e: system-packages venv
+	BIN=$(BIN) scripts/run-tests tests.e2e
 
 # make test-oldest: the oldest release of each dependency setup.cfg admits
-# (constraints/oldest.txt) in a virtualenv of its own, running the tests that need
-# no real Debian client (and the systemd socket tests).  TWISTED=24.11.0 (Debian
+# (constraints/oldest.txt) in a virtualenv of its own, running the unit tests and the
+# end-to-end tests that need no real Debian client (the xcauth program, the
+# database shared by processes, the systemd units and sockets).  TWISTED=24.11.0 (Debian
 # 13's own) swaps the Twisted pin for that release, in another virtualenv.
 OLDEST_VENV = .venv-oldest$(if $(TWISTED),-twisted-$(TWISTED))
-OLDEST_TESTS ?= $(addprefix tests.,$(filter-out %_e2e,$(basename $(notdir \
-    $(wildcard tests/test_*.py))))) tests.test_systemd_e2e
+OLDEST_TESTS ?= tests.unit $(addprefix tests.e2e.,test_admin_cli test_stdio test_processes \
+    test_stock_cli test_store_processes test_units test_monitoring test_systemd_e2e)
 
 $(OLDEST_VENV)/.installed: setup.cfg pyproject.toml constraints/oldest.txt
 	rm -rf $(OLDEST_VENV)
@@ -79,8 +89,13 @@ test-oldest: $(OLDEST_VENV)/.installed
 	$(OLDEST_VENV)/bin/pip freeze --exclude-editable | grep -iE '^(twisted|treq|service.identity|attrs|bcrypt|prometheus.client|psycopg)=='
 	BIN=$(OLDEST_VENV)/bin scripts/run-tests $(OLDEST_TESTS)
 
+# docs/configuration.md from the settings table of xcauth/daemon/config.py
+# (tests.unit.test_docs fails when the checked-in page differs).
+docs: venv
+	$(BIN)/python scripts/configuration_doc.py docs/configuration.md
+
 lint: venv
-	$(BIN)/ruff check xcauth tests twisted bench
+	$(BIN)/ruff check xcauth tests twisted bench scripts/demo.py scripts/configuration_doc.py
 
 typecheck: venv
 	$(BIN)/mypy
@@ -107,6 +122,7 @@ deb:
 TEST_DEB_CACHE ?= /var/cache/xcauth-test-deb
 TEST_DEB_SUITES ?= trixie bookworm
 test-deb: venv
+	scripts/install-system-packages debootstrap systemd git
 	$(BIN)/python scripts/test-deb --cache $(TEST_DEB_CACHE) $(TEST_DEB_SUITES)
 
 clean:

@@ -1,7 +1,7 @@
 """
 Two nodes: two daemons side by side, the load split evenly between them, each
 with its own SQLite file (what a cluster does without a shared store) or both
-on one PostgreSQL (the tests' own server, L{xcauth.testing.postgres}), with
+on one PostgreSQL (the tests' own server, L{tests.postgres}), with
 the credential cache in the database (bcrypt cost 4).
 
  - C{token}: token logins, no backend and no database;
@@ -17,12 +17,30 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attr
 
-if TYPE_CHECKING:
-    from bench.run import Runner, Scenario
+from bench.load import (
+    Scenario,
+    ScenarioRunner,
+    cachedRequests,
+    finishLoad,
+    passwordRequests,
+    startLoad,
+    tokenRequests,
+)
+from tests import postgres
+
+
+class ClusterRunner(ScenarioRunner, Protocol):
+    """
+    What L{runCluster} needs of L{bench.run.Runner}.
+    """
+
+    def measure(self, daemon: Any, workers: list[Any]) -> dict[str, Any]: ...
+
+    def checkLog(self, daemon: Any) -> None: ...
 
 ENGINES = ("sqlite", "postgresql")
 KINDS = ("token", "backend", "cache-hit")
@@ -33,8 +51,6 @@ def scenarios() -> list[Scenario]:
     """
     The two-node scenarios, SQLite and PostgreSQL next to each other.
     """
-    from bench.run import Scenario, cachedRequests, passwordRequests, tokenRequests
-
     requests = {"token": tokenRequests, "backend": passwordRequests,
                 "cache-hit": cachedRequests}
     out = []
@@ -51,19 +67,15 @@ def scenarios() -> list[Scenario]:
     return out
 
 
-def runCluster(runner: Runner, s: Scenario) -> dict[str, Any]:
+def runCluster(runner: ClusterRunner, s: Scenario) -> dict[str, Any]:
     """
     Start both nodes, warm the cache if the scenario needs it, measure.
     """
-    from bench.run import finishLoad, startLoad
-
     options = dict(s.options)
     engine = options.pop("engine")
     kind = options.pop("load")
     cleanup = []
     if engine == "postgresql":
-        from xcauth.testing import postgres
-
         try:
             server = postgres.server()
         except postgres.Unavailable as e:

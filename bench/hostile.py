@@ -34,14 +34,24 @@ import time
 from array import array
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bench import procstat
-from xcauth.testing import processes as harness
-from xcauth.token import makeToken
-
-if TYPE_CHECKING:
-    from bench.run import Runner, Scenario
+from bench.load import (
+    DOMAIN,
+    HOST,
+    SECRET,
+    Scenario,
+    ScenarioRunner,
+    finishLoad,
+    frame,
+    missRequests,
+    passwordRequests,
+    percentile,
+    startLoad,
+)
+from tests import harness
+from xcauth.core.tokens import makeToken
 
 #: What a flooder sends per C{send}.
 FLOOD_CHUNK = 256 * 1024
@@ -152,7 +162,6 @@ def latencyFigures(results: list[dict[str, Any]]) -> tuple[array[int], dict[str,
     """
     The measured latencies (in arrival order per worker) and their figures.
     """
-    from bench.run import percentile
 
     lat: array[int] = array("q")
     for r in results:
@@ -174,7 +183,7 @@ class Window:
     CPU and memory figures of a measured window (the columns of the table).
     """
 
-    def __init__(self, runner: Runner, daemon: harness.Daemon) -> None:
+    def __init__(self, runner: ScenarioRunner, daemon: harness.Daemon) -> None:
         self.dpid = daemon.process.pid
         self.ncPids = runner.stack.nextcloudPids() if runner.stack.nextcloud else []
 
@@ -217,11 +226,10 @@ def sendWindow(workers: list[tuple[Any, Any]], startNs: int, endNs: int) -> None
         conn.send((startNs, endNs))
 
 
-def runFlood(runner: Runner, s: Scenario) -> dict[str, Any]:
+def runFlood(runner: ScenarioRunner, s: Scenario) -> dict[str, Any]:
     """
     C{flood-KIND-cC}: the other client's latency while one connection floods.
     """
-    from bench.run import DOMAIN, HOST, SECRET, finishLoad, startLoad
 
     kind = s.flood
     daemon, port = runner.stack.daemon(s)
@@ -295,11 +303,10 @@ def cacheWriting(daemon: harness.Daemon) -> bool:
     return procstat.cpuSeconds(pid) - before > 0.03
 
 
-def runStorm(runner: Runner, s: Scenario) -> dict[str, Any]:
+def runStorm(runner: ScenarioRunner, s: Scenario) -> dict[str, Any]:
     """
     C{bcrypt-storm}: the cached user's latency while new users' hashes queue.
     """
-    from bench.run import DOMAIN, finishLoad, frame, missRequests, startLoad
 
     cached = [(frame(f"auth:{CACHED_USER}:{DOMAIN}:{CACHED_PASSWORD}"), b"\x00\x02\x00\x01")]
     daemon, port = runner.stack.daemon(s)
@@ -395,12 +402,11 @@ def reloadWith(daemon: harness.Daemon, directory: str, options: dict[str, str]) 
                     "the daemon to reload its configuration", timeout=30)
 
 
-def runOutage(runner: Runner, s: Scenario) -> dict[str, Any]:
+def runOutage(runner: ScenarioRunner, s: Scenario) -> dict[str, Any]:
     """
     C{outage-fresh} and C{outage-stale}: 2,000 cached users log in while
     the fake Nextcloud hangs.
     """
-    from bench.run import finishLoad, passwordRequests, startLoad
 
     requests = passwordRequests(OUTAGE_USERS)
     daemon, port = runner.stack.daemon(s)
@@ -465,12 +471,11 @@ def guessRequests(users: int, domain: str, n: int = 100_000) -> list[tuple[bytes
     return [(f"auth:user{k % users}:{domain}:guess{k}\n".encode(), b"0\n") for k in range(n)]
 
 
-def runGuessing(runner: Runner, s: Scenario) -> dict[str, Any]:
+def runGuessing(runner: ScenarioRunner, s: Scenario) -> dict[str, Any]:
     """
     C{guessing-100}: the real users' latency during a sustained name-only
     guessing attack on their names.
     """
-    from bench.run import DOMAIN, finishLoad, startLoad
 
     daemon, port = runner.stack.daemon(s)
     try:
@@ -490,7 +495,7 @@ def runGuessing(runner: Runner, s: Scenario) -> dict[str, Any]:
         runner.checkLog(daemon)
 
 
-RUNNERS: dict[str, Callable[[Runner, Scenario], dict[str, Any]]] = {
+RUNNERS: dict[str, Callable[[ScenarioRunner, Scenario], dict[str, Any]]] = {
     "guessing": runGuessing,
     "flood": runFlood,
     "storm": runStorm,

@@ -3,16 +3,26 @@ The contracts between xcauth's parts, in a module that imports no other part.
 
  - L{IAuthenticator}: what every framing asks (the shared authenticator).
  - L{IBackendClient}: what the authenticator asks a Nextcloud backend (the JSXC
-   app's signed API or a stock Nextcloud's OCS API), answered as an L{Outcome}.
+   app's signed API or a stock Nextcloud's OCS API), answered as an L{Outcome};
+   L{BackendUnavailable} and L{StartupRefused} are its failures.
+ - L{BackendSpec} (its L{LOGIN_FORMATS}) and L{DomainSettings}: what a domain's backend is built from,
+   and how the authenticator serves the domain.
  - L{IWorker}: runs blocking functions (bcrypt, SQLite) off the reactor thread.
- - L{ICacheStorage}: where the credential cache keeps its entries.
+ - L{ICacheStorage}: where the credential cache keeps its L{CacheEntry}s.
+ - L{IAttemptBudget}: the brute-force budgets of checks of new passwords;
+   L{Throttling}: what the penalty box asks about Nextcloud's throttle.
+ - L{ICommandRunner}: runs ejabberd's L{Command}s for the roster sync, failing
+   with L{CommandFailed}.
+ - L{NoMetrics}: what can be counted, counting nothing (the default of every
+   collaborator that counts); L{xcauth.daemon.metrics.Metrics} counts it all.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attr
 from zope.interface import Attribute, Interface
@@ -162,7 +172,7 @@ class ICacheStorage(Interface):
 class IAttemptBudget(Interface):
     """
     The bookkeeping of the password checks that may reach a Nextcloud (see
-    L{xcauth.penalty}): per user, a budget of checks of passwords new to
+    L{xcauth.core.penalty}): per user, a budget of checks of passwords new to
     xcauth that refills with time; per Nextcloud, the checks that failed (or
     are still being made) within a window, daemon-wide.
 
@@ -214,4 +224,264 @@ class IAttemptBudget(Interface):
     def backendFailures(backend: str, now: float) -> int:
         """
         The checks counted toward C{backend} within the window now.
+        """
+
+
+def resultLabel(result: object) -> str:
+    """
+    The C{result} label of a request's result: C{true} (C{True} or a roster),
+    C{false}, C{unavailable} (C{None}: the backend was unavailable; or
+    C{"cancelled"}, the reason L{xcauth.framing.base.RequestTimer} gives for a
+    request answered without a decision: deadline missed, client gone), and
+    C{error} for anything else (the work failed).
+    """
+    if result is True or isinstance(result, bytes):
+        return "true"
+    if result is False:
+        return "false"
+    if result is None or result == "cancelled":
+        return "unavailable"
+    return "error"
+
+
+class NoMetrics:
+    """
+    Counts nothing: the default of every collaborator that can count (unit
+    tests, the C{xcauth} command).  L{Metrics} overrides every method.
+    """
+
+    def now(self) -> float:
+        """
+        The time to measure a duration from (C{0.0}: nothing is measured).
+        """
+        return 0.0
+
+    def started(self) -> None:
+        """
+        A request is being worked on (until L{finished}).
+        """
+
+    def finished(self) -> None:
+        """
+        A request L{started} has its result.
+        """
+
+    def request(self, framing: str, operation: str, result: str, seconds: float) -> None:
+        """
+        One request's outcome (C{result}: C{true}, C{false}, C{unavailable},
+        C{error}) after C{seconds}.
+        """
+
+    def invalid(self, framing: str) -> None:
+        """
+        An invalid request (answered C{false} without any work).
+        """
+
+    def backend(self, outcome: Outcome, backend: str, started: float) -> Outcome:
+        """
+        Count C{backend}'s answer (C{yes}, C{no}, C{unavailable}) to a request
+        sent at C{started} (a L{now}), and return it (a callback).
+        """
+        return outcome
+
+    def cache(self, result: str) -> None:
+        """
+        A credential cache decision: C{hit}, C{miss}, C{stale}, C{fallback}.
+        """
+
+    def deadlineMissed(self, framing: str) -> None:
+        """
+        A request got no answer within the deadline.
+        """
+
+    def penalized(self, reason: str) -> None:
+        """
+        A login refused or delayed by the penalty box (C{reason}: C{refused},
+        C{delayed}).
+        """
+
+    def bruteForce(self, event: str) -> None:
+        """
+        A decision of the brute-force budgets (C{event}: C{user-budget}, a
+        new password refused because the user's checks are spent;
+        C{backend-budget}, because the daemon-wide budget is spent;
+        C{known-let-through}, a known password accepted during a limit).
+        """
+
+    def serving(self, framing: str, connections: Callable[[], int]) -> None:
+        """
+        A listener of C{framing} serves; C{connections} (called in the
+        reactor thread) says how many connections it has open.
+        """
+
+    def throttle(self, nextcloud: str, delay: float, allowListed: bool | None) -> None:
+        """
+        What the Nextcloud at C{nextcloud} last said about its brute-force
+        throttle for xcauth's address: the C{delay} of every login, and
+        whether the address is allow-listed (C{None}: it does not say).
+        """
+
+    def storeInUse(self, calls: int) -> None:
+        """
+        Calls to the state database given to its pool and not answered yet.
+        """
+
+    def storeQuery(self, outcome: str, seconds: float) -> None:
+        """
+        One call to the state database (C{outcome}: C{ok}, C{error},
+        C{timeout}) and its duration.
+        """
+
+    def storeDown(self, down: bool) -> None:
+        """
+        The state database became unavailable (C{True}) or available again.
+        """
+
+    def storeReconnect(self) -> None:
+        """
+        The state database was reached again after being unavailable.
+        """
+
+    def storeFallback(self, what: str) -> None:
+        """
+        Something done without the state database (C{what}: C{cache-read},
+        C{cache-write}): from or into this node's memory.
+        """
+
+class Throttling(Protocol):
+    """
+    What the penalty box asks about a stock Nextcloud's throttle (a
+    L{xcauth.backends.throttle.ThrottleWatch}).
+    """
+
+    def throttled(self) -> bool: ...
+
+    def allowListed(self) -> bool: ...
+
+    def key(self) -> str: ...
+
+
+class StartupRefused(Exception):
+    """
+    The backend cannot work as configured; C{str()} says what to fix.
+    """
+
+
+#: The login name formats of a stock Nextcloud backend (C{login-format}).
+LOGIN_FORMATS = ("{user}", "{user}@{domain}")
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class BackendSpec:
+    """
+    What a backend client is built from.
+
+    @ivar backend: C{jsxc} or C{nextcloud}.
+    @ivar url: the JSXC API URL, or Nextcloud's base URL.
+    @ivar secret: the JSXC signing secret (C{b""} for the nextcloud backend).
+    @ivar serviceUser: the nextcloud backend's service account.
+    @ivar servicePassword: its app password.
+    @ivar loginFormat: the nextcloud backend's login name format.
+    """
+
+    backend: str
+    url: str
+    secret: bytes = attr.ib(default=b"", repr=False)
+    serviceUser: str | None = None
+    servicePassword: str | None = attr.ib(default=None, repr=False)
+    loginFormat: str = "{user}"
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class DomainSettings:
+    """
+    How to authenticate users of one XMPP domain.
+
+    @ivar secrets: the API secrets; the first signs requests, any of them may have
+        made a token (key rotation).
+    @ivar authDomain: the domain name the backend knows the users under.
+    @ivar client: the backend client for the domain's URL and first secret.
+    """
+
+    secrets: tuple[bytes, ...]
+    authDomain: str | None
+    client: IBackendClient
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class CacheEntry:
+    """
+    What the cache knows about one JID.
+    """
+
+    pwhash: bytes | None
+    firstAuth: float
+    remoteAuth: float
+    anyAuth: float
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Command:
+    """
+    One ejabberd command: its name and its arguments by name, in the order
+    C{ejabberdctl} takes them (ejabberd 23.01 signatures).
+    """
+
+    name: str
+    args: tuple[tuple[str, str], ...]
+
+    def argv(self) -> list[str]:
+        """
+        The command as C{ejabberdctl} arguments.
+        """
+        return [self.name] + [value for _, value in self.args]
+
+    def __str__(self) -> str:
+        return " ".join(
+            json.dumps(a, ensure_ascii=False) if (" " in a or not a) else a
+            for a in self.argv()
+        )
+
+
+class CommandFailed(Exception):
+    """
+    An ejabberd command failed.  C{str()} names the command, its status and
+    ejabberd's first line of explanation; it holds no secret (the commands
+    carry none).
+
+    @ivar command: the command's name.
+    @ivar status: the exit status, C{HTTP <code>}, C{timeout} or the reason the
+        command could not be run.
+    """
+
+    def __init__(self, command: str, status: str, message: str = "") -> None:
+        super().__init__(command, status, message)
+        self.command = command
+        self.status = status
+        self.message = message
+
+    def __str__(self) -> str:
+        text = f"{self.command} failed with {self.status}"
+        return f"{text}: {self.message}" if self.message else text
+
+
+class ICommandRunner(Interface):
+    """
+    Runs ejabberd commands.
+    """
+
+    def run(command: Command) -> Any:
+        """
+        Run C{command}.
+
+        @return: L{Deferred} firing with the command's result as a list of
+            strings (one per line or list element; empty for a command that
+            only succeeds), or failing with L{CommandFailed}.
+        """
+
+    def close() -> Any:
+        """
+        Release what the runner holds (connections).
+
+        @return: L{Deferred} firing when done.
         """

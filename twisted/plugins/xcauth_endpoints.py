@@ -1,8 +1,8 @@
 """
 Endpoint types C{xcauth-systemd-unix:name=NAME}: a UNIX socket passed by systemd,
-served without changing its mode or removing its file (L{xcauth.systemdunix});
+served without changing its mode or removing its file (L{xcauth.daemon.systemdunix});
 and C{xcauth-tls:PORT:...:clientCA=CA}: a TLS listener that requires a client
-certificate (L{xcauth.tls}).  Imports nothing heavy.
+certificate (L{xcauth.daemon.tls}).  Imports nothing heavy.
 """
 
 from typing import Any
@@ -17,7 +17,7 @@ class _SystemdUNIXParser:
     prefix = "xcauth-systemd-unix"
 
     def parseStreamServer(self, reactor: Any, *args: str, **kwargs: str) -> Any:
-        from xcauth.systemdunix import parseSystemdUNIX
+        from xcauth.daemon.systemdunix import parseSystemdUNIX
 
         return parseSystemdUNIX(reactor, *args, **kwargs)
 
@@ -30,7 +30,7 @@ class _MutualTLSParser:
     prefix = "xcauth-tls"
 
     def parseStreamServer(self, reactor: Any, *args: str, **kwargs: str) -> Any:
-        from xcauth.tls import parseMutualTLS
+        from xcauth.daemon.tls import parseMutualTLS
 
         return parseMutualTLS(reactor, *args, **kwargs)
 

@@ -6,7 +6,7 @@ from twisted.application.service import ServiceMaker
 
 xcauth = ServiceMaker(
     "xcauth",
-    "xcauth.tap",
+    "xcauth.daemon.tap",
     "Authentication hub for ejabberd, Prosody, saslauthd and Postfix "
     "backed by Nextcloud/JSXC",
     "xcauth",

@@ -20,8 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xcauth.deadlines import Deadlines
-from xcauth.interfaces import IAuthenticator
-from xcauth.metrics import NoMetrics, resultLabel
+from xcauth.interfaces import IAuthenticator, NoMetrics, resultLabel
 from xcauth.text import printable
 
 log = Logger()
@@ -44,7 +43,7 @@ class ServerContext:
         C{failures} (every answer but a yes) or C{none}.
     @ivar defaultDomain: the domain of logins that name none (the C{dovecot}
         framing's C{dovecot-default-domain}); C{None}: such logins fail.
-    @ivar metrics: counts requests (L{xcauth.metrics}); by default nothing.
+    @ivar metrics: counts requests (L{xcauth.daemon.metrics}); by default nothing.
     """
 
     authenticator: IAuthenticator
@@ -175,7 +174,7 @@ class XcauthFactory(Factory):
         #: get theirs); past it new connections are closed at once.
         self.maxConnections = maxConnections
         #: The connections built here (weakly held: closed ones drop out), for
-        #: answering what is in flight at a stop (L{xcauth.drain}).
+        #: answering what is in flight at a stop (L{xcauth.daemon.drain}).
         self.connections: WeakSet[Any] = WeakSet()
         self._limitLoggedAt: float | None = None
 

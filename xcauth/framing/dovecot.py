@@ -329,7 +329,7 @@ def parsePlain(data: bytes) -> tuple[bytes, bytes, bytes] | None:
     return parts[0], parts[1], parts[2]
 
 
-def splitLogin(login: str, realm: str | None, defaultDomain: str | None) -> tuple[str, str] | None:
+def splitDovecotLogin(login: str, realm: str | None, defaultDomain: str | None) -> tuple[str, str] | None:
     """
     The user and domain of a login: C{user@domain} split at the last C{@}; a
     login without C{@} in the realm, else the default domain.  C{None} if no
@@ -641,7 +641,7 @@ class DovecotProtocol(LineReceiver):
         if not login or not passwordText:
             self._reject(request, "empty login or password")
             return
-        split = splitLogin(login, command.params.get("realm"), self.context.defaultDomain)
+        split = splitDovecotLogin(login, command.params.get("realm"), self.context.defaultDomain)
         if split is None:
             self._reject(
                 request,

@@ -165,7 +165,7 @@ class SaslRequest:
 
 
 @attr.s(frozen=True, auto_attribs=True)
-class Invalid:
+class InvalidMuxRequest:
     """
     A request answered C{NO} without any work; the reason is safe to log.
     """
@@ -173,7 +173,7 @@ class Invalid:
     reason: str
 
 
-def splitLogin(login: str, realm: str) -> tuple[str, str] | None:
+def splitSaslauthdLogin(login: str, realm: str) -> tuple[str, str] | None:
     """
     The user and domain of a saslauthd login: a non-empty realm is the domain;
     with an empty realm, C{user@domain} is split at the last C{@}.  C{None} if
@@ -190,7 +190,7 @@ def splitLogin(login: str, realm: str) -> tuple[str, str] | None:
     return user, domain
 
 
-def parseFields(fields: list[Field]) -> SaslRequest | Invalid:
+def parseFields(fields: list[Field]) -> SaslRequest | InvalidMuxRequest:
     """
     Turn a request's four fields (login, password, service, realm) into a
     login to check, or the reason it is invalid.
@@ -199,7 +199,7 @@ def parseFields(fields: list[Field]) -> SaslRequest | Invalid:
     names = ("login", "password", "service", "realm")
     for name, field in zip(names, fields, strict=True):
         if isinstance(field, Oversize):
-            return Invalid(f"{name} of {field.length} bytes (limit {MAX_FIELD})")
+            return InvalidMuxRequest(f"{name} of {field.length} bytes (limit {MAX_FIELD})")
     assert isinstance(login, bytes)
     assert isinstance(password, bytes)
     assert isinstance(realm, bytes)
@@ -207,22 +207,22 @@ def parseFields(fields: list[Field]) -> SaslRequest | Invalid:
         loginText = login.decode("utf-8")
         realmText = realm.decode("utf-8")
     except UnicodeDecodeError:
-        return Invalid("login or realm is not valid UTF-8")
+        return InvalidMuxRequest("login or realm is not valid UTF-8")
     if not loginText:
-        return Invalid("empty login")
+        return InvalidMuxRequest("empty login")
     try:
         passwordText = password.decode("utf-8")
     except UnicodeDecodeError:
-        return Invalid("password is not valid UTF-8")
+        return InvalidMuxRequest("password is not valid UTF-8")
     if not passwordText:
-        return Invalid("empty password")
-    split = splitLogin(loginText, realmText)
+        return InvalidMuxRequest("empty password")
+    split = splitSaslauthdLogin(loginText, realmText)
     if split is None:
-        return Invalid("login names no domain (no realm and no @)")
+        return InvalidMuxRequest("login names no domain (no realm and no @)")
     try:
         identity = canonical(*split)
     except InvalidIdentity as e:
-        return Invalid(f"invalid identity: {e}")
+        return InvalidMuxRequest(f"invalid identity: {e}")
     return SaslRequest(identity.user, identity.domain, passwordText)
 
 
@@ -294,7 +294,7 @@ class SaslauthdProtocol(OrderedAnswers, Protocol):
 
     def _handle(self, fields: list[Field]) -> None:
         parsed = parseFields(fields)
-        if isinstance(parsed, Invalid):
+        if isinstance(parsed, InvalidMuxRequest):
             self.noteInvalid(parsed.reason)
             self.startAnswered(NO_INVALID)
             self._answered = True

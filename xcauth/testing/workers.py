@@ -1,5 +1,5 @@
 """
-Stand-ins for L{xcauth.store.ThreadWorker} in tests: one that runs work at once
+Stand-ins for L{xcauth.state.database.ThreadWorker} in tests: one that runs work at once
 on the calling thread, and one that queues it until the test says so (to hold
 a worker "busy" and prove that other answers do not wait for it).
 """

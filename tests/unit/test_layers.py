@@ -1,0 +1,112 @@
+"""
+The import rule of docs/architecture.md, checked on the source: the lower
+floors (C{framing}, C{core}, C{backends}, C{state}) import only the small
+top-level modules and their own package, and no module of the repository
+takes part in an import circle (C{bench/} and C{tests/} included).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+#: What every floor may import.
+BASE = {"xcauth", "xcauth.interfaces", "xcauth.identity", "xcauth.text", "xcauth.deadlines"}
+LOWER = ("framing", "core", "backends", "state")
+
+
+def modules() -> dict[str, str]:
+    """
+    Every module of xcauth/, bench/ and tests/ by dotted name -> its path.
+    """
+    found = {}
+    for top in ("xcauth", "bench", "tests"):
+        for directory, _, files in os.walk(os.path.join(REPO, top)):
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.join(directory, name)
+                    dotted = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
+                    found[dotted.removesuffix(".__init__")] = path
+    return found
+
+
+def imports(path: str, known: dict[str, str]) -> set[str]:
+    """
+    The modules of C{known} that the module at C{path} imports (at any
+    depth of the file, type-checking imports included).
+    """
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {n for n in names if n in known}
+
+
+class LayerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.known = modules()
+        self.graph = {m: imports(p, self.known) - {m} for m, p in self.known.items()}
+
+    def test_lowerFloorsImportDownOnly(self) -> None:
+        wrong = []
+        for module, targets in sorted(self.graph.items()):
+            parts = module.split(".")
+            if parts[0] != "xcauth" or len(parts) < 3 or parts[1] not in LOWER:
+                continue
+            own = f"xcauth.{parts[1]}"
+            for target in sorted(targets):
+                if target in BASE or target == own or target.startswith(own + "."):
+                    continue
+                wrong.append(f"{module} -> {target}")
+        self.assertEqual(wrong, [])
+
+    def test_noCircle(self) -> None:
+        # Tarjan's strongly connected components over the import graph.
+        index: dict[str, int] = {}
+        low: dict[str, int] = {}
+        stack: list[str] = []
+        onStack: set[str] = set()
+        circles: list[list[str]] = []
+
+        def visit(v: str) -> None:
+            index[v] = low[v] = len(index)
+            stack.append(v)
+            onStack.add(v)
+            for w in self.graph[v]:
+                # A package importing its own submodules is no circle.
+                if w.startswith(v + "."):
+                    continue
+                if w not in index:
+                    visit(w)
+                    low[v] = min(low[v], low[w])
+                elif w in onStack:
+                    low[v] = min(low[v], index[w])
+            if low[v] == index[v]:
+                component = []
+                while True:
+                    w = stack.pop()
+                    onStack.discard(w)
+                    component.append(w)
+                    if w == v:
+                        break
+                if len(component) > 1:
+                    circles.append(sorted(component))
+
+        for v in sorted(self.graph):
+            if v not in index:
+                visit(v)
+        self.assertEqual(circles, [])
+
+    def test_ruleSeesImports(self) -> None:
+        """
+        The checks above read real imports (they cannot pass on an empty graph).
+        """
+        self.assertIn("xcauth.interfaces", self.graph["xcauth.core.authenticator"])
+        self.assertIn("xcauth.core.penalty", self.graph["xcauth.core.sharedbudget"])

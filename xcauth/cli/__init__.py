@@ -1,0 +1,4 @@
+"""
+The xcauth command: a request on the command line or stdin, and the admin
+subcommands (domains, cache, tokens).
+"""
