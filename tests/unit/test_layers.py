@@ -14,7 +14,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: What every floor may import.
-BASE = {"xcauth", "xcauth.interfaces", "xcauth.identity", "xcauth.text", "xcauth.deadlines"}
+BASE = {"xcauth", "xcauth.interfaces", "xcauth.identity", "xcauth.text", "xcauth.deadlines",
+        "xcauth.twistedprivate"}
+#: The one module allowed to use Twisted's private names.
+PRIVATE_NAMES_MODULE = os.path.join("xcauth", "twistedprivate.py")
 LOWER = ("framing", "core", "backends", "state")
 
 
@@ -110,3 +113,70 @@ class LayerTests(SynchronousTestCase):
         """
         self.assertIn("xcauth.interfaces", self.graph["xcauth.core.authenticator"])
         self.assertIn("xcauth.core.penalty", self.graph["xcauth.core.sharedbudget"])
+
+
+class PrivateTwistedNamesTests(SynchronousTestCase):
+    """
+    Twisted's private modules and names are used in L{xcauth.twistedprivate}
+    only, where each is listed with the releases it was checked on.
+    """
+
+    def test_onlyInOneModule(self) -> None:
+        wrong = []
+        for top in ("xcauth", "twisted", "bench"):
+            for directory, _, files in os.walk(os.path.join(REPO, top)):
+                for name in files:
+                    path = os.path.join(directory, name)
+                    relative = os.path.relpath(path, REPO)
+                    if not name.endswith(".py") or relative == PRIVATE_NAMES_MODULE:
+                        continue
+                    wrong.extend(f"{relative}: {what}" for what in privateTwistedNames(path))
+        self.assertEqual(wrong, [])
+
+    def test_found(self) -> None:
+        """
+        The check sees the forms of private use (so that it can fail).
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("from twisted.web._newclient import RequestNotSent\n"
+                    "from twisted.application import app\n"
+                    "import twisted.scripts._twistd_unix\n"
+                    "from twisted.web.client import _HTTP11ClientFactory\n"
+                    "app._exitWithSignal(2)\n")
+        self.assertEqual(len(privateTwistedNames(path)), 4)
+
+
+def privateTwistedNames(path: str) -> list[str]:
+    """
+    Private names of Twisted the module at C{path} uses: imports from private
+    modules, private names imported, and private attributes of a Twisted
+    module it imported.
+    """
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    found = []
+    twistedModules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "twisted":
+                    if any(part.startswith("_") for part in alias.name.split(".")):
+                        found.append(alias.name)
+                    twistedModules.add(alias.asname or alias.name.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.split(".")[0] != "twisted":
+                continue
+            if any(part.startswith("_") for part in node.module.split(".")):
+                found.append(node.module)
+                continue
+            for alias in node.names:
+                if alias.name.startswith("_"):
+                    found.append(f"{node.module}.{alias.name}")
+                else:
+                    twistedModules.add(alias.asname or alias.name)
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name) and node.value.id in twistedModules):
+            found.append(f"{node.value.id}.{node.attr}")
+    return found

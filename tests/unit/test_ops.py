@@ -515,7 +515,8 @@ class ReopenLogTests(SynchronousTestCase):
         return logFile
 
     def test_reopened(self) -> None:
-        from xcauth.daemon.reload import reopenTwistdLog, twistdLogFile
+        from xcauth.daemon.reload import reopenTwistdLog
+        from xcauth.twistedprivate import twistdLogFile
 
         path = os.path.abspath(self.mktemp())
         logFile = self.installTwistdHandler(path)

@@ -47,11 +47,6 @@ from twisted.internet.interfaces import IConsumer, IReactorTime, IStreamClientEn
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-
-# What a POST gets from a pooled connection that died while idle (the server
-# closed it, or an earlier answer was not read to its end).  Twisted raises it
-# from twisted.web.client but does not re-export it there (22.10 to 26.10).
-from twisted.web._newclient import RequestNotSent
 from twisted.web.client import (
     URI,
     Agent,
@@ -77,6 +72,7 @@ from zope.interface import implementer
 from xcauth.deadlines import Deadlines
 from xcauth.interfaces import BackendUnavailable, Outcome
 from xcauth.text import printable
+from xcauth.twistedprivate import RequestNotSent, quietConnectionPool
 
 log = Logger()
 
@@ -112,9 +108,8 @@ def makeAgent(
     pool = HTTPConnectionPool(reactor, persistent=True)
     # Each new connection's factory would log "Starting factory ..." and
     # "Stopping factory ...": two lines per backend connection, hundreds
-    # after a burst of logins.  Twisted offers no public switch; the pool's
-    # factory class is its private _factory (checked on Twisted 22.10 to 26.10).
-    pool._factory = _QuietFactory
+    # after a burst of logins.
+    quietConnectionPool(pool)
     # The default keeps 2 idle connections per host: far too few for hundreds
     # of logins at once, each of which would then open a new connection.
     pool.maxPersistentPerHost = idleConnections
@@ -122,13 +117,6 @@ def makeAgent(
     pool.retryAutomatically = retryAutomatically
     endpoints = _Endpoints(reactor, tlsPolicy or BrowserLikePolicyForHTTPS(), connectTimeout)
     return Agent.usingEndpointFactory(reactor, endpoints, pool=pool), pool
-
-
-_PoolFactory: Any = HTTPConnectionPool._factory
-
-
-class _QuietFactory(_PoolFactory):
-    noisy = False
 
 
 @implementer(IAgentEndpointFactory)

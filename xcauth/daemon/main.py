@@ -64,53 +64,50 @@ def statusMessage(data: bytes) -> str | None:
     return text if text.startswith("xcauth: ") else f"xcauth: {text}"
 
 
-def _runner() -> Any:
+def _showOnTerminal(options: Any, error: BaseException) -> None:
+    # In the foreground with --logfile=FILE, standard error goes to the log
+    # file: the terminal gets the line too.
     from twisted.python.util import untilConcludes
-    from twisted.scripts._twistd_unix import UnixApplicationRunner
 
-    class Runner(UnixApplicationRunner):
-        """
-        twistd's runner, with the whole start error passed to the parent.
-        """
+    logfile = options.get("logfile")
+    if options.get("nodaemon") and logfile and logfile != "-":
+        stderr = sys.__stderr__
+        if stderr is not None:
+            untilConcludes(stderr.write, str(error) + "\n")
+            stderr.flush()
 
-        def _formatChildException(self, exception: BaseException) -> bytes:
-            return formatStartError(exception)
 
-        def postApplication(self) -> None:
-            try:
-                super().postApplication()
-            except StartError as e:
-                # In the foreground with --logfile=FILE, standard error goes
-                # to the log file: the terminal gets the line too.
-                logfile = self.config.get("logfile")
-                if self.config.get("nodaemon") and logfile and logfile != "-":
-                    stderr = sys.__stderr__
-                    if stderr is not None:
-                        untilConcludes(stderr.write, str(e) + "\n")
-                        stderr.flush()
-                raise
+def _waitForStart(readPipe: int) -> int:
+    # The parent's wait for the daemon's word: the whole message, one line.
+    from twisted.python.util import untilConcludes
 
-        def _waitForStart(self, readPipe: int) -> int:
-            data = untilConcludes(os.read, readPipe, STATUS_LIMIT)
-            message = statusMessage(data)
-            if message is None:
-                return 0
-            stderr = sys.__stderr__
-            assert stderr is not None
-            untilConcludes(stderr.write, message + "\n")
-            return 1
+    data = untilConcludes(os.read, readPipe, STATUS_LIMIT)
+    message = statusMessage(data)
+    if message is None:
+        return 0
+    stderr = sys.__stderr__
+    assert stderr is not None
+    untilConcludes(stderr.write, message + "\n")
+    return 1
 
-    return Runner
+
+def _runner() -> Any:
+    """
+    twistd's runner, with the whole start error passed to the parent.
+    """
+    from xcauth.twistedprivate import startReportingRunner
+
+    return startReportingRunner(formatStartError, _waitForStart, _showOnTerminal, StartError)
 
 
 def main() -> None:
     """
     C{xcauth-daemon}: run C{twistd} with the arguments given.
     """
-    from twisted.application import app
-    from twisted.scripts._twistd_unix import ServerOptions
-
     from xcauth.daemon.config import versionLine
+    from xcauth.twistedprivate import endWithTwistdSignal, serverOptions
+
+    ServerOptions: Any = serverOptions()
 
     class Options(ServerOptions):
         def opt_version(self) -> None:
@@ -125,8 +122,7 @@ def main() -> None:
     def runApp(config: Any) -> None:
         runner = Runner(config)
         runner.run()
-        if runner._exitSignal is not None:
-            app._exitWithSignal(runner._exitSignal)
+        endWithTwistdSignal(runner)
 
     # twistd's app.run, but a wrong option is one line and a pointer, not the
     # whole help followed by the line.

@@ -17,30 +17,14 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
-from twisted.python.logfile import BaseLogFile, LogFile
+from twisted.python.logfile import LogFile
 
 from xcauth.daemon.config import Config, ConfigError
 from xcauth.daemon.hub import Hub
 from xcauth.daemon.listen import Listener
+from xcauth.twistedprivate import twistdLogFile
 
 log = Logger()
-
-
-def twistdLogFile() -> BaseLogFile | None:
-    """
-    The log file twistd writes (C{--logfile}), or C{None} when it logs to
-    standard output or syslog.
-
-    twistd keeps its L{BaseLogFile} only in the SIGUSR1 handler it installs to
-    rotate it (C{twisted.scripts._twistd_unix.UnixAppLogger}): it is taken
-    from there.
-    """
-    handler = signal.getsignal(signal.SIGUSR1)
-    for cell in getattr(handler, "__closure__", None) or ():
-        value = cell.cell_contents
-        if isinstance(value, BaseLogFile):
-            return value
-    return None
 
 
 #: Rotated log files twistd keeps (each up to 1 MB; twistd's own rotation

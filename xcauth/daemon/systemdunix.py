@@ -14,13 +14,11 @@ that leaves the file alone; L{xcauth.daemon.listen} uses it for every
 C{systemd:domain=UNIX:...} listener.
 
 Twisted has no public way to adopt a UNIX socket without that chmod and unlink
-(C{reactor.adoptStreamPort} does both), so L{SystemdUNIXPort} works around
-C{twisted.internet.unix.Port.startListening} and C{connectionLost} through the
-private C{_fromListeningDescriptor} and the attribute holding the socket's path
-there: C{port} up to Twisted 26.4, C{_bindPath} from 26.10 on (where C{port} is
-0 and no longer the path).  Checked
-on Twisted 22.10, 24.10, 24.11 (Debian 13's), 25.5, 26.4 and 26.10 by
-C{tests.e2e.test_systemd_e2e} (C{make test-oldest}, with C{TWISTED=...}).
+(C{reactor.adoptStreamPort} does both): the port that leaves the file alone is
+L{xcauth.twistedprivate.ForeignUNIXPort}, which works through Twisted's private
+names (checked on Twisted 22.10, 24.10, 24.11 (Debian 13's), 25.5, 26.4 and
+26.10 by C{tests.e2e.test_systemd_e2e}: C{make test-oldest}, with
+C{TWISTED=...}).
 """
 
 from __future__ import annotations
@@ -28,46 +26,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet import fdesc, unix
+from twisted.internet import fdesc
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import implementer
 
-
-class SystemdUNIXPort(unix.Port):
-    """
-    A listening UNIX socket whose file belongs to someone else (systemd's
-    C{SocketMode=}, C{SocketGroup=}, C{RemoveOnStop=}): never chmod or unlink it.
-
-    Twisted's port skips both for sockets in the abstract namespace (a path
-    starting with NUL), so the path is shown to it in that form while it starts
-    and stops.
-    """
-
-    def _pathAttribute(self) -> str:
-        # The attribute Twisted's Port binds, chmods and unlinks: _bindPath
-        # since Twisted 26.10, port before.
-        return "_bindPath" if hasattr(self, "_bindPath") else "port"
-
-    def _asAbstract(self) -> tuple[str, Any]:
-        name = self._pathAttribute()
-        path = getattr(self, name)
-        setattr(self, name, (b"\0" if isinstance(path, bytes) else "\0") + path)
-        return name, path
-
-    def startListening(self) -> None:
-        name, path = self._asAbstract()
-        try:
-            super().startListening()
-        finally:
-            setattr(self, name, path)
-
-    def connectionLost(self, reason: Any) -> None:
-        name, path = self._asAbstract()
-        try:
-            super().connectionLost(reason)
-        finally:
-            setattr(self, name, path)
+from xcauth.twistedprivate import adoptForeignUNIXPort
 
 
 @implementer(IStreamServerEndpoint)
@@ -94,9 +58,7 @@ class SystemdUNIXEndpoint:
         self._used = True
         try:
             fdesc.setNonBlocking(self.fileno)
-            port = SystemdUNIXPort._fromListeningDescriptor(
-                self.reactor, self.fileno, factory
-            )
+            port = adoptForeignUNIXPort(self.reactor, self.fileno, factory)
             port.startListening()
             os.close(self.fileno)
         except BaseException:
