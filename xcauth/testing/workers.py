@@ -11,8 +11,12 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from xcauth.interfaces import IWorker
 
 
+@implementer(IWorker)
 class SynchronousWorker:
     """
     Runs work immediately; the Deferred has already fired.
@@ -32,6 +36,7 @@ class SynchronousWorker:
             return fail(Failure())
 
 
+@implementer(IWorker)
 class ManualWorker:
     """
     Queues work until L{runOne} or L{runAll}: a worker pool that is busy until
