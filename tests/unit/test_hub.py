@@ -11,8 +11,10 @@ import os
 from typing import Any
 
 from twisted.application.service import IService
-from twisted.internet.defer import succeed
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -21,6 +23,8 @@ from xcauth.backends.throttle import ThrottleWatch, ThrottleWatches
 from xcauth.daemon import hub as hubModule
 from xcauth.daemon.config import Config, ConfigOptions
 from xcauth.daemon.hub import Core, Gate, Hub, buildBackends, buildHub
+from xcauth.daemon.listen import parseListener
+from xcauth.daemon.service import XcauthService
 from xcauth.framing.base import ServerContext
 from xcauth.interfaces import NoMetrics
 from xcauth.state import database as store
@@ -48,7 +52,7 @@ class HubOnClock:
     mktemp: Any
     patch: Any
 
-    def hub(self, *args: str) -> Hub:
+    def hub(self, *args: str, authenticator: Any = None) -> Hub:
         self.reactor = MemoryReactorClock()
         cfg = config(*args, "--db", os.path.abspath(self.mktemp()))
         backends = buildBackends(cfg, self.reactor, NoMetrics())
@@ -64,7 +68,7 @@ class HubOnClock:
         domains = DomainTable(db, backends.globalSettings, backends.makeClient, self.reactor,
                               globalSpec=backends.globalSpec, served=backends.served)
         core = Core(
-            context=ServerContext(object(), self.reactor),  # type: ignore[arg-type]
+            context=ServerContext(authenticator, self.reactor),
             domains=domains, store=db, dbWorker=ThreadWorker(self.reactor, "test-db"),
             hashWorker=ThreadWorker(self.reactor, "test-bcrypt"), cache=None,
             gate=Gate(opened=True),
@@ -261,3 +265,53 @@ class BuildBackendsTests(SynchronousTestCase):
         self.assertEqual(calls[1:], [(second, backends)])
         self.assertIs(hub.pool, backends.pool)
         self.assertIsInstance(hub.watches, ThrottleWatches)
+
+
+class PendingAuthenticator:
+    """
+    Answers each password check when the test fires its Deferred.
+    """
+
+    def __init__(self) -> None:
+        self.work: list[Deferred[bool | None]] = []
+
+    def authenticate(self, *a: Any, **k: Any) -> Deferred[bool | None]:
+        d: Deferred[bool | None] = Deferred()
+        self.work.append(d)
+        return d
+
+
+class StopOrderTests(HubOnClock, SynchronousTestCase):
+    def test_listenersDrainHub(self) -> None:
+        """
+        L{XcauthService} stops through L{MultiService}: the listeners stop at
+        once, the request in flight is answered, and the hub stops only when
+        the last connection has closed.
+        """
+        auth = PendingAuthenticator()
+        hub = self.hub("--url", "https://c.example/jsxc", "--secret", "s",
+                       authenticator=auth)
+        service = XcauthService(
+            hub, [parseListener("prosody=tcp:0:interface=127.0.0.1", "generic")], self.reactor
+        )
+        service.startService()
+        [listener] = service.listeners
+        self.assertTrue(listener.running)
+        p = service.factories[0].buildProtocol(None)
+        transport = StringTransport()
+        p.makeConnection(transport)
+        p.dataReceived(b"auth:alice:example.org:pw\n")
+        [work] = auth.work
+        stopped = service.stopService()
+        self.assertFalse(listener.running)
+        self.assertTrue(hub.running)
+        self.assertNoResult(stopped)
+        work.callback(True)
+        self.assertEqual(transport.value(), b"1\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(hub.running)
+        self.assertNoResult(stopped)
+        p.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(stopped)
+        self.assertFalse(hub.running)
+        self.assertFalse(hub.domains.running)
