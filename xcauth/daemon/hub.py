@@ -748,7 +748,9 @@ def buildCache(
 def tuneGarbageCollector() -> None:
     """
     Keep the garbage collector from growing with the requests in flight (run
-    once, where the process starts, after its modules are loaded).
+    once, where the process starts, after its modules are loaded: the
+    daemon's L{xcauth.daemon.service.XcauthService.privilegedStartService},
+    the C{xcauth} command's stdio mode; never where a service is only built).
 
     Every object of a request in flight (Deferreds, callbacks, slots) lives
     as long as the request; with hundreds in flight they survive the young

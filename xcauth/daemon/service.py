@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from xcauth.daemon.config import ConfigError
 from xcauth.daemon.drain import drainConnections
-from xcauth.daemon.hub import Hub
+from xcauth.daemon.hub import Hub, tuneGarbageCollector
 from xcauth.daemon.listen import (
     Listener,
     connectionLimit,
@@ -90,7 +90,13 @@ class XcauthService(MultiService):
             self.metricsListener.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
-        # MultiService's, one child at a time: a failure names its listener.
+        """
+        Tune the process's garbage collector (L{tuneGarbageCollector}: the
+        daemon's process, which twistd starts this way, not a process that
+        only builds the service), then start the children as
+        L{MultiService} does, one at a time: a failure names its listener.
+        """
+        tuneGarbageCollector()
         Service.privilegedStartService(self)
         for svc in self:
             try:
