@@ -443,8 +443,8 @@ class SharedDomainsTests(TestCase):
         table = DomainTable(s, globalSettings, makeClient, reactor, interval=3600,
                             globalSpec=BackendSpec("jsxc", URL, b"g"))
         s.startListening()
-        table.start()
-        self.addCleanup(table.stop)
+        table.startService()
+        self.addCleanup(table.stopService)
         for _ in range(100):
             if s.listening and table.whenReady() is None:
                 break

@@ -276,9 +276,14 @@ class Connection:
     def __init__(self) -> None:
         self.transport = Transport()
         self.asked = 0
+        self.lost = 0
 
     def closeWhenAnswered(self) -> None:
         self.asked += 1
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.transport.disconnected = True
+        self.lost += 1
 
 
 class Auto:
@@ -290,6 +295,9 @@ class Auto:
 
     def __init__(self) -> None:
         self.transport = Transport()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.transport.disconnected = True
 
 
 class DrainTests(SynchronousTestCase):
@@ -305,13 +313,30 @@ class DrainTests(SynchronousTestCase):
         self.drain([a, b])
         self.assertEqual((a.asked, b.asked), (1, 1))
         self.clock.advance(1)
-        a.transport.disconnected = True
+        a.connectionLost()
         self.clock.advance(1)
         self.assertEqual(self.results, [])
-        b.transport.disconnected = True
-        self.clock.advance(0.05)
+        b.connectionLost()
         self.assertEqual(self.results, [0])
         self.assertFalse(a.transport.aborted or b.transport.aborted)
+        # The protocol's own connectionLost ran, once.
+        self.assertEqual((a.lost, b.lost), (1, 1))
+
+    def test_doneWhenLastCloses(self) -> None:
+        """
+        The drain fires when the last connection's connectionLost runs, in
+        whatever order they close, without the clock moving; its timeout is
+        cancelled.
+        """
+        a, b, c = Connection(), Connection(), Connection()
+        self.drain([a, b, c])
+        for connection in (b, c):
+            connection.connectionLost()
+            self.assertEqual(self.results, [])
+        a.connectionLost()
+        self.assertEqual(self.results, [0])
+        self.assertEqual(self.clock.seconds(), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_closedOnesIgnored(self) -> None:
         closed = Connection()
@@ -322,7 +347,7 @@ class DrainTests(SynchronousTestCase):
     def test_timeoutAborts(self) -> None:
         a, b = Connection(), Connection()
         self.drain([a, b], timeout=6)
-        a.transport.disconnected = True
+        a.connectionLost()
         self.clock.pump([1] * 5)
         self.assertEqual(self.results, [])
         self.clock.advance(1)
@@ -334,6 +359,8 @@ class DrainTests(SynchronousTestCase):
         auto = Auto()
         self.drain([auto])
         self.assertTrue(auto.transport.disconnecting)
+        auto.connectionLost()
+        self.assertEqual(self.results, [0])
 
     def test_realProtocol(self) -> None:
         """
@@ -362,6 +389,13 @@ class DrainTests(SynchronousTestCase):
         work.callback(True)
         self.assertEqual(transport.value(), b"\x00\x02\x00\x01")
         self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.results, [])
+        # The transport closes: the drain is over at once.
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        p.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.results, [0])
 
 
 class MakeServiceTests(ConfigFiles, SynchronousTestCase):

@@ -690,13 +690,13 @@ class WatchTests(SynchronousTestCase):
 
     def test_notAllowListed(self) -> None:
         with capturedLogs() as events:
-            self.watch.start()
+            self.watch.startService()
             self.agent.flush()
         warnings = [e for e in events if "allow-list" in e["log_format"]]
         self.assertEqual(len(warnings), 1)
         self.assertIn("occ config:app:set bruteForce", warnings[0]["howto"])
         self.assertEqual(self.watch.state, ThrottleState(0.0, False))
-        self.watch.stop()
+        self.watch.stopService()
 
     def test_stateCounted(self) -> None:
         """
@@ -719,7 +719,7 @@ class WatchTests(SynchronousTestCase):
     def test_allowListedAndPeriodic(self) -> None:
         self.nextcloud.allowList()
         with capturedLogs() as events:
-            self.watch.start()
+            self.watch.startService()
             self.agent.flush()
             self.clock.advance(300)
             self.agent.flush()
@@ -727,7 +727,7 @@ class WatchTests(SynchronousTestCase):
         self.assertEqual(
             sum(1 for _, path, _ in self.nextcloud.requests if path.endswith("capabilities")), 2
         )
-        self.watch.stop()
+        self.watch.stopService()
 
     def test_delayWarned(self) -> None:
         for _ in range(4):

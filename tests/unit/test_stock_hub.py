@@ -51,8 +51,7 @@ class BuildTests(SynchronousTestCase):
         self.assertIsInstance(client, OCSClient)
         self.assertEqual(hub.domains.globalSettings.secrets, ())
         self.assertIsNotNone(hub.startupCheck)
-        assert hub.watches is not None
-        self.assertEqual(len(hub.watches.watches), 1)
+        self.assertEqual(len(list(hub.watches)), 1)
         self.assertIsNotNone(hub.authenticator.penalty)  # type: ignore[attr-defined]
 
     def test_perDomain(self) -> None:
@@ -168,19 +167,18 @@ class DomainChangeTests(SynchronousTestCase):
 
     def test_throttleWatchOfChangedRowStops(self) -> None:
         watches = self.hub.watches
-        assert watches is not None
-        watches.start()
+        watches.startService()
         self.hub.domains.apply([ncRow("nc.example", "https://nc.example")])
-        [first] = watches.watches
-        self.assertIsNotNone(first._loop)
+        [first] = watches
+        self.assertTrue(first.running)
         self.hub.domains.apply([ncRow("nc.example", "https://nc2.example")])
-        [second] = watches.watches
+        [second] = watches
         self.assertIsNot(second, first)
         self.assertEqual(second.client.url, "https://nc2.example")
-        self.assertIsNone(first._loop)
+        self.assertFalse(first.running)
         self.hub.domains.apply([])
-        self.assertEqual(watches.watches, [])
-        self.assertIsNone(second._loop)
+        self.assertEqual(list(watches), [])
+        self.assertFalse(second.running)
 
     def test_sharedClientKeepsItsWatch(self) -> None:
         """
@@ -188,25 +186,21 @@ class DomainChangeTests(SynchronousTestCase):
         watch of the other.
         """
         watches = self.hub.watches
-        assert watches is not None
-        watches.start()
+        watches.startService()
         self.hub.domains.apply([ncRow("a.example", "https://nc.example"),
                                 ncRow("b.example", "https://nc.example")])
-        [watch] = watches.watches
+        [watch] = watches
         self.hub.domains.apply([ncRow("a.example", "https://nc.example")])
-        self.assertEqual(watches.watches, [watch])
-        self.assertIsNotNone(watch._loop)
+        self.assertEqual(list(watches), [watch])
+        self.assertTrue(watch.running)
 
     def test_watchesOfRowsAfterReloadStop(self) -> None:
-        watches = self.hub.watches
-        assert watches is not None
         self.hub.reload(config("--url", "https://c.example/jsxc", "--secret", "s",
                                "--db", self.db))
         self.hub.domains.apply([ncRow("nc.example", "https://nc.example")])
-        assert self.hub.watches is not None
-        self.assertEqual(len(self.hub.watches.watches), 1)
+        self.assertEqual(len(list(self.hub.watches)), 1)
         self.hub.domains.apply([])
-        self.assertEqual(self.hub.watches.watches, [])
+        self.assertEqual(list(self.hub.watches), [])
 
     def test_refusalForgottenWhenDomainAdded(self) -> None:
         """

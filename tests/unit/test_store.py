@@ -266,17 +266,17 @@ class OldDatabaseInUseTests(SynchronousTestCase):
         """
         d = self.auth.authenticate("olga", "other.org", "o-pw")
         self.assertNoResult(d)
-        self.table.start()
+        self.table.startService()
         self.assertTrue(self.result(d))
-        self.table.stop()
+        self.table.stopService()
 
     def test_domainFromOldDatabase(self) -> None:
         """
         other.org uses its own URL, secret and backend domain name; other
         domains the global ones.
         """
-        self.table.start()
-        self.addCleanup(self.table.stop)
+        self.table.startService()
+        self.addCleanup(self.table.stopService)
         self.assertTrue(self.result(self.auth.authenticate("olga", "other.org", "o-pw")))
         self.assertEqual(self.otherNC.requests[-1]["domain"], "cloud.other.org")
         self.assertTrue(
@@ -298,8 +298,8 @@ class OldDatabaseInUseTests(SynchronousTestCase):
         The old cache entry (verified two hours ago) carries a login through an
         outage, and its user counts as existing.
         """
-        self.table.start()
-        self.addCleanup(self.table.stop)
+        self.table.startService()
+        self.addCleanup(self.table.stopService)
         self.down = True
         d = self.auth.authenticate("alice", "example.org", DEMO_USERS["alice"])
         self.assertTrue(self.result(d))
@@ -329,8 +329,8 @@ class OldDatabaseInUseTests(SynchronousTestCase):
         """
         worker = SynchronousWorker()
         self.db._worker = worker
-        self.table.start()
-        self.addCleanup(self.table.stop)
+        self.table.startService()
+        self.addCleanup(self.table.stopService)
         self.assertEqual(self.table.settingsFor("new.org").secrets, (GLOBAL_SECRET,))
         conn = store.connect(self.path)
         store.addDomain(conn, "new.org", OTHER_URL, "s1,s0", None)
@@ -361,8 +361,8 @@ class OldDatabaseInUseTests(SynchronousTestCase):
         Without a file, every domain is global; a file created later is read.
         """
         os.rename(self.path, self.path + ".away")
-        self.table.start()
-        self.addCleanup(self.table.stop)
+        self.table.startService()
+        self.addCleanup(self.table.stopService)
         self.assertIsNone(self.table.whenReady())
         self.assertEqual(self.table.settingsFor("other.org").secrets, (GLOBAL_SECRET,))
         os.rename(self.path + ".away", self.path)

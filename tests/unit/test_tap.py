@@ -6,17 +6,19 @@ starting anything.
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.harness import writeConfig
 from xcauth.backends.jsxc import JSXCClient
 from xcauth.core.cache import MemoryStorage
-from xcauth.daemon import hub as hubModule
+from xcauth.daemon import service as serviceModule
 from xcauth.daemon.hub import Hub, buildHub
 from xcauth.daemon.reload import SignalService
 from xcauth.daemon.service import XcauthService
@@ -40,8 +42,6 @@ class MakeServiceTests(SynchronousTestCase):
         One L{Hub} and one endpoint service per C{--listen}, named after it,
         each serving its framing with the hub's shared context.
         """
-        tuned: list[bool] = []
-        self.patch(hubModule, "tuneGarbageCollector", lambda: tuned.append(True))
         directory = self.mktemp()
         os.makedirs(directory)
         sock = os.path.join(directory, "postfix.sock")
@@ -68,8 +68,29 @@ class MakeServiceTests(SynchronousTestCase):
             self.assertIs(svc.factory.protocol, protocol)
             self.assertIs(svc.factory.context, service.hub.context)
         self.assertEqual(service.hub.context.deadline, 3.0)
-        self.assertEqual(tuned, [True])
         self.assertFalse(service.running)
+
+    def test_garbageCollectorUntouched(self) -> None:
+        """
+        Building the service leaves the process's garbage collector as it
+        is: the daemon tunes it when it starts.
+        """
+        before = (gc.get_threshold(), gc.get_freeze_count(), gc.isenabled())
+        makeService(self.options("--listen", "tcp:0:interface=127.0.0.1"),
+                    reactor=MemoryReactorClock())
+        self.assertEqual((gc.get_threshold(), gc.get_freeze_count(), gc.isenabled()), before)
+
+    def test_garbageCollectorTunedAtStart(self) -> None:
+        """
+        twistd's start of the daemon (privilegedStartService) tunes it, once.
+        """
+        tuned: list[bool] = []
+        self.patch(serviceModule, "tuneGarbageCollector", lambda: tuned.append(True))
+        config = self.options("--listen", "tcp:0:interface=127.0.0.1").config
+        service = XcauthService(buildHub(config, MemoryReactorClock()), [], MemoryReactorClock())
+        self.assertEqual(tuned, [])
+        service.privilegedStartService()
+        self.assertEqual(tuned, [True])
 
     def test_backlogAdded(self) -> None:
         """

@@ -5,8 +5,8 @@ Nextcloud delays every Basic-auth login from an address with failed logins
 (0.1 s doubling per failure in 12 hours, up to 25 s) and refuses all of them
 with C{429} past ten failures in 30 minutes.  xcauth logs in for all its
 users from one address, so it should be on Nextcloud's brute-force
-allow-list.  L{ThrottleWatch} reads the capabilities at start-up and every
-C{interval} seconds and warns when xcauth's address is not allow-listed or
+allow-list.  L{ThrottleWatch}, a L{TimerService}, reads the capabilities when
+it starts and every C{interval} seconds and warns when xcauth's address is not allow-listed or
 is being delayed, and warns when a login was answered with C{429} or took
 longer than C{warnDelay} seconds.
 """
@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -47,9 +48,10 @@ class _ThrottleSource(Protocol):
     def throttleState(self) -> Deferred[ThrottleState]: ...
 
 
-class ThrottleWatch:
+class ThrottleWatch(TimerService):
     """
-    Reads the throttle state of one Nextcloud and warns.
+    Reads the throttle state of one Nextcloud and warns: a service reading
+    when it starts and every C{interval} seconds on C{clock}.
 
     @param client: what reads the capabilities (an L{xcauth.backends.ocs.OCSClient}).
     @param clock: schedules the reads and rate-limits the warnings.
@@ -60,12 +62,13 @@ class ThrottleWatch:
     def __init__(self, client: _ThrottleSource, clock: IReactorTime,
                  interval: float = 300.0, warnDelay: float = 1.0,
                  metrics: NoMetrics | None = None) -> None:
+        super().__init__(interval, self.check)
         self.client = client
         self.metrics = metrics if metrics is not None else NoMetrics()  # metrics
-        self.clock = clock
+        #: Schedules the reads (L{TimerService}'s clock) and dates the logins.
+        self.clock: IReactorTime = clock
         self.interval = interval
         self.warnDelay = warnDelay
-        self._loop: LoopingCall | None = None
         self._lastWarning = -WARN_INTERVAL
         #: The last state read, or C{None}.
         self.state: ThrottleState | None = None
@@ -96,22 +99,15 @@ class ThrottleWatch:
         last = self._lastThrottled
         return last is not None and 0 <= self.clock.seconds() - last < THROTTLED_FOR
 
-    def start(self) -> None:
+    def stopService(self) -> None:
         """
-        Read now and every C{interval} seconds.
+        Stop reading, at once: unlike L{TimerService}'s, this stop does not
+        wait for a read in progress (it ends within the backend's timeout).
+        A watch is not started again.
         """
-        if self._loop is None:
-            self._loop = LoopingCall(self.check)
-            self._loop.clock = self.clock
-            self._loop.start(self.interval, now=True)
-
-    def stop(self) -> None:
-        """
-        Stop reading.
-        """
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+        if self.running:
+            super().stopService()
+            Service.stopService(self)
 
     def check(self) -> Deferred[None]:
         """
@@ -189,45 +185,23 @@ def publicURL(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
-class ThrottleWatches:
+class ThrottleWatches(MultiService):
     """
-    The watches of every stock Nextcloud backend in use: started with the
-    daemon, and at once for a backend added later (a new domain).
+    The watches of every stock Nextcloud backend in use, as child services:
+    started with this service, and at once for a backend added while it runs
+    (a new domain).
     """
-
-    def __init__(self) -> None:
-        self.watches: list[ThrottleWatch] = []
-        self.running = False
 
     def add(self, watch: ThrottleWatch) -> None:
         """
         Watch one more backend.
         """
-        self.watches.append(watch)
-        if self.running:
-            watch.start()
+        watch.setServiceParent(self)
 
     def discard(self, client: object) -> None:
         """
         Stop and forget the watch of C{client}, a backend no domain uses any
         more (its row changed or went).
         """
-        for watch in [w for w in self.watches if w.client is client]:
-            watch.stop()
-            self.watches.remove(watch)
-
-    def start(self) -> None:
-        """
-        Start every watch.
-        """
-        self.running = True
-        for watch in self.watches:
-            watch.start()
-
-    def stop(self) -> None:
-        """
-        Stop every watch.
-        """
-        self.running = False
-        for watch in self.watches:
-            watch.stop()
+        for watch in [w for w in self if isinstance(w, ThrottleWatch) and w.client is client]:
+            watch.disownServiceParent()

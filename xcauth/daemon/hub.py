@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attr
-from twisted.application.service import Service
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -104,108 +104,218 @@ class Gate:
             d.callback(None)
 
 
-class Hub(Service):
+@attr.s(auto_attribs=True, frozen=True, kw_only=True)
+class Backends:
     """
-    Runs what every listener shares: starts the worker threads and the domain
-    table's refreshes, and on stop lets pending work finish, then closes the
-    database and the pooled backend connections.
+    The backend side of one configuration, as L{buildBackends} makes it for
+    the start and again for each reload.
+
+    @ivar connectTimeout: the connect timeout C{agent} was made with.
+    @ivar agent: the HTTP agent of every backend client.
+    @ivar pool: its persistent connections.
+    @ivar watches: the throttle watches of the stock clients made by
+        C{makeClient} (a service, started by the hub).
+    @ivar makeClient: builds the client of a L{BackendSpec} (see L{clientFactory}).
+    @ivar globalSpec: what the global client was built from.
+    @ivar globalSettings: the settings of the domains without a row.
+    @ivar served: the domains the global backend serves (see L{servedDomains}).
+    @ivar startupCheck: the global stock client's check of its service
+        account, or C{None} (the JSXC backend).
+    """
+
+    connectTimeout: float
+    agent: Any
+    pool: HTTPConnectionPool
+    watches: ThrottleWatches
+    makeClient: Callable[..., IBackendClient]
+    globalSpec: BackendSpec
+    globalSettings: DomainSettings
+    served: tuple[str, ...] | None
+    startupCheck: Callable[[], Deferred[None]] | None
+
+
+def buildBackends(
+    config: Config, reactor: Any, metrics: NoMetrics, previous: Backends | None = None
+) -> Backends:
+    """
+    The backend clients of C{config}: the global one, and the factory of
+    those of the domain table, with their throttle watches.  At start and for
+    every reload (L{Hub.reload}), so that a reload applies a configuration as
+    a start would.
+
+    @param metrics: what counts their requests.
+    @param previous: the backends in use (a reload): their agent and pool are
+        kept unless the connect timeout changed.
+    """
+    if previous is not None and previous.connectTimeout == config.connectTimeout:
+        agent, pool = previous.agent, previous.pool
+    else:
+        agent, pool = makeAgent(reactor, connectTimeout=config.connectTimeout)
+    watches = ThrottleWatches()
+    makeClient = clientFactory(
+        HTTPRequester(
+            agent,
+            reactor,
+            timeout=config.totalTimeout,
+            maxRequests=backendRequestLimit(descriptorLimit()),
+        ),
+        reactor,
+        config,
+        watches,
+        metrics,
+    )
+    spec = globalSpec(config)
+    globalClient = makeClient(spec, False)
+    return Backends(
+        connectTimeout=config.connectTimeout,
+        agent=agent,
+        pool=pool,
+        watches=watches,
+        makeClient=makeClient,
+        globalSpec=spec,
+        globalSettings=DomainSettings(
+            secrets=config.secrets, authDomain=None, client=globalClient
+        ),
+        served=servedDomains(config),
+        startupCheck=(
+            globalClient.checkPrivileges if isinstance(globalClient, OCSClient) else None
+        ),
+    )
+
+
+@attr.s(auto_attribs=True, frozen=True, kw_only=True)
+class Core:
+    """
+    What a hub builds once and keeps across reloads (see L{buildHub}).
+
+    @ivar context: the listeners' shared context (its authenticator included).
+    @ivar domains: the domain table (a service, refreshing once the schema
+        is checked).
+    @ivar store: the state database.
+    @ivar dbWorker: the state database's thread.
+    @ivar hashWorker: the bcrypt threads.
+    @ivar cache: the credential cache, or C{None}.
+    @ivar gate: where requests wait for the start-up check.
+    @ivar rosterSync: the shared roster sync, or C{None}.
+    @ivar rosterRunner: what runs its commands, or C{None}.
+    @ivar metrics: the daemon's metrics (C{None}: not served, no C{--metrics}).
+    """
+
+    context: ServerContext
+    domains: DomainTable
+    store: Store
+    dbWorker: ThreadWorker
+    hashWorker: ThreadWorker
+    cache: CredentialCache | None
+    gate: Gate
+    rosterSync: RosterSync | None = None
+    rosterRunner: ICommandRunner | None = None
+    metrics: Metrics | None = None
+
+
+class Hub(MultiService):
+    """
+    Runs what every listener shares.  Its child services are the throttle
+    watches of the backends in use and, once the state database's schema is
+    checked, the domain table's refresh; it starts the worker threads, and on
+    stop (after L{beforeStop}) stops its children, lets pending work finish,
+    then closes the database and the pooled backend connections.
+
+    @param core: what is built once (L{Core}).
+    @param backends: the backends of C{config} (L{buildBackends}).
+    @param config: the configuration in force.
+    @param reactor: the reactor (also the clock of the children).
+    @param refuse: stops the daemon with what to fix (C{None}: nothing stops).
     """
 
     def __init__(
         self,
-        context: ServerContext,
-        domains: DomainTable,
-        store: Store,
-        dbWorker: ThreadWorker,
-        hashWorker: ThreadWorker,
-        cache: CredentialCache | None,
-        pool: HTTPConnectionPool | None,
-        rosterSync: RosterSync | None = None,
-        rosterRunner: ICommandRunner | None = None,
-        config: Config | None = None,
-        reactor: Any = None,
-        agent: Any = None,
-        watches: ThrottleWatches | None = None,
-        startupCheck: Callable[[], Deferred[None]] | None = None,
+        core: Core,
+        backends: Backends,
+        config: Config,
+        reactor: Any,
         refuse: Callable[[str], None] | None = None,
-        gate: Gate | None = None,
-        metrics: Metrics | None = None,
     ) -> None:
+        super().__init__()
+        self.context = core.context
+        self.authenticator = core.context.authenticator
+        self.domains = core.domains
+        self.store = core.store
+        self.dbWorker = core.dbWorker
+        self.hashWorker = core.hashWorker
+        self.cache = core.cache
+        self.gate = core.gate
+        self.rosterSync = core.rosterSync
+        self.rosterRunner = core.rosterRunner
         #: The daemon's metrics (C{None}: not counted, no C{--metrics}).
-        self.metrics = metrics
-        self.gate = gate
-        self.watches = watches
-        if watches is not None:
-            domains.onClientDropped = watches.discard
-        self.startupCheck = startupCheck
+        self.metrics = core.metrics
+        #: The backends in use (L{reload} replaces them).
+        self.backends = backends
+        backends.watches.setServiceParent(self)
+        self.domains.onClientDropped = backends.watches.discard
+        self.startupCheck = backends.startupCheck
         self.refuse = refuse
-        self.context = context
-        self.authenticator = context.authenticator
-        self.domains = domains
-        self.store = store
-        self.dbWorker = dbWorker
-        self.hashWorker = hashWorker
-        self.cache = cache
-        self.pool = pool
-        self.rosterSync = rosterSync
-        self.rosterRunner = rosterRunner
         #: The configuration in force (L{reload} replaces it).
         self.config = config
         self.reactor = reactor
-        self.agent = agent
+        #: Waited for before the hub stops (the daemon answers what its
+        #: connections asked), or C{None}.
+        self.beforeStop: Callable[[], Deferred[Any]] | None = None
         #: Pools replaced by a reload, closed when the hub stops.
         self._oldPools: list[HTTPConnectionPool] = []
+
+    @property
+    def agent(self) -> Any:
+        """
+        The HTTP agent of the backends in use.
+        """
+        return self.backends.agent
+
+    @property
+    def pool(self) -> HTTPConnectionPool:
+        """
+        The persistent connections of the backends in use.
+        """
+        return self.backends.pool
+
+    @property
+    def watches(self) -> ThrottleWatches:
+        """
+        The throttle watches of the backends in use.
+        """
+        return self.backends.watches
 
     def reload(self, config: Config) -> list[str]:
         """
         Apply C{config} in place, without re-binding anything or reopening the
-        database: the backend clients (URL, secrets, timeouts), the global
-        settings of the domain table (which is then re-read), the request
-        deadline, the in-flight bound, the cache TTLs and the debug flag.
-        Connections stay open; requests already started finish with the
-        settings they started with.
+        database: the backends are built again as at start (L{buildBackends}:
+        clients, secrets, timeouts, throttle watches), the domain table gets
+        the new global settings (and is then re-read), and the request
+        deadline, the in-flight bound, the cache TTLs and the debug flag
+        change.  Connections stay open; requests already started finish with
+        the settings they started with.
 
         @return: the options whose new value needs a restart (L{RESTART_SETTINGS}:
             C{db}, the cache storage, the roster sync); they keep their old value.
         """
         old = self.config
-        assert old is not None, "a hub built without its configuration cannot reload"
         restart = [
             name
             for name, attribute in RESTART_SETTINGS
             if getattr(old, attribute) != getattr(config, attribute)
         ]
-        if config.connectTimeout != old.connectTimeout or self.agent is None:
-            if self.pool is not None:
-                self._oldPools.append(self.pool)
-            self.agent, self.pool = makeAgent(self.reactor, connectTimeout=config.connectTimeout)
-        if self.watches is not None:
-            self.watches.stop()
-        self.watches = ThrottleWatches()
-        self.domains.onClientDropped = self.watches.discard
-        makeClient = clientFactory(
-            HTTPRequester(
-                self.agent,
-                self.reactor,
-                timeout=config.totalTimeout,
-                maxRequests=backendRequestLimit(descriptorLimit()),
-            ),
-            self.reactor,
-            config,
-            self.watches,
-            self.context.metrics,
-        )
-        spec = globalSpec(config)
+        previous = self.backends
+        backends = buildBackends(config, self.reactor, self.context.metrics, previous)
+        if backends.pool is not previous.pool:
+            self._oldPools.append(previous.pool)
+        # The old watches stop; the new ones run if the hub does.
+        previous.watches.disownServiceParent()
+        self.backends = backends
+        self.domains.onClientDropped = backends.watches.discard
         self.domains.reconfigure(
-            DomainSettings(
-                secrets=config.secrets, authDomain=None, client=makeClient(spec, False)
-            ),
-            makeClient,
-            spec,
-            servedDomains(config),
+            backends.globalSettings, backends.makeClient, backends.globalSpec, backends.served
         )
-        if self.running:
-            self.watches.start()
+        backends.watches.setServiceParent(self)
         self._recheckGlobal()
         context = self.context
         context.deadline = config.deadline
@@ -228,34 +338,35 @@ class Hub(Service):
         # perhaps, or the same one with other rights by now): its service
         # account is checked again, as at start.  A refusal cannot stop a
         # running daemon: it is logged, with what to fix.
-        client = self.domains.globalSettings.client
-        if isinstance(client, OCSClient):
-            self.startupCheck = client.checkPrivileges
-            client.checkPrivileges().addErrback(
-                _domainCheckFailed, client.url, "the global backend (after a reload)"
+        check = self.backends.startupCheck
+        if check is not None:
+            self.startupCheck = check
+            check().addErrback(
+                _domainCheckFailed, self.backends.globalSettings.client.url,
+                "the global backend (after a reload)",
             )
 
     def startService(self) -> None:
         """
-        Start the worker threads and the domain table refreshes.
+        Start the worker threads and the child services; the domain table
+        refreshes once the schema is checked.
         """
-        super().startService()
         self.dbWorker.start()
         self.hashWorker.start()
+        super().startService()
         # The domains are read once the schema is there (a new PostgreSQL
         # database gets its tables first: its pool runs calls in parallel).
         self.checkSchema().addCallback(self._startDomains)
-        if self.watches is not None:
-            self.watches.start()
         self.runStartupCheck()
 
     def _startDomains(self, _: object = None) -> None:
         if self.running:
-            self.domains.start()
+            # A child from now on: stopped with the others.
+            if self.domains.parent is None:
+                self.domains.setServiceParent(self)
             budget = self.sharedBudget()
             if budget is not None:
                 budget.start()
-
     def sharedBudget(self) -> SharedBudget | None:
         """
         The brute-force budgets shared with the other nodes (a PostgreSQL
@@ -329,16 +440,16 @@ class Hub(Service):
 
     def stopService(self) -> Deferred[None]:
         """
-        Stop refreshing, finish pending bcrypt work and database writes, close
-        the database and the pooled backend connections.
+        After L{beforeStop}, stop the children (the domain refresh, the
+        throttle watches), finish pending bcrypt work and database writes,
+        close the database and the pooled backend connections.
         """
-        super().stopService()
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
-        self.domains.stop()
-        if self.watches is not None:
-            self.watches.stop()
+        if self.beforeStop is not None:
+            await self.beforeStop()
+        await super().stopService()
         if self.rosterSync is not None:
             await self.rosterSync.stop()
         if self.rosterRunner is not None:
@@ -357,8 +468,7 @@ class Hub(Service):
         await self.store.close()
         await self.dbWorker.stop()
         for pool in [*self._oldPools, self.pool]:
-            if pool is not None:
-                await pool.closeCachedConnections()
+            await pool.closeCachedConnections()
 
 
 def buildHub(config: Config, reactor: Any) -> Hub:
@@ -366,25 +476,10 @@ def buildHub(config: Config, reactor: Any) -> Hub:
     Build the shared core of a daemon (or of one C{xcauth} command) from its
     configuration.
     """
-    agent, pool = makeAgent(reactor, connectTimeout=config.connectTimeout)
-    watches = ThrottleWatches()
     # Counted only when served (--metrics): otherwise every count is a no-op.
     metrics = Metrics(reactor, backends=(config.backend,)) if config.metrics is not None else None
     counts: NoMetrics = metrics if metrics is not None else NoMetrics()
-    makeClient = clientFactory(
-        HTTPRequester(
-            agent,
-            reactor,
-            timeout=config.totalTimeout,
-            maxRequests=backendRequestLimit(descriptorLimit()),
-        ),
-        reactor,
-        config,
-        watches,
-        counts,
-    )
-    spec = globalSpec(config)
-    globalClient = makeClient(spec, False)
+    backends = buildBackends(config, reactor, counts)
 
     # SQLite: one connection, used from one thread.  The file is created when
     # the cache lives in it; otherwise it is read if (once) it exists.
@@ -393,14 +488,13 @@ def buildHub(config: Config, reactor: Any) -> Hub:
     store = makeStore(config, reactor, dbWorker, counts)
     domains = DomainTable(
         store,
-        DomainSettings(secrets=config.secrets, authDomain=None, client=globalClient),
-        makeClient,
+        backends.globalSettings,
+        backends.makeClient,
         reactor,
-        globalSpec=spec,
-        served=servedDomains(config),
+        globalSpec=backends.globalSpec,
+        served=backends.served,
     )
-    check = globalClient.checkPrivileges if isinstance(globalClient, OCSClient) else None
-    gate = Gate(opened=check is None)
+    gate = Gate(opened=backends.startupCheck is None)
     keys = PasswordKeys()
     hashWorker = ThreadWorker(reactor, "xcauth-bcrypt", BCRYPT_THREADS)
     cache = buildCache(config, store, hashWorker, reactor, keys, counts)
@@ -448,11 +542,12 @@ def buildHub(config: Config, reactor: Any) -> Hub:
         defaultDomain=config.dovecotDefaultDomain,
         metrics=counts,
     )
-    return Hub(
-        context, domains, store, dbWorker, hashWorker, cache, pool, rosterSync, rosterRunner,
-        config=config, reactor=reactor, agent=agent, watches=watches, startupCheck=check,
-        refuse=lambda m: refuseToRun(reactor, m), gate=gate, metrics=metrics,
+    core = Core(
+        context=context, domains=domains, store=store, dbWorker=dbWorker,
+        hashWorker=hashWorker, cache=cache, gate=gate, rosterSync=rosterSync,
+        rosterRunner=rosterRunner, metrics=metrics,
     )
+    return Hub(core, backends, config, reactor, refuse=lambda m: refuseToRun(reactor, m))
 
 
 def servedDomains(config: Config) -> tuple[str, ...] | None:
@@ -653,7 +748,9 @@ def buildCache(
 def tuneGarbageCollector() -> None:
     """
     Keep the garbage collector from growing with the requests in flight (run
-    once, where the process starts, after its modules are loaded).
+    once, where the process starts, after its modules are loaded: the
+    daemon's L{xcauth.daemon.service.XcauthService.privilegedStartService},
+    the C{xcauth} command's stdio mode; never where a service is only built).
 
     Every object of a request in flight (Deferreds, callbacks, slots) lives
     as long as the request; with hundreds in flight they survive the young

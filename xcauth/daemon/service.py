@@ -11,12 +11,12 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from xcauth.daemon.config import ConfigError
 from xcauth.daemon.drain import drainConnections
-from xcauth.daemon.hub import Hub
+from xcauth.daemon.hub import Hub, tuneGarbageCollector
 from xcauth.daemon.listen import (
     Listener,
     connectionLimit,
@@ -49,6 +49,8 @@ class XcauthService(MultiService):
         self.hub = hub
         self.reactor = reactor
         hub.setServiceParent(self)
+        # The hub stops last, once the connections are answered.
+        hub.beforeStop = self.drain
         self.listeners = []
         self.factories: list[XcauthFactory] = []
         #: UNIX sockets to give to a group once they listen.
@@ -88,7 +90,13 @@ class XcauthService(MultiService):
             self.metricsListener.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
-        # MultiService's, one child at a time: a failure names its listener.
+        """
+        Tune the process's garbage collector (L{tuneGarbageCollector}: the
+        daemon's process, which twistd starts this way, not a process that
+        only builds the service), then start the children as
+        L{MultiService} does, one at a time: a failure names its listener.
+        """
+        tuneGarbageCollector()
         Service.privilegedStartService(self)
         for svc in self:
             try:
@@ -139,16 +147,24 @@ class XcauthService(MultiService):
 
     def stopService(self) -> Deferred[None]:
         """
-        Stop accepting connections, let the open ones answer what they have
-        read (within the deadline) and close, then stop the hub.
+        Stop through L{MultiService}: the children newest first (the signal
+        handlers, the metrics listener, then the listeners: nothing new is
+        accepted), the hub last, whose stop first waits for L{drain}: the open
+        connections answer what they have read (within the deadline) and
+        close.
         """
-        return ensureDeferred(self._stop())
+        d: Deferred[object] = super().stopService()
+        return d.addCallback(lambda _: log.info("xcauth stopped"))
 
-    async def _stop(self) -> None:
-        Service.stopService(self)
-        for svc in reversed(self.listeners):
-            if svc.running:
-                await maybeDeferred(svc.stopService)
+    def drain(self) -> Deferred[None]:
+        """
+        Let the connections of every listener answer what they have read and
+        close (the listeners have stopped listening); those still open after
+        the deadline and L{DRAIN_MARGIN} are aborted.
+        """
+        return ensureDeferred(self._drain())
+
+    async def _drain(self) -> None:
         connections = [c for f in self.factories for c in list(f.connections)]
         log.info(
             "stopped listening; answering what {count} open connection(s) asked",
@@ -159,11 +175,6 @@ class XcauthService(MultiService):
         )
         if aborted:
             log.warn("{count} connection(s) did not close in time", count=aborted)
-        for svc in reversed(list(self)):
-            if svc.running and svc is not self.hub:
-                await maybeDeferred(svc.stopService)
-        await maybeDeferred(self.hub.stopService)
-        log.info("xcauth stopped")
 
 
 def _bound(svc: Any) -> str:

@@ -151,13 +151,15 @@ def makeService(options: Options, reactor: object = None) -> IService:
     """
     The daemon: the shared authentication core, one listener per C{--listen},
     and the signal handlers (SIGHUP reloads, SIGTERM stops after answering).
+    Building it changes nothing process-wide: the garbage collector is tuned
+    when the daemon starts (L{XcauthService.privilegedStartService}).
     """
     if reactor is None:
         from twisted.internet import reactor as defaultReactor
 
         reactor = defaultReactor
 
-    from xcauth.daemon.hub import buildHub, tuneGarbageCollector
+    from xcauth.daemon.hub import buildHub
     from xcauth.daemon.reload import Reloader, SignalService
     from xcauth.daemon.service import XcauthService
 
@@ -166,5 +168,4 @@ def makeService(options: Options, reactor: object = None) -> IService:
     argv = list(getattr(options, "argv", []))
     reloader = Reloader(hub, lambda: loadAgain(argv), options.listeners)
     SignalService(reactor, reloader.reload).setServiceParent(service)
-    tuneGarbageCollector()
     return service

@@ -1,8 +1,9 @@
 """
 Per-domain settings from the C{domains} table of the state database.
 
-L{DomainTable} keeps the table in a dict, re-read in the database thread every
-L{REFRESH_SECONDS} seconds, so a lookup is a dict access and changes made with
+L{DomainTable} keeps the table in a dict, re-read in the database thread when
+it starts and every L{REFRESH_SECONDS} seconds while it runs (a
+L{TimerService}), so a lookup is a dict access and changes made with
 C{xcauth domains ...} take effect within seconds, without a restart.
 
 Domains are compared in their canonical form (L{xcauth.identity}): a row for
@@ -21,9 +22,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.application.internet import TimerService
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -38,9 +40,10 @@ log = Logger()
 REFRESH_SECONDS = 5.0
 
 
-class DomainTable:
+class DomainTable(TimerService):
     """
-    The domain settings, refreshed from the database.
+    The domain settings, refreshed from the database: a service reading the
+    table when it starts and every C{interval} seconds on C{clock}.
 
     @param db: the state database.
     @param globalSettings: the settings of domains that are not listed.
@@ -63,6 +66,8 @@ class DomainTable:
         globalSpec: BackendSpec | None = None,
         served: tuple[str, ...] | None = None,
     ) -> None:
+        super().__init__(interval, self.refresh)
+        self.clock = clock
         self._db = db
         self.served = None if served is None else frozenset(served)
         self.globalSettings = globalSettings
@@ -72,12 +77,9 @@ class DomainTable:
             )
         self.globalSpec = globalSpec
         self._makeClient = makeClient
-        self._clock = clock
-        self._interval = interval
         self._settings: dict[str, DomainSettings] = {}
         self._rows: list[store.DomainRow] | None = None
         self._clients: dict[BackendSpec, IBackendClient] = {}
-        self._loop: LoopingCall | None = None
         self._loaded = False
         self._waiting: list[Deferred[None]] = []
         self._lastError: str | None = None
@@ -102,9 +104,10 @@ class DomainTable:
     def _changed(self, domain: str | None) -> Deferred[None] | None:
         """
         A domain changed on some node (or notifications may have been missed):
-        read the table now rather than at the next refresh.
+        read the table now rather than at the next refresh (while the
+        table refreshes at all: it runs).
         """
-        if self._loop is None:
+        if not self.running:
             return None
         return self.refresh()
 
@@ -134,23 +137,14 @@ class DomainTable:
         self._waiting.append(d)
         return d
 
-    def start(self) -> None:
+    def stopService(self) -> None:
         """
-        Read the table now and every C{interval} seconds.
+        Stop refreshing, at once: unlike L{TimerService}'s, this stop does not
+        wait for a read in progress.  A table is not started again.
         """
-        if self._loop is None:
-            self._loop = LoopingCall(self.refresh)
-            self._loop.clock = self._clock
-            self._loop.start(self._interval, now=True)
-
-    def stop(self) -> None:
-        """
-        Stop refreshing.
-        """
-        if self._loop is not None:
-            if self._loop.running:
-                self._loop.stop()
-            self._loop = None
+        if self.running:
+            super().stopService()
+            Service.stopService(self)
 
     def reconfigure(
         self,
