@@ -33,6 +33,9 @@ Twisted is used anywhere else.
     Checked on 22.10, 24.10, 24.11, 25.5, 26.4 and 26.10.  Ticket
     U{twisted#10261<https://github.com/twisted/twisted/issues/10261>} (adopted
     UNIX sockets are chmodded; a fix was proposed in pull request 12471).
+ 6. L{listeningPort}: the port a L{StreamServerEndpointService} listens on
+    (to log the port a C{tcp:0} listener was given), kept only in its
+    C{_waitingForPort} (22.10 to 26.10).  No ticket.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ __all__ = [
     "twistdLogFile",
     "ForeignUNIXPort",
     "adoptForeignUNIXPort",
+    "listeningPort",
 ]
 
 
@@ -200,3 +204,15 @@ def adoptForeignUNIXPort(reactor: Any, fileno: int, factory: Any) -> ForeignUNIX
     port: ForeignUNIXPort = ForeignUNIXPort._fromListeningDescriptor(reactor, fileno, factory)
     return port
 
+
+
+# 6. The port of a listening service.
+
+
+def listeningPort(service: Any) -> Any:
+    """
+    The listening port of the L{StreamServerEndpointService} C{service} once
+    it listens, else C{None}.
+    """
+    waiting = getattr(service, "_waitingForPort", None)
+    return getattr(waiting, "result", None)

@@ -286,17 +286,24 @@ class StopOrderTests(HubOnClock, SynchronousTestCase):
         """
         L{XcauthService} stops through L{MultiService}: the listeners stop at
         once, the request in flight is answered, and the hub stops only when
-        the last connection has closed.
+        the last connection has closed; the metrics listener serves until
+        then.
         """
+        from xcauth.daemon.metrics import Metrics
+
         auth = PendingAuthenticator()
         hub = self.hub("--url", "https://c.example/jsxc", "--secret", "s",
-                       authenticator=auth)
+                       "--metrics", "tcp:0:interface=127.0.0.1", authenticator=auth)
+        hub.metrics = Metrics(self.reactor)
         service = XcauthService(
             hub, [parseListener("prosody=tcp:0:interface=127.0.0.1", "generic")], self.reactor
         )
         service.startService()
         [listener] = service.listeners
+        metrics = service.metricsListener
+        assert metrics is not None
         self.assertTrue(listener.running)
+        self.assertTrue(metrics.running)
         p = service.factories[0].buildProtocol(None)
         transport = StringTransport()
         p.makeConnection(transport)
@@ -311,7 +318,9 @@ class StopOrderTests(HubOnClock, SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertTrue(hub.running)
         self.assertNoResult(stopped)
+        self.assertTrue(metrics.running)
         p.connectionLost(Failure(ConnectionDone()))
         self.successResultOf(stopped)
         self.assertFalse(hub.running)
+        self.assertFalse(metrics.running)
         self.assertFalse(hub.domains.running)

@@ -173,3 +173,24 @@ class ForeignUNIXPortTests(SynchronousTestCase):
         if os.stat(path).st_mode & 0o777 != 0o666:
             raise SkipTest("this Twisted leaves adopted UNIX sockets' modes alone "
                            "(twisted#10261 fixed): ForeignUNIXPort is no longer needed")
+
+
+class ListeningPortTests(SynchronousTestCase):
+    def test_portOfAListeningService(self) -> None:
+        """
+        A started endpoint service's port is found (its address is what the
+        daemon logs); before it starts, there is none.
+        """
+        from twisted.application.internet import StreamServerEndpointService
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        service = StreamServerEndpointService(
+            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), Factory.forProtocol(Protocol))
+        self.assertIsNone(twistedprivate.listeningPort(service))
+        service.privilegedStartService()
+        port = twistedprivate.listeningPort(service)
+        self.assertIsNotNone(port)
+        self.addCleanup(port.stopListening)
+        self.assertEqual(port.getHost().host, "127.0.0.1")
+        self.assertNotEqual(port.getHost().port, 0)

@@ -7,6 +7,7 @@ saying why.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -30,6 +31,8 @@ from xcauth.daemon.main import StartError
 from xcauth.daemon.metrics import METRICS_MAX_CONNECTIONS, metricsService
 from xcauth.framing.base import XcauthFactory
 from xcauth.framing.registry import FRAMINGS
+from xcauth.state.database import whenFired
+from xcauth.twistedprivate import listeningPort
 
 log = Logger()
 
@@ -48,9 +51,6 @@ class XcauthService(MultiService):
         super().__init__()
         self.hub = hub
         self.reactor = reactor
-        hub.setServiceParent(self)
-        # The hub stops last, once the connections are answered.
-        hub.beforeStop = self.drain
         self.listeners = []
         self.factories: list[XcauthFactory] = []
         #: UNIX sockets to give to a group once they listen.
@@ -59,9 +59,28 @@ class XcauthService(MultiService):
             hub.config.metrics
         )
         descriptors = descriptorLimit()
+        hub.setServiceParent(self)
+        # The hub stops once the connections are answered (L{drain}).
+        hub.beforeStop = self.drain
+        #: Fires when L{drain} has ended.
+        self.drained: Deferred[None] = Deferred()
+        #: The metrics listener (C{--metrics}), started with the others and
+        #: serving until the drain has ended.
+        self.metricsListener = None
+        self._metricsParent = None
         if serveMetrics:
+            assert hub.metrics is not None and hub.config is not None
+            assert hub.config.metrics is not None
             # The metrics listener's connections come out of the same budget.
             descriptors -= METRICS_MAX_CONNECTIONS
+            self.metricsListener = metricsService(
+                hub.metrics, hub.config.metrics, reactor,
+                maxConnections=METRICS_MAX_CONNECTIONS,
+            )
+            self._metricsParent = StoppedAfter(lambda: whenFired(self.drained))
+            self._metricsParent.setName(self.metricsListener.name)
+            self.metricsListener.setServiceParent(self._metricsParent)
+            self._metricsParent.setServiceParent(self)
         #: Warnings about plain listeners off loopback, logged at start.
         self.warnings = [w for w in map(plainRemoteWarning, listeners) if w]
         for listener in listeners:
@@ -78,16 +97,6 @@ class XcauthService(MultiService):
             svc = listenerService(listener, factory, reactor)
             svc.setServiceParent(self)
             self.listeners.append(svc)
-        #: The metrics listener (C{--metrics}), started with the others.
-        self.metricsListener = None
-        if serveMetrics:
-            assert hub.metrics is not None and hub.config is not None
-            assert hub.config.metrics is not None
-            self.metricsListener = metricsService(
-                hub.metrics, hub.config.metrics, reactor,
-                maxConnections=METRICS_MAX_CONNECTIONS,
-            )
-            self.metricsListener.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
         """
@@ -141,17 +150,17 @@ class XcauthService(MultiService):
             log.info("socket {path} given to group {group}", path=path, group=group)
 
     def _cannotListen(self, e: Exception, svc: Any = None) -> None:
-        if svc is not None and (svc in self.listeners or svc is self.metricsListener):
+        if svc is not None and (svc in self.listeners or svc is self._metricsParent):
             raise StartError(f"xcauth: cannot start the listener {svc.name}: {e}") from None
         raise StartError(f"xcauth: cannot start a listener: {e}") from None
 
     def stopService(self) -> Deferred[None]:
         """
         Stop through L{MultiService}: the children newest first (the signal
-        handlers, the metrics listener, then the listeners: nothing new is
-        accepted), the hub last, whose stop first waits for L{drain}: the open
-        connections answer what they have read (within the deadline) and
-        close.
+        handlers, then the listeners: nothing new is accepted), the hub, whose
+        stop first waits for L{drain}: the open connections answer what they
+        have read (within the deadline) and close; the metrics listener once
+        the drain has ended.
         """
         d: Deferred[object] = super().stopService()
         return d.addCallback(lambda _: log.info("xcauth stopped"))
@@ -170,11 +179,33 @@ class XcauthService(MultiService):
             "stopped listening; answering what {count} open connection(s) asked",
             count=len(connections),
         )
-        aborted = await drainConnections(
-            connections, self.reactor, self.hub.context.deadline + DRAIN_MARGIN
-        )
-        if aborted:
-            log.warn("{count} connection(s) did not close in time", count=aborted)
+        try:
+            aborted = await drainConnections(
+                connections, self.reactor, self.hub.context.deadline + DRAIN_MARGIN
+            )
+            if aborted:
+                log.warn("{count} connection(s) did not close in time", count=aborted)
+        finally:
+            if not self.drained.called:
+                self.drained.callback(None)
+
+
+class StoppedAfter(MultiService):
+    """
+    Services that stop only once C{until()} has fired: the metrics listener
+    goes on serving while the daemon answers what is in flight.
+    """
+
+    def __init__(self, until: Callable[[], Deferred[Any]]) -> None:
+        super().__init__()
+        self.until = until
+
+    def stopService(self) -> Deferred[None]:
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        await self.until()
+        await super().stopService()
 
 
 def _bound(svc: Any) -> str:
@@ -182,15 +213,9 @@ def _bound(svc: Any) -> str:
     Where a TCP listener listens, for its log line: C{" on HOST port N"} (the
     port a C{tcp:0} endpoint was given, for tests and for operators), or
     nothing for other listeners.
-
-    Twisted keeps the port of a L{StreamServerEndpointService} only in the
-    private C{_waitingForPort}, a L{Deferred} that has fired by now (checked on
-    Twisted 22.10 to 26.10); anything else gives no address.
     """
-    waiting = getattr(svc, "_waitingForPort", None)
-    port = getattr(waiting, "result", None)
     try:
-        address = port.getHost()  # type: ignore[union-attr]
+        address = listeningPort(svc).getHost()
     except Exception:
         return ""
     if not isinstance(address, (IPv4Address, IPv6Address)):

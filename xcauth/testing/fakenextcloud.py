@@ -46,6 +46,8 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from xcauth.testing.web import whenGone
+
 API_PATH = b"/index.php/apps/ojsxc/ajax/externalApi.php"
 
 #: Users of the demo and of the tests: the password of C{admin} matches the
@@ -138,6 +140,7 @@ class FakeJSXC(Resource):
         return b"POST only\n"
 
     def render_POST(self, request: Request) -> Any:
+        gone = whenGone(request)
         assert request.content is not None  # set once the request's body arrived
         body = request.content.read()
         delay, code, headers, answer, fault = self.respond(
@@ -152,7 +155,7 @@ class FakeJSXC(Resource):
             return NOT_DONE_YET
 
         def send() -> None:
-            if request.finished or request._disconnected:
+            if request.finished or gone:
                 return
             request.setResponseCode(code)
             for k, v in headers.items():
@@ -599,3 +602,4 @@ def _dieWithParent() -> None:
 
 if __name__ == "__main__":
     main()
+

@@ -44,6 +44,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from xcauth.testing.web import whenGone
+
 #: Nextcloud's defaults (Throttler.php, IThrottler).
 MAX_DELAY = 25.0
 FIRST_DELAY = 0.1
@@ -278,11 +280,12 @@ class FakeStockNextcloud(Resource):
         raise AssertionError("no answer")  # pragma: no cover
 
     def _send(self, request: Request, answer: _Answer) -> Any:
+        gone = whenGone(request)
         if answer.code == -1:
             return NOT_DONE_YET
 
         def send() -> None:
-            if request.finished or request._disconnected:
+            if request.finished or gone:
                 return
             request.setResponseCode(answer.code)
             for k, v in answer.headers.items():
@@ -561,3 +564,4 @@ def makeStockSite(resource: FakeStockNextcloud) -> Site:
     site.log = lambda request: None  # type: ignore[method-assign]
     site.noisy = False
     return site
+
