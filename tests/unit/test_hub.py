@@ -324,3 +324,40 @@ class StopOrderTests(HubOnClock, SynchronousTestCase):
         self.assertFalse(hub.running)
         self.assertFalse(metrics.running)
         self.assertFalse(hub.domains.running)
+
+
+class SharedBudgetTimerTests(HubOnClock, SynchronousTestCase):
+    def test_exchangesOnClockAndOnceAtStop(self) -> None:
+        """
+        The shared budgets (a PostgreSQL store) are exchanged once the domains
+        are read and every L{SharedBudget.INTERVAL} seconds on the hub's clock,
+        by a child service; the hub's stop writes once more, after the timer
+        has stopped.
+        """
+        from types import SimpleNamespace
+
+        from xcauth.core.sharedbudget import SharedBudget
+
+        calls: list[float] = []
+
+        def exchange(node: str, events: Any, since: float, before: float) -> Deferred[Any]:
+            calls.append(self.reactor.seconds())
+            return succeed([])
+
+        authenticator = SimpleNamespace(penalty=SimpleNamespace(budget=None))
+        hub = self.hub("--url", "https://c.example/jsxc", "--secret", "s",
+                       authenticator=authenticator)
+        budget = SharedBudget(exchange, self.reactor, "node-a")
+        authenticator.penalty.budget = budget
+        hub.startService()
+        self.assertEqual(calls, [0.0])
+        self.reactor.advance(SharedBudget.INTERVAL)
+        self.reactor.advance(SharedBudget.INTERVAL)
+        self.assertEqual(calls, [0.0, 1.0, 2.0])
+        [timer] = [svc for svc in hub if svc.name == "shared brute-force budgets"]
+        self.assertTrue(verifyObject(IService, timer))
+        self.successResultOf(hub.stopService())
+        self.assertFalse(timer.running)
+        self.assertEqual(calls, [0.0, 1.0, 2.0, 2.0])
+        self.reactor.advance(10 * SharedBudget.INTERVAL)
+        self.assertEqual(len(calls), 4)

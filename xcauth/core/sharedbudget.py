@@ -8,7 +8,8 @@ L{SharedBudget.INTERVAL} seconds a node writes the checks it counted since
 (refused checks of a user; failed, unanswered or refused checks toward a
 Nextcloud) to the C{budgetevents} table and reads the other nodes' checks of
 the last C{window}: a user's budget and a Nextcloud's daemon-wide budget are
-then the cluster's.
+then the cluster's.  L{SharedBudget.exchange} is one exchange; the daemon
+runs it on a timer (L{xcauth.daemon.hub.Hub}) and once more when it stops.
 
 The slack: checks still in flight, and those made on other nodes within the
 last interval, are not seen yet; so within one interval an attacker who
@@ -27,7 +28,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -76,7 +76,6 @@ class SharedBudget(MemoryBudget):
         self._outbox: deque[tuple[str, str, float]] = deque(maxlen=MAX_OUTBOX)
         self._remoteUsers: dict[str, list[float]] = {}
         self._remoteBackends: dict[str, list[float]] = {}
-        self._loop: LoopingCall | None = None
         self._running: Deferred[None] | None = None
         self._failing = False
 
@@ -133,24 +132,6 @@ class SharedBudget(MemoryBudget):
         return len(self._times(backend, now)) + self._remoteCount(backend, now)
 
     # -- the exchanges ----------------------------------------------------------------
-
-    def start(self) -> None:
-        """
-        Exchange with the database every L{INTERVAL} seconds.
-        """
-        if self._loop is None:
-            self._loop = LoopingCall(self.exchange)
-            self._loop.clock = self._clock
-            self._loop.start(self.INTERVAL, now=True)
-
-    def stop(self) -> Deferred[None] | None:
-        """
-        Stop the exchanges, after one last write of what was counted.
-        """
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-        return self.exchange()
 
     def exchange(self) -> Deferred[None] | None:
         """

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attr
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
@@ -249,6 +250,8 @@ class Hub(MultiService):
         self.rosterRunner = core.rosterRunner
         #: The daemon's metrics (C{None}: not counted, no C{--metrics}).
         self.metrics = core.metrics
+        #: The timer of the shared budgets' exchanges, once the domains are read.
+        self._budgetExchanges: TimerService | None = None
         #: The backends in use (L{reload} replaces them).
         self.backends = backends
         backends.watches.setServiceParent(self)
@@ -365,8 +368,13 @@ class Hub(MultiService):
             if self.domains.parent is None:
                 self.domains.setServiceParent(self)
             budget = self.sharedBudget()
-            if budget is not None:
-                budget.start()
+            if budget is not None and self._budgetExchanges is None:
+                # Every INTERVAL seconds, on the hub's clock; stopped with
+                # the other children (after the exchange in progress).
+                self._budgetExchanges = TimerService(SharedBudget.INTERVAL, budget.exchange)
+                self._budgetExchanges.clock = self.reactor
+                self._budgetExchanges.setName("shared brute-force budgets")
+                self._budgetExchanges.setServiceParent(self)
     def sharedBudget(self) -> SharedBudget | None:
         """
         The brute-force budgets shared with the other nodes (a PostgreSQL
@@ -462,7 +470,8 @@ class Hub(MultiService):
                 await whenFired(d)
         budget = self.sharedBudget()
         if budget is not None:
-            written = budget.stop()
+            # One last write of what this node counted.
+            written = budget.exchange()
             if written is not None:
                 await whenFired(written)
         await self.store.close()
