@@ -10,7 +10,8 @@ The contracts between xcauth's parts, in a module that imports no other part.
  - L{IWorker}: runs blocking functions (bcrypt, SQLite) off the reactor thread.
  - L{ICacheStorage}: where the credential cache keeps its L{CacheEntry}s.
  - L{IAttemptBudget}: the brute-force budgets of checks of new passwords;
-   L{Throttling}: what the penalty box asks about Nextcloud's throttle.
+   L{Throttling}: what the penalty box asks about Nextcloud's throttle;
+   L{ThrottleSource}: what a throttle watch reads it from (L{ThrottleState}).
  - L{ICommandRunner}: runs ejabberd's L{Command}s for the roster sync, failing
    with L{CommandFailed}.
  - L{NoMetrics}: what can be counted, counting nothing (the default of every
@@ -347,6 +348,32 @@ class NoMetrics:
         Something done without the state database (C{what}: C{cache-read},
         C{cache-write}): from or into this node's memory.
         """
+
+@attr.s(frozen=True, auto_attribs=True)
+class ThrottleState:
+    """
+    What Nextcloud's capabilities say about its brute-force throttle for
+    xcauth's address.
+
+    @ivar delay: the delay of every login, in seconds.
+    @ivar allowListed: whether the address is on the allow-list, or C{None}
+        when this Nextcloud does not say.
+    """
+
+    delay: float
+    allowListed: bool | None
+
+
+class ThrottleSource(Protocol):
+    """
+    Where a throttle watch reads a stock Nextcloud's throttle state (an
+    L{xcauth.backends.ocs.OCSClient}).
+    """
+
+    url: str
+
+    def throttleState(self) -> Deferred[ThrottleState]: ...
+
 
 class Throttling(Protocol):
     """

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from xcauth.backends.ocs import OCSClient, ThrottleState
+from xcauth.backends.ocs import OCSClient
 from xcauth.backends.throttle import ThrottleWatch, ThrottleWatches
 from xcauth.daemon import hub as hubModule
 from xcauth.daemon.config import Config, ConfigOptions
@@ -26,7 +26,7 @@ from xcauth.daemon.hub import Core, Gate, Hub, buildBackends, buildHub
 from xcauth.daemon.listen import parseListener
 from xcauth.daemon.service import XcauthService
 from xcauth.framing.base import ServerContext
-from xcauth.interfaces import NoMetrics
+from xcauth.interfaces import NoMetrics, ThrottleState
 from xcauth.state import database as store
 from xcauth.state.database import Store, ThreadWorker
 from xcauth.state.domains import REFRESH_SECONDS, DomainTable

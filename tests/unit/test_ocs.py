@@ -19,8 +19,14 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from xcauth.backends.http import HTTPRequester
-from xcauth.backends.ocs import OCSClient, ThrottleState, basicAuth
-from xcauth.interfaces import BackendUnavailable, Outcome, RosterEntry, StartupRefused
+from xcauth.backends.ocs import OCSClient, basicAuth
+from xcauth.interfaces import (
+    BackendUnavailable,
+    Outcome,
+    RosterEntry,
+    StartupRefused,
+    ThrottleState,
+)
 from xcauth.testing.fakestock import (
     GROUPADMIN_PASSWORD,
     GROUPADMIN_USER,

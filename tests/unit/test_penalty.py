@@ -15,13 +15,12 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.test_ocs import DOMAIN, stockClient
-from xcauth.backends.ocs import ThrottleState
 from xcauth.backends.throttle import ThrottleWatch
 from xcauth.core.authenticator import Authenticator
 from xcauth.core.cache import CachePolicy, CredentialCache, MemoryStorage
 from xcauth.core.passwordkeys import PasswordKeys
 from xcauth.core.penalty import KnownPasswords, MemoryBudget, PenaltyBox, PenaltyPolicy
-from xcauth.interfaces import DomainSettings
+from xcauth.interfaces import DomainSettings, ThrottleState
 from xcauth.testing.fakestock import MAX_ATTEMPTS, FakeStockNextcloud, makeStockSite
 from xcauth.testing.workers import SynchronousWorker
 

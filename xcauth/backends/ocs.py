@@ -35,7 +35,6 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-import attr
 from hyperlink import URL
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -53,6 +52,7 @@ from xcauth.interfaces import (
     Outcome,
     RosterEntry,
     StartupRefused,
+    ThrottleState,
 )
 from xcauth.text import printable, validateURL
 
@@ -79,21 +79,6 @@ def basicAuth(login: str, password: str) -> bytes:
     """
     raw = f"{login}:{password}".encode()
     return b"Basic " + base64.b64encode(raw)
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class ThrottleState:
-    """
-    What Nextcloud's capabilities say about its brute-force throttle for
-    xcauth's address.
-
-    @ivar delay: the delay of every login, in seconds.
-    @ivar allowListed: whether the address is on the allow-list, or C{None}
-        when this Nextcloud does not say.
-    """
-
-    delay: float
-    allowListed: bool | None
 
 
 def _ocsData(answer: Answer) -> Any:

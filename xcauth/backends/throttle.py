@@ -13,7 +13,7 @@ longer than C{warnDelay} seconds.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -22,8 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from xcauth.backends.ocs import ThrottleState
-from xcauth.interfaces import NoMetrics
+from xcauth.interfaces import NoMetrics, ThrottleSource, ThrottleState
 
 log = Logger()
 
@@ -42,12 +41,6 @@ ALLOW_LIST_HOWTO = (
 )
 
 
-class _ThrottleSource(Protocol):
-    url: str
-
-    def throttleState(self) -> Deferred[ThrottleState]: ...
-
-
 class ThrottleWatch(TimerService):
     """
     Reads the throttle state of one Nextcloud and warns: a service reading
@@ -59,7 +52,7 @@ class ThrottleWatch(TimerService):
     @param warnDelay: a login slower than this (seconds) is warned about.
     """
 
-    def __init__(self, client: _ThrottleSource, clock: IReactorTime,
+    def __init__(self, client: ThrottleSource, clock: IReactorTime,
                  interval: float = 300.0, warnDelay: float = 1.0,
                  metrics: NoMetrics | None = None) -> None:
         super().__init__(interval, self.check)
