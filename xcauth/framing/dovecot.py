@@ -64,14 +64,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import attr
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from xcauth.framing.base import ServerContext, logRequestFailure
+from xcauth.framing.base import ServerContext
+from xcauth.framing.flow import FlowControl
 from xcauth.identity import InvalidIdentity, canonical
 from xcauth.text import printable
 
@@ -399,29 +400,6 @@ class _Request:
             self.timer = None
 
 
-@implementer(IPushProducer)
-class _UnsentAnswers:
-    """
-    Registered with the connection's transport as its producer: while the
-    answers pile up unsent (the client does not read them), the connection
-    reads no more requests.
-    """
-
-    __slots__ = ("connection",)
-
-    def __init__(self, connection: DovecotProtocol) -> None:
-        self.connection = connection
-
-    def pauseProducing(self) -> None:
-        self.connection._unsentPaused(True)
-
-    def resumeProducing(self) -> None:
-        self.connection._unsentPaused(False)
-
-    def stopProducing(self) -> None:
-        pass
-
-
 @implementer(IHalfCloseableProtocol)
 class DovecotProtocol(LineReceiver):
     """
@@ -439,21 +417,20 @@ class DovecotProtocol(LineReceiver):
 
     _minor: int | None = None
     _cpid: int | None = None
-    _closed = False
     #: The client closed its side.
     _eof = False
-    _pausedForLoad = False
-    #: The client does not read its answers (the transport paused us).
-    _pausedForUnsent = False
-    #: Requests whose work (the authenticator) is in flight.
-    _working = 0
 
     def __init__(self, context: ServerContext) -> None:
         self.context = context
+        self.flow = FlowControl(context, self.framing, self)
         self._requests: dict[int, _Request] = {}
 
+    @property
+    def _closed(self) -> bool:
+        return self.flow.closing or self.flow.lost
+
     def connectionMade(self) -> None:
-        self.transport.registerProducer(_UnsentAnswers(self), True)
+        self.flow.connect(self.transport)
         self.transport.write(handshake(os.getpid(), self._connectionNumber(), os.urandom(16)))
 
     def _connectionNumber(self) -> int:
@@ -469,7 +446,7 @@ class DovecotProtocol(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         if self._closed:
             return
-        self._countLine()
+        self.flow.count()
         if line.endswith(b"\r"):
             # Dovecot's line reader accepts CRLF too.
             line = line[:-1]
@@ -565,7 +542,6 @@ class DovecotProtocol(LineReceiver):
         if request is not None and request.work is not None:
             work, request.work = request.work, None
             work.cancel()
-        self._checkLoad()
 
     # -- mechanisms --------------------------------------------------------
     def _step(self, request: _Request, data: bytes | None, initial: bool = True) -> None:
@@ -665,17 +641,12 @@ class DovecotProtocol(LineReceiver):
             )
         )
         request.work = work
-        self._working += 1
-        if not work.called or work.paused:
-            # Work answered at once (a token) needs no deadline timer.
-            self.context.watchDeadline(work)
-        work.addCallbacks(
+        self.flow.track(work).addCallbacks(
             self._workDone,
             self._workFailed,
             callbackArgs=(request, login),
             errbackArgs=(request,),
         )
-        self._checkLoad()
 
     def _current(self, request: _Request) -> bool:
         """
@@ -686,9 +657,7 @@ class DovecotProtocol(LineReceiver):
 
     def _workDone(self, result: bool | None, request: _Request, login: str) -> None:
         request.work = None
-        self._working -= 1
         if not self._current(request):
-            self._checkLoad()
             self._closeIfDone()
             return
         requestId = request.command.id
@@ -703,14 +672,10 @@ class DovecotProtocol(LineReceiver):
 
     def _workFailed(self, f: Failure, request: _Request) -> None:
         request.work = None
-        self._working -= 1
         if not self._current(request):
-            self._checkLoad()
             self._closeIfDone()
             return
-        if f.check(CancelledError, TimeoutError):
-            self.context.metrics.deadlineMissed(self.framing)  # metrics
-        logRequestFailure(f, self.framing, self.context.deadline)
+        self.flow.noteFailure(f)
         self._tempFail(request)
 
     def _tempFail(self, request: _Request) -> None:
@@ -738,62 +703,11 @@ class DovecotProtocol(LineReceiver):
             del self._requests[request.command.id]
         request.stopWaiting()
         self.transport.write(line)
-        self._checkLoad()
         self._closeIfDone()
 
-    def _busy(self) -> int:
-        return self._working
-
-    def _checkLoad(self) -> None:
-        if self._closed:
-            return
-        if self._busy() >= self.context.maxInFlight:
-            if not self._pausedForLoad:
-                self._pausedForLoad = True
-                self.pauseProducing()
-        elif self._pausedForLoad:
-            self._pausedForLoad = False
-            # Resume on a later turn: resuming parses buffered lines, and this
-            # may run inside the receiver's own parsing loop.
-            self.context.clock.callLater(0, self._resumeReading)
-
-    def _unsentPaused(self, paused: bool) -> None:
-        """
-        The transport's buffer of unsent answers is full (C{True}) or has
-        drained (C{False}).
-        """
-        if paused:
-            if not self._pausedForUnsent:
-                self._pausedForUnsent = True
-                if not self._closed:
-                    self.pauseProducing()
-        elif self._pausedForUnsent:
-            self._pausedForUnsent = False
-            self.context.clock.callLater(0, self._resumeReading)
-
-    def _resumeReading(self) -> None:
-        self._pausedForTurn = False
-        if not (self._closed or self._pausedForLoad or self._pausedForUnsent):
-            self._turnLines = 0
-            self.resumeProducing()
-
-    # Fairness, as for the other framings (OrderedAnswers.MAX_PER_TURN): at
-    # most this many lines of one connection per reactor turn.
-    MAX_PER_TURN = 32
-    _turnLines = 0
-    _pausedForTurn = False
-
     def dataReceived(self, data: bytes) -> None:
-        self._turnLines = 0
+        self.flow.newTurn()
         super().dataReceived(data)
-
-    def _countLine(self) -> None:
-        self._turnLines += 1
-        if self._turnLines >= self.MAX_PER_TURN and not self._pausedForTurn:
-            self._pausedForTurn = True
-            if not (self._pausedForLoad or self._pausedForUnsent):
-                self.pauseProducing()
-            self.context.clock.callLater(0, self._resumeReading)
 
     def _protocolError(self, reason: str) -> None:
         # Counted into one log line a minute for the whole daemon: a client
@@ -808,8 +722,7 @@ class DovecotProtocol(LineReceiver):
     def _close(self, abort: bool = False) -> None:
         if self._closed:
             return
-        self._closed = True
-        self.pauseProducing()
+        self.flow.stopReading()
         self.clearLineBuffer()
         if abort:
             self.transport.abortConnection()
@@ -818,12 +731,10 @@ class DovecotProtocol(LineReceiver):
         self._cancelAll()
 
     def _cancelAll(self) -> None:
-        pending = [r.work for r in self._requests.values() if r.work is not None]
         for r in self._requests.values():
             r.stopWaiting()
         self._requests.clear()
-        for d in pending:
-            d.cancel()
+        self.flow.cancelPending()
 
     def readConnectionLost(self) -> None:
         """
@@ -845,9 +756,8 @@ class DovecotProtocol(LineReceiver):
         self._close()
 
     def _closeIfDone(self) -> None:
-        if self._eof and not self._working:
+        if self._eof and not self.flow.inFlight():
             self._close()
 
     def connectionLost(self, reason: Any = None) -> None:
-        self._closed = True
         self._cancelAll()
