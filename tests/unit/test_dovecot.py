@@ -630,7 +630,7 @@ class ExchangeTests(_Base, SynchronousTestCase):
         self.send(b"CONT\t5\t" + b64("alice") + b"\n")
         self.assertEqual(self.answers(), b"CONT\t5\tUGFzc3dvcmQ6\n")
         self.clock.advance(dovecot.CONT_TIMEOUT)
-        self.assertEqual(self.protocol._requests, {})
+        self.assertEqual(self.protocol.session.open(), 0)
         self.send(b"CONT\t5\t" + b64("pw") + b"\n")
         self.assertEqual(self.answers(), b"FAIL\t5\treason=Authentication request timed out\n")
         self.assertEqual(self.auth.calls, [])
