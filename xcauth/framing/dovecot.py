@@ -136,10 +136,6 @@ class DovecotProtocol(LineReceiver):
         self.flow = FlowControl(context, self.framing, self)
         self.session = DovecotSession(context, self._run)
 
-    @property
-    def _closed(self) -> bool:
-        return self.flow.closing or self.flow.lost
-
     def connectionMade(self) -> None:
         self.flow.connect(self.transport)
         self.transport.write(handshake(os.getpid(), self._connectionNumber(), os.urandom(16)))
@@ -158,7 +154,7 @@ class DovecotProtocol(LineReceiver):
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
-        if self._closed:
+        if self.flow.stopped:
             return
         self.flow.count()
         self._run(self.session.receive(line))
@@ -218,7 +214,7 @@ class DovecotProtocol(LineReceiver):
 
     # -- the end ---------------------------------------------------------------
     def _close(self, abort: bool = False) -> None:
-        if self._closed:
+        if self.flow.stopped:
             return
         self.flow.stopReading()
         self.clearLineBuffer()

@@ -119,6 +119,13 @@ class FlowControl:
         """
         return self._lost
 
+    @property
+    def stopped(self) -> bool:
+        """
+        Whether the connection is closing or gone: nothing more is read.
+        """
+        return self._closing or self._lost
+
     def inFlight(self) -> int:
         """
         The requests holding a place now: worked on, or answered and waiting

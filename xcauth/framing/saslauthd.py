@@ -258,12 +258,9 @@ class SaslauthdProtocol(FlowEvents, Protocol):
         self._reader = FieldReader()
         self._fields = []
 
-    def _stopped(self) -> bool:
-        return self.flow.closing or self.flow.lost
-
     def dataReceived(self, data: bytes) -> None:
         self.flow.newTurn()
-        if self._stopped():
+        if self.flow.stopped:
             return
         if self._window and self._answered and not self._reader.pending:
             # The answer left before these bytes: they begin a new request.
@@ -272,7 +269,7 @@ class SaslauthdProtocol(FlowEvents, Protocol):
         self._process()
 
     def _process(self) -> None:
-        while not (self._paused or self._stopped()):
+        while not (self._paused or self.flow.stopped):
             if self._window and self._fifthSeen and self._reader.pending:
                 log.warn(
                     "{framing} client sent more than one request without waiting "
