@@ -15,8 +15,10 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from tests.unit.fakes import (
     ManualAuthenticator,
@@ -628,7 +630,7 @@ class ExchangeTests(_Base, SynchronousTestCase):
         self.send(b"CONT\t5\t" + b64("alice") + b"\n")
         self.assertEqual(self.answers(), b"CONT\t5\tUGFzc3dvcmQ6\n")
         self.clock.advance(dovecot.CONT_TIMEOUT)
-        self.assertEqual(self.protocol._requests, {})
+        self.assertEqual(self.protocol.session.open(), 0)
         self.send(b"CONT\t5\t" + b64("pw") + b"\n")
         self.assertEqual(self.answers(), b"FAIL\t5\treason=Authentication request timed out\n")
         self.assertEqual(self.auth.calls, [])
@@ -1043,3 +1045,41 @@ class HostileInputTests(SynchronousTestCase):
         transport.producer.resumeProducing()
         protocol.context.clock.advance(0)
         self.assertEqual(len(auth.calls), 3)
+
+    def test_answersDoNotPileUp(self) -> None:
+        """
+        A client that sends requests and never reads the answers: once the
+        transport pauses the framing's producer (its buffer of unsent answers
+        is full), the framing parses nothing more, however much the client
+        sends, so it writes no more answers for it (here LOGIN's challenges)
+        and starts no more work; it reads again, on a later turn, once the
+        answers have left.
+        """
+        protocol, transport, auth = self.connect()
+        clock = protocol.context.clock
+        producer = transport.producer
+        self.assertTrue(verifyObject(IPushProducer, producer))
+        self.assertTrue(transport.streaming)
+        protocol.dataReceived(PROSODY_HELLO)
+        transport.clear()
+        protocol.dataReceived(b"AUTH\t1\tLOGIN\tservice=x\n")
+        challenge = b"CONT\t1\tVXNlcm5hbWU6\n"
+        self.assertEqual(transport.value(), challenge)
+        producer.pauseProducing()  # what a full write buffer does
+        self.assertEqual(transport.producerState, "paused")
+        for chunk in range(2):
+            protocol.dataReceived(b"".join(
+                b"AUTH\t%d\tLOGIN\tservice=x\n" % n for n in range(2 + 100 * chunk, 102 + 100 * chunk)
+            ) + b"AUTH\t%d\tPLAIN\tservice=x\tresp=" % (1000 + chunk)
+              + plain("alice@example.org", "pw") + b"\n")
+            clock.advance(0)
+        self.assertEqual(transport.value(), challenge)
+        self.assertEqual(auth.calls, [])
+        self.assertEqual(transport.producerState, "paused")
+        producer.resumeProducing()
+        self.assertEqual(transport.value(), challenge)
+        for _ in range(10):
+            clock.advance(0)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(transport.value().count(b"CONT\t"), 201)
+        self.assertEqual(len(auth.calls), 2)

@@ -1,5 +1,5 @@
 """
-No connection takes more than its share (L{xcauth.framing.base.OrderedAnswers}):
+No connection takes more than its share (L{xcauth.framing.flow.FlowControl}):
 a bounded number of requests per reactor turn, no reading while answers are
 not read, invalid requests counted rather than logged one by one, and a
 connection sending many of them closed.
@@ -15,14 +15,14 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.fakes import ManualAuthenticator, TableAuthenticator, connect
-from xcauth.framing.base import OrderedAnswers
 from xcauth.framing.ejabberd import EjabberdProtocol
+from xcauth.framing.flow import FlowControl
 from xcauth.framing.lines import XMPPLineProtocol
 from xcauth.framing.postfix import PostfixProtocol
 from xcauth.framing.saslauthd import SaslauthdProtocol
 
 USERS = {"alice@example.org": "pa:ss w"}
-PER_TURN = OrderedAnswers.MAX_PER_TURN
+PER_TURN = FlowControl.MAX_PER_TURN
 
 
 def turn(clock: Clock) -> None:
@@ -172,10 +172,10 @@ class InvalidRequestTests(SynchronousTestCase):
 
     def test_floodClosed(self) -> None:
         """
-        Past L{OrderedAnswers.MAX_INVALID} invalid requests the connection is
+        Past L{FlowControl.MAX_INVALID} invalid requests the connection is
         answered and closed, with one warning.
         """
-        limit = OrderedAnswers.MAX_INVALID
+        limit = FlowControl.MAX_INVALID
         protocol, transport, events = self.flood(
             EjabberdProtocol, b"\x00\x01x", limit + 10
         )
@@ -192,7 +192,7 @@ class InvalidRequestTests(SynchronousTestCase):
         Postfix's C{@domain} lookups are ordinary requests: never counted
         against the connection.
         """
-        limit = OrderedAnswers.MAX_INVALID
+        limit = FlowControl.MAX_INVALID
         protocol, transport, events = self.flood(
             PostfixProtocol, b"get @example.org\n", limit + 10
         )

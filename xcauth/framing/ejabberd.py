@@ -18,7 +18,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
 from zope.interface import implementer
 
-from xcauth.framing.base import OrderedAnswers, ServerContext
+from xcauth.framing.base import ServerContext
+from xcauth.framing.flow import FlowControl, FlowEvents
 from xcauth.framing.lines import EjabberdLineProtocol
 from xcauth.framing.xmpp import XMPPRequests
 
@@ -36,26 +37,31 @@ def encodeBinaryAnswer(result: Any) -> bytes:
 
 
 @implementer(IHalfCloseableProtocol)
-class EjabberdProtocol(OrderedAnswers, XMPPRequests, Int16StringReceiver):
+class EjabberdProtocol(FlowEvents, Int16StringReceiver):
     """
     ejabberd's binary extauth framing.
     """
 
     framing = "ejabberd"
-    false = FALSE
     # A 16-bit prefix allows 65535 bytes, but a real request (user, domain and a
     # password or token) is far below 4 KiB.  A longer frame is not a request: log
     # it and close rather than buffer it.
     MAX_LENGTH = 4096
 
+    def __init__(self, context: ServerContext) -> None:
+        self.context = context
+        self.flow = FlowControl(context, self.framing, self)
+        self.requests = XMPPRequests(self.flow, encodeBinaryAnswer, FALSE)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.flow.newTurn()
+        super().dataReceived(data)
+
     def stringReceived(self, data: bytes) -> None:
         if not data:
-            self.closeWhenAnswered()
+            self.flow.closeWhenAnswered()
             return
-        self.handleRequest(data)
-
-    def encode(self, result: Any) -> bytes:
-        return encodeBinaryAnswer(result)
+        self.requests.handle(data)
 
     def lengthLimitExceeded(self, length: int) -> None:
         log.warn(
@@ -64,10 +70,7 @@ class EjabberdProtocol(OrderedAnswers, XMPPRequests, Int16StringReceiver):
             length=length,
             limit=self.MAX_LENGTH,
         )
-        self.closeWhenAnswered()
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.cancelPending()
+        self.flow.closeWhenAnswered()
 
 
 @implementer(IHalfCloseableProtocol)

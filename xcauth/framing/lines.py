@@ -16,7 +16,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
-from xcauth.framing.base import OrderedAnswers
+from xcauth.framing.base import ServerContext
+from xcauth.framing.flow import FlowControl, FlowEvents
 from xcauth.framing.xmpp import XMPPRequests
 
 log = Logger()
@@ -36,24 +37,28 @@ def encodeLineAnswer(result: Any) -> bytes:
 
 
 @implementer(IHalfCloseableProtocol)
-class XMPPLineProtocol(OrderedAnswers, XMPPRequests, LineReceiver):
+class XMPPLineProtocol(FlowEvents, LineReceiver):
     """
     A line-based XMPP auth client (Prosody's external auth, telnet tests).
     """
 
     framing = "prosody"
-    false = FALSE
-    roster = True
     delimiter = b"\n"
     # Prosody caps a query at 1000 bytes; a user, a domain and even a long password
     # fit well within 4 KiB.  A longer line is not a request: log it and close.
     MAX_LENGTH = 4096
 
-    def lineReceived(self, line: bytes) -> None:
-        self.handleRequest(line.rstrip(b"\r"))
+    def __init__(self, context: ServerContext) -> None:
+        self.context = context
+        self.flow = FlowControl(context, self.framing, self)
+        self.requests = XMPPRequests(self.flow, encodeLineAnswer, FALSE, roster=True)
 
-    def encode(self, result: Any) -> bytes:
-        return encodeLineAnswer(result)
+    def dataReceived(self, data: bytes) -> None:
+        self.flow.newTurn()
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        self.requests.handle(line.rstrip(b"\r"))
 
     def lineLengthExceeded(self, line: bytes) -> None:
         log.warn(
@@ -61,10 +66,7 @@ class XMPPLineProtocol(OrderedAnswers, XMPPRequests, LineReceiver):
             framing=self.framing,
             limit=self.MAX_LENGTH,
         )
-        self.closeWhenAnswered()
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.cancelPending()
+        self.flow.closeWhenAnswered()
 
 
 class EjabberdLineProtocol(XMPPLineProtocol):

@@ -21,7 +21,7 @@ stays open; Postfix keeps it open across lookups for as long as it likes.
 from __future__ import annotations
 
 import re
-from typing import Any, Union
+from typing import Union
 
 import attr
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -29,7 +29,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
-from xcauth.framing.base import OrderedAnswers
+from xcauth.framing.base import ServerContext
+from xcauth.framing.flow import FlowControl, FlowEvents
 from xcauth.identity import InvalidIdentity, canonical
 from xcauth.text import printable
 
@@ -129,7 +130,7 @@ def encodeLookupAnswer(result: bool | None) -> bytes:
 
 
 @implementer(IHalfCloseableProtocol)
-class PostfixProtocol(OrderedAnswers, LineReceiver):
+class PostfixProtocol(FlowEvents, LineReceiver):
     """
     A Postfix C{tcp_table} client.
     """
@@ -144,6 +145,10 @@ class PostfixProtocol(OrderedAnswers, LineReceiver):
     _discarding = False
     _again: bytes | None = None
 
+    def __init__(self, context: ServerContext) -> None:
+        self.context = context
+        self.flow = FlowControl(context, self.framing, self)
+
     def dataReceived(self, data: bytes) -> None:
         while True:
             if self._discarding:
@@ -153,6 +158,7 @@ class PostfixProtocol(OrderedAnswers, LineReceiver):
                 self._discarding = False
                 data = data[end + 1 :]
             self._again = None
+            self.flow.newTurn()
             super().dataReceived(data)
             if self._again is None:
                 return
@@ -163,14 +169,14 @@ class PostfixProtocol(OrderedAnswers, LineReceiver):
         parsed = parseQuery(line.rstrip(b"\r"))
         if isinstance(parsed, Answered):
             if parsed.invalid:
-                self.noteInvalid(f"answered {parsed.answer[:3].decode('ascii')}: {parsed.reason}")
+                self.flow.noteInvalid(f"answered {parsed.answer[:3].decode('ascii')}: {parsed.reason}")
             elif self.context.debug:
                 log.debug("{framing}: {reason}", framing=self.framing, reason=parsed.reason)
-            self.startAnswered(parsed.answer)
+            self.flow.startAnswered(parsed.answer)
             return
         timer = self.context.timer(self.framing, "isuser", parsed.user, parsed.domain)
         work = timer.observe(self.context.authenticator.isUser(parsed.user, parsed.domain))
-        self.startRequest(work, encodeLookupAnswer, TEMPFAIL)
+        self.flow.startRequest(work, encodeLookupAnswer, TEMPFAIL)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         log.warn(
@@ -178,7 +184,7 @@ class PostfixProtocol(OrderedAnswers, LineReceiver):
             framing=self.framing,
             limit=self.MAX_LENGTH,
         )
-        self.startAnswered(TOO_LONG)
+        self.flow.startAnswered(TOO_LONG)
         # LineReceiver hands over the long line and everything buffered after
         # it, and stops parsing: skip to the end of the long line and have
         # dataReceived parse the rest.
@@ -187,6 +193,3 @@ class PostfixProtocol(OrderedAnswers, LineReceiver):
             self._discarding = True
         else:
             self._again = line[end + 1 :]
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.cancelPending()

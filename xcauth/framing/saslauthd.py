@@ -47,7 +47,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from xcauth.framing.base import OrderedAnswers, ServerContext
+from xcauth.framing.base import ServerContext
+from xcauth.framing.flow import FlowControl, FlowEvents
 from xcauth.identity import InvalidIdentity, canonical
 
 log = Logger()
@@ -234,7 +235,7 @@ def encodeSaslAnswer(result: object) -> bytes:
 
 
 @implementer(IHalfCloseableProtocol)
-class SaslauthdProtocol(OrderedAnswers, Protocol):
+class SaslauthdProtocol(FlowEvents, Protocol):
     """
     A saslauthd client (libsasl, C{testsaslauthd}).
     """
@@ -252,13 +253,14 @@ class SaslauthdProtocol(OrderedAnswers, Protocol):
     _paused = False
 
     def __init__(self, context: ServerContext) -> None:
-        super().__init__(context)
+        self.context = context
+        self.flow = FlowControl(context, self.framing, self)
         self._reader = FieldReader()
         self._fields = []
 
     def dataReceived(self, data: bytes) -> None:
-        self._turnRequests = 0
-        if self._closing or self._lost:
+        self.flow.newTurn()
+        if self.flow.stopped:
             return
         if self._window and self._answered and not self._reader.pending:
             # The answer left before these bytes: they begin a new request.
@@ -267,7 +269,7 @@ class SaslauthdProtocol(OrderedAnswers, Protocol):
         self._process()
 
     def _process(self) -> None:
-        while not (self._paused or self._closing or self._lost):
+        while not (self._paused or self.flow.stopped):
             if self._window and self._fifthSeen and self._reader.pending:
                 log.warn(
                     "{framing} client sent more than one request without waiting "
@@ -275,7 +277,7 @@ class SaslauthdProtocol(OrderedAnswers, Protocol):
                     framing=self.framing,
                 )
                 self._reader.clear()
-                self.closeWhenAnswered()
+                self.flow.closeWhenAnswered()
                 return
             field = self._reader.next()
             if field is None:
@@ -295,8 +297,8 @@ class SaslauthdProtocol(OrderedAnswers, Protocol):
     def _handle(self, fields: list[Field]) -> None:
         parsed = parseFields(fields)
         if isinstance(parsed, InvalidMuxRequest):
-            self.noteInvalid(parsed.reason)
-            self.startAnswered(NO_INVALID)
+            self.flow.noteInvalid(parsed.reason)
+            self.flow.startAnswered(NO_INVALID)
             self._answered = True
             return
         timer = self.context.timer(self.framing, "auth", parsed.user, parsed.domain)
@@ -305,7 +307,7 @@ class SaslauthdProtocol(OrderedAnswers, Protocol):
                 parsed.user, parsed.domain, parsed.password
             )
         )
-        self.startRequest(work, encodeSaslAnswer, NO)
+        self.flow.startRequest(work, encodeSaslAnswer, NO)
         work.addBoth(self._answerLeft)
 
     def _answerLeft(self, result: Any) -> None:
@@ -325,6 +327,3 @@ class SaslauthdProtocol(OrderedAnswers, Protocol):
         self._paused = False
         self.transport.resumeProducing()
         self._process()
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.cancelPending()

@@ -5,6 +5,7 @@ split on C{:} at most three times so the password may contain C{:}.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Union
 
 import attr
@@ -12,6 +13,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from xcauth.framing.base import ServerContext
+from xcauth.framing.flow import FlowControl
 from xcauth.identity import InvalidIdentity, canonical
 from xcauth.text import printable
 
@@ -111,36 +113,35 @@ def answerRequest(
     return timer.observe(d)
 
 
+@attr.s(auto_attribs=True)
 class XMPPRequests:
     """
-    Mixin for the XMPP framings' protocols (with L{OrderedAnswers}): turn one
-    request's bytes into work and a queued answer.  The protocol sets
-    C{encode} (result to bytes), C{false} (the "no" answer) and C{roster}
-    (whether it answers C{roster}).
+    The XMPP framings' requests on one connection: one request's bytes turned
+    into work and an answer queued on the connection's L{FlowControl}.
+
+    @ivar flow: the connection's flow control.
+    @ivar encode: turns a result into the answer's bytes.
+    @ivar false: the "no" answer.
+    @ivar roster: whether this framing answers C{roster}.
     """
 
-    framing: str
-    context: ServerContext
+    flow: FlowControl
+    encode: Callable[[Any], bytes]
     false: bytes
-    roster = False
+    roster: bool = False
 
-    def encode(self, result: Any) -> bytes:
-        """
-        The answer bytes for a result.
-        """
-        raise NotImplementedError()
-
-    def handleRequest(self, data: bytes) -> None:
+    def handle(self, data: bytes) -> None:
         """
         Parse C{data} and answer it, in order with the connection's other
         requests.
         """
+        flow = self.flow
         parsed = parseRequest(data)
         if isinstance(parsed, Close):
-            self.closeWhenAnswered()  # type: ignore[attr-defined]
+            flow.closeWhenAnswered()
         elif isinstance(parsed, Invalid):
-            self.noteInvalid(parsed.reason)  # type: ignore[attr-defined]
-            self.startAnswered(self.false)  # type: ignore[attr-defined]
+            flow.noteInvalid(parsed.reason)
+            flow.startAnswered(self.false)
         else:
-            work = answerRequest(self.context, self.framing, parsed, roster=self.roster)
-            self.startRequest(work, self.encode, self.false)  # type: ignore[attr-defined]
+            work = answerRequest(flow.context, flow.framing, parsed, roster=self.roster)
+            flow.startRequest(work, self.encode, self.false)
