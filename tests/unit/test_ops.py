@@ -501,6 +501,27 @@ class LogRequestsTests(ConfigFiles, SynchronousTestCase):
                 RequestTimer(Clock(), "ejabberd", "auth", "alice", "example.org", which)(result)
         return [e["log_format"].format(**e).split(" via ")[0] for e in events]
 
+    def test_wholeLine(self) -> None:
+        """
+        The line as twisted.logger formats it, with a user name holding what
+        a format string would read as fields (taken literally) and control
+        characters (escaped); the fields are in the event too.
+        """
+        from twisted.logger import formatEvent
+
+        from xcauth.framing.base import RequestTimer
+
+        clock = Clock()
+        with capturedLogs() as events:
+            timer = RequestTimer(clock, "prosody", "auth", "{user}\x1b[2J", "example.org")
+            clock.advance(0.0123)
+            timer(False)
+        [event] = events
+        self.assertEqual(formatEvent(event),
+                         "auth false for {user}\\x1b[2J@example.org via prosody in 12.3 ms")
+        self.assertEqual((event["operation"], event["result"], event["domain"], event["ms"]),
+                         ("auth", "false", "example.org", 12.3))
+
     def test_modes(self) -> None:
         results: list[object] = [True, False, None, b"[]", "error", "cancelled"]
         self.assertEqual(self.logged("all", results), [
