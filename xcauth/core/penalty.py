@@ -148,14 +148,27 @@ class MemoryBudget:
             times.popleft()
         return times
 
+    def _remoteLevel(self, user: str, now: float) -> float:
+        """
+        What other nodes spent of C{user}'s budget (none: this budget is
+        the node's alone; L{xcauth.core.sharedbudget.SharedBudget} adds theirs).
+        """
+        return 0.0
+
+    def _remoteCount(self, backend: str, now: float) -> int:
+        """
+        Checks toward C{backend} that other nodes counted within the window.
+        """
+        return 0
+
     def reserve(self, user: str, backend: str, now: float,
                 backendLimit: int | None) -> str | None:
         spent = self._level(user, now)
-        if spent + 1.0 > self.checks:
+        if spent + self._remoteLevel(user, now) + 1.0 > self.checks:
             return "user"
         if backendLimit is not None:
             times = self._times(backend, now)
-            if len(times) >= backendLimit:
+            if len(times) + self._remoteCount(backend, now) >= backendLimit:
                 return "backend"
             times.append(now)
         self._setLevel(user, spent + 1.0, now)
@@ -183,12 +196,12 @@ class MemoryBudget:
 
     def limited(self, user: str, backend: str, now: float,
                 backendLimit: int | None) -> bool:
-        if self._level(user, now) >= 1.0:
+        if self._level(user, now) + self._remoteLevel(user, now) >= 1.0:
             return True
-        return backendLimit is not None and len(self._times(backend, now)) >= backendLimit
+        return backendLimit is not None and self.backendFailures(backend, now) >= backendLimit
 
     def backendFailures(self, backend: str, now: float) -> int:
-        return len(self._times(backend, now))
+        return len(self._times(backend, now)) + self._remoteCount(backend, now)
 
     def __len__(self) -> int:
         return len(self._spent)

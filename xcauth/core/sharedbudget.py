@@ -97,19 +97,6 @@ class SharedBudget(MemoryBudget):
 
     # -- IAttemptBudget -----------------------------------------------------------
 
-    def reserve(self, user: str, backend: str, now: float,
-                backendLimit: int | None) -> str | None:
-        spent = self._level(user, now)
-        if spent + self._remoteLevel(user, now) + 1.0 > self.checks:
-            return "user"
-        if backendLimit is not None:
-            times = self._times(backend, now)
-            if len(times) + self._remoteCount(backend, now) >= backendLimit:
-                return "backend"
-            times.append(now)
-        self._setLevel(user, spent + 1.0, now)
-        return None
-
     def settle(self, user: str, backend: str, reservedAt: float, now: float,
                accepted: bool | None) -> None:
         super().settle(user, backend, reservedAt, now, accepted)
@@ -121,15 +108,6 @@ class SharedBudget(MemoryBudget):
     def failed(self, backend: str, now: float) -> None:
         super().failed(backend, now)
         self._outbox.append(("backend", backend, now))
-
-    def limited(self, user: str, backend: str, now: float,
-                backendLimit: int | None) -> bool:
-        if self._level(user, now) + self._remoteLevel(user, now) >= 1.0:
-            return True
-        return backendLimit is not None and self.backendFailures(backend, now) >= backendLimit
-
-    def backendFailures(self, backend: str, now: float) -> int:
-        return len(self._times(backend, now)) + self._remoteCount(backend, now)
 
     # -- the exchanges ----------------------------------------------------------------
 

@@ -17,7 +17,7 @@ when scraped.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService
@@ -302,9 +302,7 @@ class _Collector:
         from prometheus_client.core import (
             CounterMetricFamily,
             GaugeMetricFamily,
-            HistogramMetricFamily,
         )
-        from prometheus_client.utils import floatToGoString
 
         m = self._metrics
         for (name, text, labels), counts in zip(COUNTERS, m.counters(), strict=True):
@@ -312,18 +310,9 @@ class _Collector:
             for key, count in sorted(dict(counts).items()):
                 counter.add_metric(key, count)
             yield counter
-        bounds = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
         for (name, text, labels), rows in zip(HISTOGRAMS, m.histograms(), strict=True):
-            histogram = HistogramMetricFamily(name, text, labels=labels)
-            for key, shared in sorted(dict(rows).items()):
-                row = list(shared)
-                cumulative = 0.0
-                buckets: list[tuple[str, float]] = []
-                for bound, inBucket in zip(bounds, row, strict=False):
-                    cumulative += inBucket
-                    buckets.append((bound, cumulative))
-                histogram.add_metric(key, buckets, row[-1])
-            yield histogram
+            yield latencyHistogram(name, text, labels,
+                                   {key: list(row) for key, row in dict(rows).items()})
         yield GaugeMetricFamily("xcauth_in_flight", "Requests being worked on.",
                                 value=m.inFlight())
         build = GaugeMetricFamily(
@@ -458,9 +447,7 @@ def _collectStore(m: Metrics) -> Iterator[Any]:
     from prometheus_client.core import (
         CounterMetricFamily,
         GaugeMetricFamily,
-        HistogramMetricFamily,
     )
-    from prometheus_client.utils import floatToGoString
 
     rows: dict[tuple[str, ...], list[float]] = dict(m.__dict__.get("_storeSeconds", {}))
     fallbacks: dict[tuple[str, ...], int] = dict(m.__dict__.get("_storeFallbacks", {}))
@@ -485,11 +472,23 @@ def _collectStore(m: Metrics) -> Iterator[Any]:
     for key, count in sorted(fallbacks.items()):
         counter.add_metric(key, count)
     yield counter
-    bounds = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
-    histogram = HistogramMetricFamily(
+    yield latencyHistogram(
         "xcauth_store_query_seconds", "Seconds a call to the state database took, by "
-        "outcome (ok, error, timeout).", labels=("outcome",),
+        "outcome (ok, error, timeout).", ("outcome",), rows,
     )
+
+
+def latencyHistogram(name: str, text: str, labels: Sequence[str],
+                     rows: Mapping[tuple[str, ...], list[float]]) -> Any:
+    """
+    A histogram over L{LATENCY_BUCKETS} from rows of per-bucket counts (the
+    last item of a row: the sum of the seconds), one row per label values.
+    """
+    from prometheus_client.core import HistogramMetricFamily
+    from prometheus_client.utils import floatToGoString
+
+    bounds = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+    histogram = HistogramMetricFamily(name, text, labels=labels)
     for key, row in sorted(rows.items()):
         cumulative = 0.0
         buckets: list[tuple[str, float]] = []
@@ -497,4 +496,4 @@ def _collectStore(m: Metrics) -> Iterator[Any]:
             cumulative += inBucket
             buckets.append((bound, cumulative))
         histogram.add_metric(key, buckets, row[-1])
-    yield histogram
+    return histogram
