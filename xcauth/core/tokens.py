@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import struct
@@ -35,16 +36,19 @@ _ENCODE = str.maketrans("OIl", "-$%")
 _DECODE = str.maketrans("-$%", "OIl")
 
 
+@functools.lru_cache(maxsize=64)
 def keyId(secret: bytes) -> bytes:
     """
-    The two-byte key identifier that names C{secret} inside a token.
+    The two-byte key identifier that names C{secret} inside a token (kept
+    for the few secrets configured: a token login asks it of each).
     """
     return hashlib.sha256(secret).digest()[:2]
 
 
 def _mac(secret: bytes, kid: bytes, expiry: bytes, user: str, domain: str) -> bytes:
     message = bytes([TOKEN_VERSION]) + kid + expiry + f"{user}@{domain}".encode("utf-8")
-    return hmac.new(secret, message, hashlib.sha256).digest()[:16]
+    # hmac.digest: the one-shot HMAC in C, without an HMAC object.
+    return hmac.digest(secret, message, "sha256")[:16]
 
 
 def makeToken(secret: bytes, user: str, domain: str, expiry: int) -> str:
