@@ -125,3 +125,34 @@ class PackageVersionTests(TestCase):
         with open(os.path.join(REPO, "debian", "changelog")) as f:
             first = f.readline()
         self.assertTrue(first.startswith(f"xcauth ({__version__}) "), first)
+
+
+class VendoredCommandsTests(TestCase):
+    def test_sameEntryPointsAsSetupCfg(self) -> None:
+        """
+        The commands debian/rules writes for the package with vendored
+        libraries (Debian 12) call the functions setup.cfg's console_scripts
+        name, and those exist.
+        """
+        import configparser
+        import importlib
+        import re
+
+        parser = configparser.ConfigParser()
+        parser.read(os.path.join(REPO, "setup.cfg"))
+        scripts = dict(
+            (name.strip(), target.strip())
+            for name, _, target in (
+                line.partition("=")
+                for line in parser["options.entry_points"]["console_scripts"].splitlines()
+                if line.strip()
+            )
+        )
+        with open(os.path.join(REPO, "debian", "rules")) as f:
+            rules = f.read()
+        match = re.search(r"for c in ((?:\S+:\S+ ?)+); do", rules)
+        assert match is not None
+        written = dict(pair.split(":") for pair in match.group(1).split())
+        self.assertEqual({name: f"{module}:main" for name, module in written.items()}, scripts)
+        for module in written.values():
+            self.assertTrue(callable(importlib.import_module(module).main), module)
