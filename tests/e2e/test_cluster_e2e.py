@@ -72,14 +72,20 @@ class ClusterTests(TestCase):
             self.pg.start()
 
     def startNode(self, name: str, **options: Any) -> Daemon:
+        return self.startDaemon(name, self.nextcloud.url, cache_storage="db",
+                                cache_bcrypt_rounds="4,4", **options)
+
+    def startDaemon(self, name: str, url: str, **options: Any) -> Daemon:
+        """
+        Start node C{name} on the shared database in front of C{url}, serving
+        the prosody framing on a port of its own.
+        """
         port = self.ports[name] = freePort()
         config = writeConfig(
             os.path.join(self.dir, f"{name}.conf"),
-            self.nextcloud.url,
+            url,
             db=self.pg.url(self.dbname),
             db_password_file=self.pwfile,
-            cache_storage="db",
-            cache_bcrypt_rounds="4,4",
             **options,
         )
         daemon = Daemon(
@@ -261,25 +267,11 @@ class SharedBudgetTests(TestCase):
         self.stock.start()
         self.addCleanup(self.stock.stop)
 
+    startDaemon = ClusterTests.startDaemon
+
     def startStockNode(self, name: str) -> Daemon:
-        port = self.ports[name] = freePort()
-        config = writeConfig(
-            os.path.join(self.dir, f"{name}.conf"),
-            self.stock.url,
-            db=self.pg.url(self.dbname),
-            db_password_file=self.pwfile,
-            log_requests="none",
-            **self.stock.stockOptions(),
-        )
-        daemon = Daemon(
-            os.path.join(self.dir, name),
-            ["-c", config, "--listen", f"prosody=tcp:{port}:interface=127.0.0.1"],
-            waitOn=[("127.0.0.1", port)],
-        )
-        self.addCleanup(daemon.stop)
-        daemon.start()
-        self.daemons[name] = daemon
-        return daemon
+        return self.startDaemon(name, self.stock.url, log_requests="none",
+                                **self.stock.stockOptions())
 
     def refusedOf(self, user: str) -> int:
         url = f"http://127.0.0.1:{self.stock.port}/fake/counts"
